@@ -1,0 +1,1 @@
+"""focal_jax (under construction)."""

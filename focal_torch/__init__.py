@@ -1,0 +1,1 @@
+"""focal_torch (under construction)."""
