@@ -1,0 +1,90 @@
+"""One process of the two-process JAX test (launched by tests/test_multiprocess_jax.py).
+
+Usage: python _jax_worker.py PORT PROCESS_ID NUM_PROCESSES DATA.npz OUT.json
+
+Joins a `jax.distributed` job on 127.0.0.1:PORT with gloo CPU collectives, builds global
+arrays over every device of every process (the parent sets 2 host devices per process), and
+runs a linear model + `focal_jax.softmax_focal(..., reduction="mean_positive", axis_name="d")`
+under `shard_map`, with the data-parallel recipe: average the per-shard loss with `lax.pmean`
+and differentiate that. Writes the value and the gradients (w.r.t. the weights, the bias and the
+logits, gathered from all processes) to OUT.json; the parent compares them with a float64 NumPy
+reference on the whole batch.
+"""
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+# gloo is jax 0.10's default for CPU collectives; set it anyway so the test states what it uses.
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main(argv: list[str]) -> None:
+  port, process_id, num_processes = argv[1], int(argv[2]), int(argv[3])
+  data_path, out_path = argv[4], argv[5]
+  jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+      process_id=process_id, initialization_timeout=60)
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import focal_jax
+
+  data = np.load(data_path)
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+
+  def put(x: np.ndarray, spec: P) -> jax.Array:
+    # Every process holds the whole batch; each device takes its slice.
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+  def step(w, b, x, y, alpha):
+    def loss_fn(w, b):
+      z = x @ w + b
+      local = focal_jax.softmax_focal(
+          z, y, alpha=alpha, gamma=2.0, ignore_index=-1, reduction="mean_positive",
+          background_class=0, axis_name="d")
+      return jax.lax.pmean(local, "d")
+
+    def loss_of_logits(z):
+      local = focal_jax.softmax_focal(
+          z, y, alpha=alpha, gamma=2.0, ignore_index=-1, reduction="mean_positive",
+          background_class=0, axis_name="d")
+      return jax.lax.pmean(local, "d")
+
+    value, (gw, gb) = jax.value_and_grad(loss_fn, argnums=(0, 1))(w, b)
+    gz = jax.grad(loss_of_logits)(x @ w + b)
+    return value, gw, gb, gz
+
+  sharded = jax.jit(jax.shard_map(
+      step, mesh=mesh, in_specs=(P(), P(), P("d"), P("d"), P()),
+      out_specs=(P(), P(), P(), P("d"))))
+
+  results = {
+      "process_index": jax.process_index(),
+      "process_count": jax.process_count(),
+      "device_count": jax.device_count(),
+      "local_device_count": jax.local_device_count(),
+  }
+  for dtype in ("float64", "float32"):
+    args = [data["w"], data["b"], data["x"], data["y"], data["alpha"]]
+    args = [a.astype(dtype) if a.dtype.kind == "f" else a for a in args]
+    specs = [P(), P(), P("d"), P("d"), P()]
+    outs = sharded(*[put(a, s) for a, s in zip(args, specs)])
+    value, gw, gb, gz = (
+        np.asarray(multihost_utils.process_allgather(o, tiled=True)) for o in outs)
+    results[dtype] = {
+        "dtype": str(value.dtype), "value": value.tolist(), "grad_w": gw.tolist(),
+        "grad_b": gb.tolist(), "grad_logits": gz.tolist()}
+
+  with open(out_path, "w") as f:
+    json.dump(results, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(sys.argv)
