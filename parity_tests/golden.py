@@ -10,6 +10,7 @@ import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEEPSPEED_NPZ = DATA_DIR / "deepspeed_focal_loss.npz"
+TORCHVISION_NPZ = DATA_DIR / "torchvision_sigmoid_focal.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,3 +54,34 @@ def load_deepspeed_cases(path: Path | str = DEEPSPEED_NPZ) -> list[DeepSpeedCase
           loss=data[f"{i}/loss"], grad=data[f"{i}/grad"],
           loss_finite=bool(m["loss_finite"]), grad_finite=bool(m["grad_finite"])))
   return cases
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchvisionCase:
+  """One call of torchvision's ``sigmoid_focal_loss``: inputs, cotangent and outputs."""
+
+  case: int
+  logits: np.ndarray
+  labels: np.ndarray
+  cotangent: np.ndarray
+  alpha: float  # -1.0: no weighting
+  gamma: float
+  reduction: str
+  soft: bool
+  loss: np.ndarray
+  grad: np.ndarray
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.logits.dtype
+
+
+def load_torchvision_cases(path: Path | str = TORCHVISION_NPZ) -> list[TorchvisionCase]:
+  """All recorded torchvision cases, in recording order."""
+  with np.load(path) as data:
+    meta = json.loads(str(data["meta"]))
+    return [TorchvisionCase(
+        case=m["case"], logits=data[f"{m['case']}/logits"], labels=data[f"{m['case']}/labels"],
+        cotangent=data[f"{m['case']}/cotangent"], alpha=float(m["alpha"]),
+        gamma=float(m["gamma"]), reduction=m["reduction"], soft=bool(m["soft"]),
+        loss=data[f"{m['case']}/loss"], grad=data[f"{m['case']}/grad"]) for m in meta]
