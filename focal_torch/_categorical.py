@@ -1,0 +1,105 @@
+"""Categorical focal loss (probability targets) per row, and its analytic backward.
+
+With ``l = log_softmax(z)``, ``s = exp(l)``, ``q = 1 - s = -expm1(l)``:
+
+    loss    = -sum_c alpha_c y_c q_c^gamma_c l_c
+    dL/dz_j = s_j W - w_j,   w_c = alpha_c y_c q_c^gamma_c (1 + gamma_c s_c r_c),
+                             W = sum_c w_c,   r_c = -l_c / q_c = l_c / expm1(l_c)
+
+``r`` tends to 1 as ``s_c -> 1``, so ``w`` stays finite where ``q^(gamma - 1)`` would not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from focal_torch import _chunking
+from focal_torch._softmax import compute_dtype
+
+
+def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
+  """``q ** gamma`` for ``q >= 0`` with ``0 ** 0 = 1`` and a finite (0) gradient at 0."""
+  pos = q > 0
+  q_safe = torch.where(pos, q, torch.ones((), dtype=q.dtype, device=q.device))
+  at_zero = (torch.as_tensor(gamma, dtype=q.dtype, device=q.device) == 0).to(q.dtype)
+  return torch.where(pos, q_safe ** gamma, at_zero)
+
+
+def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+  """Per-row loss ``(O, 1, I)`` and (optionally) dL/dz from the log-softmax of a chunk."""
+  y = y.to(log_s.dtype)
+  weight = y if alpha is None else alpha * y
+  plain = isinstance(gamma, float) and gamma == 0.0
+  if not plain:
+    # 1 - s as -expm1(log s): exact near s = 1.
+    weight = weight * safe_pow(-torch.expm1(log_s), gamma)
+  loss = -(weight * log_s).sum(1, keepdim=True)
+  if not with_grad:
+    return loss, None
+  s = torch.exp(log_s)
+  if plain:
+    w = weight
+  else:
+    # r = l / expm1(l) -> 1 as l -> 0 (s -> 1); the where keeps 0/0 out of value and grad.
+    at_one = log_s == 0
+    l_safe = torch.where(at_one, -torch.ones((), dtype=s.dtype, device=s.device), log_s)
+    r = torch.where(at_one, torch.ones((), dtype=s.dtype, device=s.device),
+                    l_safe / torch.expm1(l_safe))
+    w = weight * (1.0 + gamma * s * r)
+  return loss, s * w.sum(1, keepdim=True) - w
+
+
+def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+  if valid is None:
+    return x
+  return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _log_softmax_chunk(w: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+  return torch.log_softmax(w.to(cdt), dim=1)
+
+
+class CategoricalFocalFunction(torch.autograd.Function):
+  """Per-row categorical focal loss of ``z3 (O, C, I)``, chunked analytic backward.
+
+  It exists because autograd through the formula saves several ``(N, C)`` temporaries;
+  this saves the logits and targets (inputs anyway) and recomputes chunk by chunk. With
+  ``create_graph=True`` the backward is built from differentiable ops (double backward).
+  ``alpha``/``gamma``: None, floats, 0-d or ``(1, C, 1)`` tensors.
+  """
+
+  @staticmethod
+  def forward(ctx, z3, y3, valid, alpha, gamma, elements):  # pylint: disable=arguments-differ
+    cdt = compute_dtype(z3.dtype)
+    o, _, i = z3.shape
+    loss = torch.empty((o, 1, i), dtype=cdt, device=z3.device)
+    for rs, cs in _chunking.chunks(z3.shape, elements):
+      part, _ = terms(_log_softmax_chunk(z3[rs, :, cs], cdt), y3[rs, :, cs], alpha, gamma,
+                      with_grad=False)
+      loss[rs, :, cs] = part
+    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
+    ctx.save_for_backward(z3, y3, valid, *hyper)
+    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
+    ctx.elements = elements
+    return _mask(loss, valid)
+
+  @staticmethod
+  def backward(ctx, go):  # pylint: disable=arguments-differ
+    z3, y3, valid, alpha_t, gamma_t = ctx.saved_tensors
+    alpha = alpha_t if alpha_t is not None else ctx.floats[0]
+    gamma = gamma_t if gamma_t is not None else ctx.floats[1]
+    cdt = compute_dtype(z3.dtype)
+    go = _mask(go.to(cdt), valid)
+    if torch.is_grad_enabled():
+      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
+      _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True)
+      return (grad * go).to(z3.dtype), None, None, None, None, None
+    out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
+    for rs, cs in _chunking.chunks(z3.shape, ctx.elements):
+      _, part = terms(_log_softmax_chunk(z3[rs, :, cs], cdt), y3[rs, :, cs], alpha, gamma,
+                      with_grad=True)
+      out[rs, :, cs] = part * go[rs, :, cs]
+    return out, None, None, None, None, None

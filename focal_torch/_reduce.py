@@ -1,0 +1,51 @@
+"""The one reduction shared by every focal_torch loss, with the cross-process convention."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str, *, valid: torch.Tensor | None,
+                positive: torch.Tensor | None, process_group, out_dtype: torch.dtype
+                ) -> torch.Tensor:
+  """Reduces per-entry losses; masked entries must already hold 0.
+
+  Args:
+    loss: per-entry losses in the compute dtype (float32 or float64).
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"mean_positive"``.
+    valid: bool mask of the entries that count (None: all of them).
+    positive: bool mask of the valid positive entries (only read for ``"mean_positive"``).
+    process_group: None, or the group over which the denominators are summed.
+    out_dtype: dtype of the result.
+
+  Returns:
+    ``loss`` itself for ``"none"``; otherwise ``n * local_sum / global_denominator`` with
+    ``n`` the group size (1 without a group) and the denominator 1 for ``"sum"``. The
+    denominators are detached and all-reduced (only scalars cross the wire), so that
+    averaging the value and the gradients over the group (DDP) gives the single-process
+    result on the whole batch. A denominator of 0 is taken as 1.
+  """
+  if reduction == "none":
+    return loss.to(out_dtype)
+  total = loss.sum()
+  if reduction == "sum":
+    denominator = None
+  elif reduction == "mean":
+    denominator = (loss.new_full((), float(loss.numel())) if valid is None
+                   else valid.sum().to(loss.dtype))
+  elif reduction == "mean_positive":
+    assert positive is not None
+    denominator = positive.sum().to(loss.dtype)
+  else:  # the callers check reduction; this is a programming error
+    raise AssertionError(reduction)
+  if process_group is not None:
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+    # Only the scalar denominators are summed over the group; no gradient flows through them.
+    if denominator is not None:
+      denominator = denominator.detach().clone()
+      dist.all_reduce(denominator, group=process_group)
+    total = total * dist.get_world_size(process_group)
+  if denominator is not None:
+    # An empty or all-masked batch gives 0, never NaN.
+    total = total / denominator.clamp_min(1)
+  return total.to(out_dtype)

@@ -1,0 +1,106 @@
+"""Sigmoid focal loss per entry, and its analytic backward (an autograd.Function).
+
+With ``p = sigmoid(x)``, ``log p = -softplus(-x)`` and ``log(1 - p) = -softplus(x)``:
+
+    BCE            = y softplus(-x) + (1 - y) softplus(x)
+    log(1 - p_t)   = logaddexp(log y + log(1 - p), log(1 - y) + log p)
+    loss           = alpha_t exp(gamma log(1 - p_t)) BCE
+    dloss/dx       = alpha_t (1 - p_t)^gamma (gamma R BCE + (p - y)),
+    R              = (1 - 2y) exp(log p + log(1 - p) - log(1 - p_t))   (|R| <= 1)
+
+``R`` is ``d(1 - p_t)/dx / (1 - p_t)`` in log space, so no ``(1 - p_t)^(gamma - 1)``
+(infinite for ``gamma < 1`` where ``p_t`` rounds to 1) is ever formed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from focal_torch import _chunking
+from focal_torch._softmax import compute_dtype
+
+
+def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
+          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+  """Loss and (optionally) dloss/dx per entry; ``x`` in the compute dtype."""
+  y = y.to(x.dtype)
+  if eps:
+    # Label smoothing moves y toward 1/2 before everything else.
+    y = y * (1.0 - eps) + eps / 2
+  sp_pos = F.softplus(x)   # -log(1 - p)
+  sp_neg = F.softplus(-x)  # -log p
+  bce = y * sp_neg + (1.0 - y) * sp_pos
+  if isinstance(gamma, float) and gamma == 0.0:
+    focal, log_1m_pt = None, None
+  else:
+    # 1 - p_t = y (1 - p) + (1 - y) p, in log space: exact where p_t rounds to 1.
+    log_1m_pt = torch.logaddexp(torch.log(y) - sp_pos, torch.log1p(-y) - sp_neg)
+    focal = torch.exp(gamma * log_1m_pt)
+  weight = focal
+  if alpha is not None:
+    alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y)
+    weight = alpha_t if weight is None else alpha_t * weight
+  loss = bce if weight is None else weight * bce
+  if not with_grad:
+    return loss, None
+  # p - y without cancellation at y in {0, 1}.
+  p_minus_y = (1.0 - y) * torch.sigmoid(x) - y * torch.sigmoid(-x)
+  if focal is None:
+    inner = p_minus_y
+  else:
+    r = (1.0 - 2.0 * y) * torch.exp(-(sp_neg + sp_pos) - log_1m_pt)
+    inner = gamma * r * bce + p_minus_y
+  grad = inner if weight is None else weight * inner
+  return loss, grad
+
+
+def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+  if valid is None:
+    return x
+  return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class SigmoidFocalFunction(torch.autograd.Function):
+  """Per-entry sigmoid focal loss of ``x3 (O, C, I)`` with a chunked analytic backward.
+
+  It exists because autograd through the formula saves about ten temporaries of the
+  logits' size; this saves the logits and labels (inputs anyway) and recomputes per chunk.
+  With ``create_graph=True`` the backward is built from differentiable ops (double backward).
+  ``alpha``/``gamma``: None, floats, 0-d tensors or ``(1, C, 1)`` tensors.
+  """
+
+  @staticmethod
+  def forward(ctx, x3, y3, valid, alpha, gamma, eps, elements):  # pylint: disable=arguments-differ
+    cdt = compute_dtype(x3.dtype)
+    loss = torch.empty(x3.shape, dtype=cdt, device=x3.device)
+    for rs, cs in _chunking.chunks(x3.shape, elements):
+      part, _ = terms(x3[rs, :, cs].to(cdt), y3[rs, :, cs], alpha, gamma, eps,
+                      with_grad=False)
+      loss[rs, :, cs] = _mask(part, None if valid is None else valid[rs, :, cs])
+    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
+    ctx.save_for_backward(x3, y3, valid, *hyper)
+    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
+    ctx.eps = eps
+    ctx.elements = elements
+    return loss
+
+  @staticmethod
+  def backward(ctx, go):  # pylint: disable=arguments-differ
+    x3, y3, valid, alpha_t, gamma_t = ctx.saved_tensors
+    alpha = alpha_t if alpha_t is not None else ctx.floats[0]
+    gamma = gamma_t if gamma_t is not None else ctx.floats[1]
+    cdt = compute_dtype(x3.dtype)
+    if torch.is_grad_enabled():
+      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
+      _, grad = terms(x3.to(cdt), y3, alpha, gamma, ctx.eps, with_grad=True)
+      return (_mask(grad * go, valid).to(x3.dtype),) + (None,) * 6
+    out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+    for rs, cs in _chunking.chunks(x3.shape, ctx.elements):
+      _, part = terms(x3[rs, :, cs].to(cdt), y3[rs, :, cs], alpha, gamma, ctx.eps,
+                      with_grad=True)
+      part = part * go[rs, :, cs]
+      out[rs, :, cs] = _mask(part, None if valid is None else valid[rs, :, cs])
+    return (out,) + (None,) * 6

@@ -1,0 +1,200 @@
+"""Softmax focal loss per row, and its analytic backward (an autograd.Function).
+
+Everything is written around three per-row numbers: the target logit ``z_t``, the
+log-sum-exp of the *other* classes ``lse_o = log sum_{c != t} exp(z_c)`` and (with label
+smoothing) the row sum of the logits. With ``d = lse_o - z_t``:
+
+    log p       = -softplus(d)       (p = s_t, the target probability)
+    log(1 - p)  = -softplus(-d)      (exact even where p rounds to 1)
+    lse         = z_t + softplus(d)
+
+so the loss, its gradient and (through autograd of these formulas) its Hessian stay finite
+and accurate at any margin. The gradient is, for ``c != t`` and ``t``,
+
+    dL/dz_c = A * exp(z_c - lse_o) - B,        dL/dz_t = G,
+
+with per-row scalars ``A = alpha q^gamma (q + gamma p CE)``, ``B = alpha q^gamma eps / C``,
+``G = alpha q^gamma (eps (1 - 1/C) - q - gamma p CE)`` and ``q = 1 - p``. Note
+``exp(z_c - lse_o) = s_c / q <= 1``: the ``q^(gamma - 1)`` that makes the naive gradient
+NaN for ``0 < gamma < 1`` never appears. Backward needs the logits and these scalars only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from focal_torch import _chunking
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+  """float64 stays float64; everything else is computed in float32."""
+  return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_row(value: Any, t3: torch.Tensor, cdt: torch.dtype) -> Any:
+  """A hyperparameter at each row's label: None, a float, or a tensor."""
+  if isinstance(value, torch.Tensor):
+    value = value.to(device=t3.device, dtype=cdt)
+    return value[t3] if value.ndim == 1 else value
+  return value
+
+
+def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+  """``(z_t, lse_o, sum_c z_c)`` per row of ``z3 (O, C, I)``, chunk by chunk.
+
+  The only temporary is one chunk buffer, never a full ``(N, C)`` tensor.
+  """
+  o, c, i = z3.shape
+  cdt = compute_dtype(z3.dtype)
+  zt = z3.gather(1, t3).to(cdt)
+  lse_o = torch.empty((o, 1, i), dtype=cdt, device=z3.device)
+  sum_z = torch.empty((o, 1, i), dtype=cdt, device=z3.device) if with_sum else None
+  buf = torch.empty(_chunking.max_chunk_numel(z3.shape, elements), dtype=cdt,
+                    device=z3.device)
+  lowest = torch.finfo(cdt).min
+  for rs, cs in _chunking.chunks(z3.shape, elements):
+    w = z3[rs, :, cs]
+    e = buf[:w.numel()].view(w.shape)
+    e.copy_(w)
+    if sum_z is not None:
+      sum_z[rs, :, cs] = e.sum(1, keepdim=True)
+    # The target is left out of the log-sum-exp, so log(1 - p) comes out exact.
+    e.scatter_(1, t3[rs, :, cs], float("-inf"))
+    m = e.amax(1, keepdim=True).clamp_min_(lowest)
+    e.sub_(m).exp_()
+    lse_o[rs, :, cs] = m + e.sum(1, keepdim=True).log_()
+  # No other class (C = 1, or all others -inf): keep lse_o finite so that no inf - inf occurs.
+  return zt, lse_o.clamp_min_(lowest), sum_z
+
+
+def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                  torch.Tensor]:
+  """:func:`row_stats` from differentiable whole-tensor ops (for double backward); also
+  returns the logits with the target masked to -inf."""
+  zt = zf.gather(1, t3)
+  masked = zf.scatter(1, t3, float("-inf"))
+  lse_o = torch.logsumexp(masked, 1, keepdim=True).clamp_min(torch.finfo(zf.dtype).min)
+  sum_z = zf.sum(1, keepdim=True) if with_sum else None
+  return zt, lse_o, sum_z, masked
+
+
+def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
+              num_classes: int, alpha: Any, gamma: Any, eps: float,
+              valid: torch.Tensor, bad: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+  """Per-row loss and gradient scalars ``(loss, A, B, G)`` (module docstring).
+
+  Differentiable torch ops only: the same code serves the forward pass and, under autograd,
+  the double backward. Rows not ``valid`` give 0; ``bad`` rows (a label out of range with
+  the value checks off) give NaN.
+  """
+  d = lse_o - zt
+  log_p = -F.softplus(d)
+  # log(1 - p) from the other classes' log-sum-exp: finite and exact where p rounds to 1.
+  log_q = (-F.softplus(-d)).clamp_min(torch.finfo(d.dtype).min)
+  p = torch.exp(log_p)
+  q = torch.exp(log_q)
+  if eps:
+    # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c).
+    ce = (1.0 - eps) * (-log_p) + eps * (zt + F.softplus(d) - sum_z / num_classes)
+  else:
+    ce = -log_p
+  if isinstance(gamma, float) and gamma == 0.0:
+    focal = torch.ones_like(q)
+    h = q
+  else:
+    # (1 - p)^gamma in log space: 0^0 = 1 and no inf * 0 in the derivative.
+    focal = torch.exp(gamma * log_q)
+    h = q + gamma * p * ce
+  weight = focal if alpha is None else alpha * focal
+  loss = weight * ce
+  a = weight * h
+  b = weight * (eps / num_classes) if eps else None
+  g = weight * (eps * (1.0 - 1.0 / num_classes) - h) if eps else -a
+  zero = torch.zeros((), dtype=d.dtype, device=d.device)
+  nan = torch.full((), float("nan"), dtype=d.dtype, device=d.device)
+
+  def mask(x):
+    return torch.where(bad, nan, torch.where(valid, x, zero))
+
+  return mask(loss), mask(a), (None if b is None else mask(b)), mask(g)
+
+
+def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor | None, g: torch.Tensor, elements: int) -> torch.Tensor:
+  """``dL/dz = A exp(z - lse_o) - B`` off the target and ``G`` at it, written chunk by
+  chunk into the gradient: no temporary beyond it (half inputs: one float32 chunk)."""
+  cdt = compute_dtype(z3.dtype)
+  out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
+  direct = z3.dtype == cdt
+  buf = None if direct else torch.empty(_chunking.max_chunk_numel(z3.shape, elements),
+                                        dtype=cdt, device=z3.device)
+  for rs, cs in _chunking.chunks(z3.shape, elements):
+    w = z3[rs, :, cs]
+    o = out[rs, :, cs]
+    e = o if direct else buf[:w.numel()].view(w.shape)
+    # z_c - lse_o <= 0 off the target: exp never overflows; the target entry is overwritten.
+    torch.sub(w, lse_o[rs, :, cs], out=e)
+    e.exp_()
+    e.mul_(a[rs, :, cs])
+    if b is not None:
+      e.sub_(b[rs, :, cs])
+    e.scatter_(1, t3[rs, :, cs], g[rs, :, cs])
+    if not direct:
+      o.copy_(e)
+  return out
+
+
+def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
+                  bad: torch.Tensor, alpha: Any, gamma: Any, eps: float,
+                  go: torch.Tensor) -> torch.Tensor:
+  """The same gradient from differentiable whole-tensor ops: the backward of the backward."""
+  zf = z3.to(compute_dtype(z3.dtype))
+  zt, lse_o, sum_z, masked = row_stats_autodiff(zf, t3, bool(eps))
+  _, a, b, g = row_terms(zt, lse_o, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
+  # exp(masked - lse_o) is 0 at the target (masked to -inf) and <= 1 elsewhere.
+  grad = (a * go) * torch.exp(masked - lse_o)
+  if b is not None:
+    grad = grad - b * go
+  grad = grad.scatter(1, t3, g * go)
+  return grad.to(z3.dtype)
+
+
+class SoftmaxFocalFunction(torch.autograd.Function):
+  """Per-row softmax focal loss of ``z3 (O, C, I)`` with an analytic, memory-light backward.
+
+  It exists because autograd through the formula saves several ``(N, C)`` tensors; this
+  saves the logits and five per-row scalars, and writes the gradient chunk by chunk. With
+  ``create_graph=True`` the backward is built from differentiable ops instead, so double
+  backward (Hessian-vector products) works.
+  """
+
+  @staticmethod
+  def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements):  # pylint: disable=arguments-differ
+    zt, lse_o, sum_z = row_stats(z3, t3, bool(eps), elements)
+    loss, a, b, g = row_terms(zt, lse_o, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
+    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
+    ctx.save_for_backward(z3, t3, valid, bad, lse_o, a, b, g, *hyper)
+    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
+    ctx.eps = eps
+    ctx.elements = elements
+    return loss
+
+  @staticmethod
+  def backward(ctx, go):  # pylint: disable=arguments-differ
+    z3, t3, valid, bad, lse_o, a, b, g, alpha_t, gamma_t = ctx.saved_tensors
+    go = go.to(lse_o.dtype)
+    if torch.is_grad_enabled():
+      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
+      alpha = alpha_t if alpha_t is not None else ctx.floats[0]
+      gamma = gamma_t if gamma_t is not None else ctx.floats[1]
+      grad = grad_autodiff(z3, t3, valid, bad, alpha, gamma, ctx.eps, go)
+    else:
+      grad = grad_chunked(z3, t3, lse_o, a * go, None if b is None else b * go, g * go,
+                          ctx.elements)
+    return grad, None, None, None, None, None, None, None

@@ -1,0 +1,384 @@
+"""Focal losses for PyTorch: the functional API.
+
+The functions mirror ``focal_jax`` (same names, same keywords, same numbers) with torch's
+conventions: the class axis is ``dim`` (default 1, like ``F.cross_entropy``), the default
+reduction is ``"mean"`` and softmax labels equal to ``ignore_index`` (default -100) are left
+out. Math runs in float32 (float64 stays float64); the result has the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from focal_torch import _categorical
+from focal_torch import _checks
+from focal_torch import _chunking
+from focal_torch import _reduce
+from focal_torch import _sigmoid
+from focal_torch import _softmax
+
+__all__ = ["softmax_focal", "sigmoid_focal", "categorical_focal"]
+
+
+def softmax_focal(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor | None = None,
+    gamma: float | torch.Tensor = 2.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: torch.Tensor | None = None,
+    ignore_index: int | None = -100,
+    background_class: int = 0,
+    dim: int = 1,
+    process_group: Any = None,
+) -> torch.Tensor:
+  r"""Softmax focal loss for integer class labels.
+
+  .. math::
+    \ell = \alpha_t (1 - p_t)^{\gamma_t} \Big( -(1 - \varepsilon) \log p_t
+           - \frac{\varepsilon}{C} \sum_c \log s_c \Big), \quad s = \mathrm{softmax}(z)
+
+  with ``p_t = s[t]`` the unsmoothed probability of the label ``t``: smoothing acts on the
+  cross-entropy term only, as in ``F.cross_entropy(label_smoothing=...)``. With
+  ``gamma=0`` and ``alpha=None`` this is ``F.cross_entropy``. The backward is analytic
+  (a ``torch.autograd.Function``): it keeps the logits and a few numbers per row, and
+  writes the gradient chunk by chunk without other temporaries of the logits' size.
+  Log space throughout: finite losses and gradients at any margin and any ``gamma >= 0``.
+
+  Args:
+    logits: floating-point scores, class axis at ``dim``.
+    labels: integer class indices in ``[0, C)`` (or ``ignore_index``); shape of ``logits``
+      without ``dim``.
+    alpha: None (no weighting), a number, or a ``(C,)`` tensor of class weights (taken at
+      the label).
+    gamma: focusing exponent ``>= 0``: a number, or a ``(C,)`` tensor (taken at the label).
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` (over valid entries) or ``"mean_positive"``
+      (sum over valid entries divided by the number of valid entries whose label is not
+      ``background_class``; RetinaNet's normalization).
+    where: optional bool mask of ``labels``' shape; False entries give 0 loss and 0
+      gradient and are left out of every denominator.
+    ignore_index: label value treated as masked; None to mask nothing.
+    background_class: the label that does not count as positive for ``"mean_positive"``.
+    dim: the class axis of ``logits``.
+    process_group: None (no cross-process reduction, the default), or a
+      ``torch.distributed`` group whose denominators are summed (pass
+      ``torch.distributed.group.WORLD`` for the default group). Each rank then returns
+      ``n * local_sum / global_denominator`` (``n`` the group size; for ``"sum"`` the
+      denominator is 1), so DDP's gradient averaging gives exactly the single-process value
+      and gradient of the whole batch. Ignored for ``"none"``.
+
+  Returns:
+    Per-entry losses of ``labels``' shape for ``reduction="none"``, else a scalar; in the
+    logits' dtype.
+
+  Raises:
+    TypeError: non-tensor or integer ``logits``; non-integer ``labels``; a non-bool
+      ``where``; arguments of the wrong type.
+    ValueError: ``gamma < 0``; ``alpha``/``gamma`` not a scalar or ``(C,)``; an unknown
+      ``reduction``; ``label_smoothing`` outside ``[0, 1]``; ``labels`` or ``where`` of the
+      wrong shape; a label outside ``[0, C)`` that is not ``ignore_index`` (see
+      :class:`focal_torch.value_checks` to skip this check in hot loops).
+
+  Shape:
+    - logits: ``(N, C)`` or ``(N, C, d1, ...)`` (``dim=1``), or any shape with the class
+      axis at ``dim``.
+    - labels, where: ``(N,)`` or ``(N, d1, ...)``.
+    - output: scalar, or ``labels``' shape for ``reduction="none"``.
+
+  Examples:
+    >>> logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    >>> focal_torch.softmax_focal(logits, torch.tensor([0, 1]), gamma=2.0)
+    tensor(1.1477)
+
+  References:
+    Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
+  """
+  return softmax_focal_impl(
+      "softmax_focal", logits, labels, alpha=alpha, gamma=gamma,
+      label_smoothing=label_smoothing, reduction=reduction, where=where,
+      ignore_index=ignore_index, background_class=background_class, dim=dim,
+      process_group=process_group)
+
+
+def check_softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
+                         label_smoothing: Any, reduction: Any, ignore_index: Any,
+                         background_class: Any, process_group: Any
+                         ) -> tuple[Any, Any, float, str, int | None, int, Any]:
+  """Checks the softmax hyperparameters; returns them normalized."""
+  reduction = _checks.check_reduction(fn, reduction)
+  eps = _checks.check_label_smoothing(fn, label_smoothing)
+  ignore_index = _checks.check_int(fn, "ignore_index", ignore_index, allow_none=True)
+  background_class = _checks.check_int(fn, "background_class", background_class)
+  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=None)
+  gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
+  process_group = _checks.check_process_group(fn, process_group)
+  return alpha, gamma, eps, reduction, ignore_index, background_class, process_group
+
+
+def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
+                  num_classes: int, ignore_index: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+  """``(valid, bad, safe_labels)``: entries that count, valid labels out of ``[0, C)`` (NaN
+  with the value checks off; an error with them on), and labels safe to index with."""
+  valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+  if ignore_index is not None:
+    valid = labels != ignore_index
+  if where is not None:
+    valid = valid & where
+  bad = valid & ((labels < 0) | (labels >= num_classes))
+  _checks.check_label_range(fn, labels, bad, num_classes, ignore_index)
+  safe = torch.where(valid & ~bad, labels, torch.zeros((), dtype=labels.dtype,
+                                                       device=labels.device))
+  return valid, bad, safe.to(torch.int64)
+
+
+def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, alpha: Any,
+                       gamma: Any, label_smoothing: Any, reduction: Any, where: Any,
+                       ignore_index: Any, background_class: Any, dim: Any,
+                       process_group: Any, out_dtype: torch.dtype | None = None,
+                       chunk_elements: int | None = None) -> torch.Tensor:
+  """:func:`softmax_focal` with the name used in messages and the output dtype as options
+  (the DeepSpeed drop-in returns float32 for half inputs, as DeepSpeed does)."""
+  _checks.check_floating(fn, "logits", logits)
+  dim = _checks.normalize_dim(fn, dim, logits.ndim)
+  num_classes = logits.shape[dim]
+  if num_classes == 0:
+    raise ValueError(f"{fn}: logits must have at least one class along dim={dim}, got shape "
+                     f"{_checks.shape_str(logits.shape)}")
+  alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
+      check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
+                           label_smoothing=label_smoothing, reduction=reduction,
+                           ignore_index=ignore_index, background_class=background_class,
+                           process_group=process_group))
+  expected = logits.shape[:dim] + logits.shape[dim + 1:]
+  what = f"the logits' shape without dim {dim}"
+  _checks.check_labels(fn, labels, expected, what, logits, integer=True)
+  _checks.check_no_grad(fn, "labels", labels)
+  where = _checks.check_where(fn, where, expected, what, logits)
+  valid, bad, safe = softmax_masks(fn, labels, where, num_classes, ignore_index)
+
+  z3 = _chunking.as_rows(logits, dim)
+  o, _, i = z3.shape
+  cdt = _softmax.compute_dtype(logits.dtype)
+  t3 = safe.reshape(o, 1, i)
+  elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
+  loss = _softmax.SoftmaxFocalFunction.apply(
+      z3, t3, valid.reshape(o, 1, i), bad.reshape(o, 1, i), _softmax.per_row(alpha, t3, cdt),
+      _softmax.per_row(gamma, t3, cdt), eps, elements).reshape(labels.shape)
+  positive = valid & (labels != background_class) if reduction == "mean_positive" else None
+  return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
+                             process_group=process_group,
+                             out_dtype=out_dtype or logits.dtype)
+
+
+def _class_vector(value: Any, cdt: torch.dtype, device: torch.device) -> Any:
+  """A ``(C,)`` hyperparameter shaped ``(1, C, 1)`` for an ``(O, C, I)`` view."""
+  if isinstance(value, torch.Tensor):
+    value = value.to(device=device, dtype=cdt)
+    if value.ndim == 1:
+      return value.reshape(1, -1, 1)
+  return value
+
+
+def sigmoid_focal(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor | None = None,
+    gamma: float | torch.Tensor = 2.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: torch.Tensor | None = None,
+    dim: int = 1,
+    process_group: Any = None,
+) -> torch.Tensor:
+  r"""Sigmoid focal loss for binary and multi-label problems, hard or soft labels.
+
+  .. math::
+    \ell = \alpha_t (1 - p_t)^\gamma \mathrm{BCE}(x, y), \quad p = \sigma(x),\;
+    p_t = p y + (1 - p)(1 - y),\; \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+  torchvision's ``sigmoid_focal_loss`` formula (``alpha=None`` for no weighting, where
+  torchvision uses ``alpha < 0``). ``label_smoothing`` first moves ``y`` toward 1/2:
+  ``y (1 - eps) + eps / 2``. Analytic, chunked backward; log space throughout.
+
+  Args:
+    logits: floating-point scores, any shape.
+    labels: targets in ``[0, 1]`` (float, int or bool) of ``logits``' shape. They get no
+      gradient.
+    alpha: None, a number in ``[0, 1]`` (weight of the positive class), or a ``(C,)``
+      tensor of per-class weights along ``dim``.
+    gamma: focusing exponent ``>= 0``: a number or a ``(C,)`` tensor along ``dim``.
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` (over valid entries) or ``"mean_positive"``
+      (sum divided by the number of valid entries whose unsmoothed label is > 0).
+    where: optional bool mask of ``logits``' shape.
+    dim: the class axis, used only to line up ``(C,)`` ``alpha``/``gamma``.
+    process_group: as in :func:`softmax_focal`.
+
+  Returns:
+    Per-entry losses of ``logits``' shape for ``"none"``, else a scalar; logits' dtype.
+
+  Raises:
+    TypeError: non-tensor or integer ``logits``; a non-bool ``where``.
+    ValueError: ``gamma < 0``; ``alpha`` outside ``[0, 1]`` or of the wrong shape; an
+      unknown ``reduction``; ``label_smoothing`` outside ``[0, 1]``; ``labels``/``where``
+      of the wrong shape; labels outside ``[0, 1]`` (a value check).
+
+  Shape:
+    - logits, labels, where: ``(*)``, e.g. ``(N, C)`` or ``(N, C, H, W)``.
+    - output: scalar, or ``(*)`` for ``reduction="none"``.
+
+  Examples:
+    >>> focal_torch.sigmoid_focal(torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, 0.0]]),
+    ...                           alpha=0.25, reduction="sum")
+    tensor(0.0170)
+
+  References:
+    Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
+  """
+  fn = "sigmoid_focal"
+  _checks.check_floating(fn, "logits", logits)
+  reduction = _checks.check_reduction(fn, reduction)
+  eps = _checks.check_label_smoothing(fn, label_smoothing)
+  process_group = _checks.check_process_group(fn, process_group)
+  vector = any(isinstance(v, torch.Tensor) and v.ndim == 1 for v in (alpha, gamma))
+  if vector:
+    dim = _checks.normalize_dim(fn, dim, logits.ndim)
+    num_classes = logits.shape[dim]
+  else:
+    _checks.check_int(fn, "dim", dim)
+    dim, num_classes = None, None
+  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=0.0, high=1.0)
+  gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
+  what = "the logits' shape"
+  if not isinstance(labels, torch.Tensor):
+    raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
+  if labels.is_complex():
+    raise TypeError(f"{fn}: labels must be real numbers in [0, 1], got dtype {labels.dtype}")
+  _checks.check_labels(fn, labels, logits.shape, what, logits, integer=False)
+  _checks.check_no_grad(fn, "labels", labels)
+  where = _checks.check_where(fn, where, logits.shape, what, logits)
+  _checks.check_unit_interval(fn, "labels", labels, where)
+
+  cdt = _softmax.compute_dtype(logits.dtype)
+  if dim is None:
+    x3 = logits.reshape(-1, 1, 1)
+  else:
+    x3 = _chunking.as_rows(logits, dim)
+  y3 = labels.reshape(x3.shape)
+  valid3 = None if where is None else where.reshape(x3.shape)
+  elements = _chunking.chunk_elements(x3.numel())
+  loss = _sigmoid.SigmoidFocalFunction.apply(
+      x3, y3, valid3, _class_vector(alpha, cdt, logits.device),
+      _class_vector(gamma, cdt, logits.device), eps,
+      elements).reshape(logits.shape)
+  positive = None
+  if reduction == "mean_positive":
+    positive = labels > 0 if where is None else (labels > 0) & where
+  return _reduce.reduce_loss(loss, reduction, valid=where, positive=positive,
+                             process_group=process_group, out_dtype=logits.dtype)
+
+
+def categorical_focal(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor | None = None,
+    gamma: float | torch.Tensor = 2.0,
+    reduction: str = "mean",
+    where: torch.Tensor | None = None,
+    background_class: int = 0,
+    dim: int = 1,
+    process_group: Any = None,
+) -> torch.Tensor:
+  r"""Softmax focal loss for probability targets (smoothed one-hot, mixup, distillation).
+
+  .. math::
+    \ell = -\sum_c \alpha_c\, y_c\, (1 - s_c)^{\gamma_c} \log s_c, \quad
+    s = \mathrm{softmax}(z)
+
+  keras' ``CategoricalFocalCrossentropy``; with one-hot ``y`` it equals
+  :func:`softmax_focal`. To smooth labels, smooth the targets first. Analytic, chunked
+  backward.
+
+  Args:
+    logits: floating-point scores, class axis at ``dim``.
+    targets: floating-point target probabilities of ``logits``' shape. They get no
+      gradient.
+    alpha: None, a number, or a ``(C,)`` tensor of per-class weights.
+    gamma: focusing exponent ``>= 0``: a number or a ``(C,)`` tensor (per class).
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"mean_positive"`` (a row is positive
+      iff ``argmax(targets) != background_class``).
+    where: optional bool mask of the rows (``logits``' shape without ``dim``).
+    background_class: see ``reduction``.
+    dim: the class axis.
+    process_group: as in :func:`softmax_focal`.
+
+  Returns:
+    Per-row losses (``logits``' shape without ``dim``) for ``"none"``, else a scalar; in
+    the logits' dtype.
+
+  Raises:
+    TypeError: non-tensor or integer ``logits`` or ``targets``; a non-bool ``where``.
+    ValueError: ``gamma < 0``; ``alpha``/``gamma`` of the wrong shape; an unknown
+      ``reduction``; ``targets``/``where`` of the wrong shape.
+
+  Shape:
+    - logits, targets: ``(N, C)`` or ``(N, C, d1, ...)``.
+    - where, output (``"none"``): ``(N,)`` or ``(N, d1, ...)``; otherwise a scalar.
+
+  Examples:
+    >>> focal_torch.categorical_focal(torch.tensor([[2.0, 0.0]]),
+    ...                               torch.tensor([[0.9, 0.1]]))
+    tensor(0.1666)
+  """
+  fn = "categorical_focal"
+  _checks.check_floating(fn, "logits", logits)
+  dim = _checks.normalize_dim(fn, dim, logits.ndim)
+  num_classes = logits.shape[dim]
+  if num_classes == 0:
+    raise ValueError(f"{fn}: logits must have at least one class along dim={dim}, got shape "
+                     f"{_checks.shape_str(logits.shape)}")
+  reduction = _checks.check_reduction(fn, reduction)
+  background_class = _checks.check_int(fn, "background_class", background_class)
+  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=None)
+  gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
+  process_group = _checks.check_process_group(fn, process_group)
+  if not isinstance(targets, torch.Tensor):
+    raise TypeError(f"{fn}: targets must be a torch.Tensor, got {type(targets).__name__}")
+  if not targets.is_floating_point():
+    raise TypeError(f"{fn}: targets must be a floating-point tensor of probabilities, got "
+                    f"dtype {targets.dtype}")
+  if tuple(targets.shape) != tuple(logits.shape):
+    raise ValueError(f"{fn}: targets must have the logits' shape "
+                     f"{_checks.shape_str(logits.shape)}, got "
+                     f"{_checks.shape_str(targets.shape)}")
+  _checks.check_same_device(fn, "targets", targets, logits)
+  _checks.check_no_grad(fn, "targets", targets)
+  row_shape = logits.shape[:dim] + logits.shape[dim + 1:]
+  where = _checks.check_where(fn, where, row_shape, f"the logits' shape without dim {dim}",
+                              logits)
+
+  cdt = _softmax.compute_dtype(logits.dtype)
+  z3 = _chunking.as_rows(logits, dim)
+  o, _, i = z3.shape
+  y3 = _chunking.as_rows(targets, dim)
+  valid3 = None if where is None else where.reshape(o, 1, i)
+  elements = _chunking.chunk_elements(z3.numel())
+  loss = _categorical.CategoricalFocalFunction.apply(
+      z3, y3, valid3, _class_vector(alpha, cdt, logits.device),
+      _class_vector(gamma, cdt, logits.device), elements
+  ).reshape(row_shape)
+  positive = None
+  if reduction == "mean_positive":
+    positive = targets.argmax(dim) != background_class
+    if where is not None:
+      positive = positive & where
+  return _reduce.reduce_loss(loss, reduction, valid=where, positive=positive,
+                             process_group=process_group, out_dtype=logits.dtype)
