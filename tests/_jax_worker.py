@@ -12,9 +12,15 @@ reference on the whole batch.
 """
 
 import json
+import os
 import sys
 
-import jax
+# Run as a script, Python puts tests/ first on sys.path, and tests/focal_jax/ (the unit tests'
+# folder) would shadow the installed package.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+  sys.path.pop(0)
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # gloo is jax 0.10's default for CPU collectives; set it anyway so the test states what it uses.
