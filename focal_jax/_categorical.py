@@ -1,0 +1,225 @@
+"""Categorical focal loss: softmax with probability targets, per-class focal terms."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from focal_jax import _checks
+from focal_jax import _reduce
+
+# Stands in for log(1 - s) = -inf at the top class of a row without any other mass: finite,
+# so that exp(0 * it) = 1 (gamma = 0) and 0 * it = 0 stay well defined.
+_NO_REST_LOG = -1e30
+
+
+class _Rows(NamedTuple):
+  """Per-row scalars (shape `z.shape[:-1]`)."""
+  top: jax.Array  # index of the largest logit
+  m: jax.Array  # the largest logit (finite)
+  s_rest: jax.Array  # sum of exp(z_c - m) over c != top
+  loss: jax.Array
+  w_sum: jax.Array  # sum_c w_c
+  w_rest: jax.Array  # sum_{c != top} w_c
+
+
+class _Elems(NamedTuple):
+  log_s: jax.Array  # log softmax
+  log_1m_s: jax.Array  # log(1 - softmax)
+  focal: jax.Array  # (1 - s)**gamma
+  s: jax.Array
+  w: jax.Array  # alpha y (1 - s)**gamma (1 + gamma s r), r = -log s / (1 - s)
+
+
+def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
+  """Elementwise terms from the per-row max and non-top mass; differentiable jnp ops only."""
+  is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
+  has_rest = s_rest > 0.0
+  s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
+  log_norm = jnp.log1p(s_rest)  # log sum_c exp(z_c - m); exp(z_top - m) = 1 exactly
+  log_s = z - m[..., None] - log_norm[..., None]
+  s = jnp.exp(log_s)
+  # log(1 - s): log1p(-s) where s <= 1/2 (every class but the top one); at the top class the
+  # non-top mass over the total, log(s_rest) - log(1 + s_rest), exact as s -> 1. Double wheres
+  # keep log1p(-1) and log(0) out of the unselected branches (no NaN in derivatives).
+  s_not_top = jnp.where(is_top, 0.0, s)
+  log_1m_s_top = jnp.where(has_rest, jnp.log(s_rest_safe) - log_norm, _NO_REST_LOG)
+  log_1m_s = jnp.where(is_top, log_1m_s_top[..., None], jnp.log1p(-s_not_top))
+  # (1 - s)**gamma as exp(gamma * log(1 - s)): finite with finite derivatives for gamma < 1.
+  focal = jnp.exp(gamma * log_1m_s)
+  # r = -log s / (1 - s) -> 1 as s -> 1: at the top class log1p(s_rest) (1 + s_rest) / s_rest.
+  r_top = jnp.where(has_rest, log_norm * (1.0 + s_rest_safe) / s_rest_safe, 1.0)
+  r = jnp.where(is_top, r_top[..., None], -log_s * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
+  w = alpha * y * focal * (1.0 + gamma * s * r)
+  return _Elems(log_s, log_1m_s, focal, s, w)
+
+
+def _rows(z, y, alpha, gamma, valid) -> _Rows:
+  top = jnp.argmax(z, axis=-1)
+  is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
+  # m = z_top itself, not a stop_gradient copy: log(1 + s_rest) below relies on
+  # exp(z_top - m) = 1 identically, also in the derivatives of this rule (Hessian).
+  m = jnp.take_along_axis(z, top[..., None], axis=-1)[..., 0]
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  s_rest = jnp.sum(jnp.where(is_top, 0.0, jnp.exp(z - m[..., None])), axis=-1)
+  el = _elems(z, y, alpha, gamma, top, m, s_rest)
+  loss = -jnp.sum(alpha * y * el.focal * el.log_s, axis=-1)
+  w_sum = jnp.sum(el.w, axis=-1)
+  w_rest = jnp.sum(jnp.where(is_top, 0.0, el.w), axis=-1)
+  return _Rows(top, m, s_rest, jnp.where(valid, loss, 0.0), w_sum, w_rest)
+
+
+def _dot(z, y, alpha, gamma, valid, rows, dz, dy):
+  """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars."""
+  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
+  out = jnp.zeros_like(rows.loss)
+  if dz is not None:
+    is_top = lax.broadcasted_iota(rows.top.dtype, z.shape, z.ndim - 1) == rows.top[..., None]
+    # dloss/dz_j = s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly:
+    # no cancellation at the top class as s -> 1.
+    others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
+    grad = el.s * others - jnp.exp(el.log_1m_s) * el.w
+    out = out + jnp.sum(grad * dz, axis=-1)
+  if dy is not None:
+    out = out - jnp.sum(alpha * el.focal * el.log_s * dy, axis=-1)
+  return jnp.where(valid, out, 0.0)
+
+
+# Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
+# recomputed in the backward pass (XLA shares it with the forward under jit).
+_dot_remat = jax.checkpoint(_dot, prevent_cse=False)
+
+
+# A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
+# the closed form gradient in log space, finite where autodiff of (1 - s)**gamma is NaN.
+@jax.custom_jvp
+def _focal_rows(z, y, alpha, gamma, valid):
+  return _rows(z, y, alpha, gamma, valid).loss
+
+
+def _focal_rows_jvp(primals, tangents):
+  z, y, alpha, gamma, valid = primals
+  dz, dy, dalpha, dgamma, _ = tangents
+  rows = _rows(z, y, alpha, gamma, valid)
+  dz = None if isinstance(dz, SymbolicZero) else dz
+  dy = None if isinstance(dy, SymbolicZero) else dy
+  terms = []
+  if dz is not None or dy is not None:
+    terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, dz, dy))
+  if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
+    el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
+    per_class = -y * el.focal * el.log_s  # dloss/dalpha_c
+    hyper = jnp.zeros_like(rows.loss)
+    if not isinstance(dalpha, SymbolicZero):
+      hyper = hyper + jnp.sum(per_class * dalpha, axis=-1)
+    if not isinstance(dgamma, SymbolicZero):
+      hyper = hyper + jnp.sum(alpha * per_class * el.log_1m_s * dgamma, axis=-1)
+    terms.append(jnp.where(valid, hyper, 0.0))
+  return rows.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(rows.loss)
+
+
+_focal_rows.defjvp(_focal_rows_jvp, symbolic_zeros=True)
+
+
+def categorical_focal(
+    logits: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    *,
+    alpha: jax.typing.ArrayLike | None = None,
+    gamma: jax.typing.ArrayLike = 2.0,
+    axis: int = -1,
+    where: jax.typing.ArrayLike | None = None,
+    reduction: str = "none",
+    background_class: int = 0,
+    axis_name: Any = None,
+) -> jax.Array:
+  r"""Categorical focal loss: softmax focal loss with probability targets.
+
+  With :math:`s = \mathrm{softmax}(z)` over the class axis and targets :math:`y` (one-hot,
+  smoothed one-hot, mixup or distillation probabilities):
+
+  .. math::
+    \ell = -\sum_c \alpha_c\, y_c\, (1 - s_c)^{\gamma_c} \log s_c
+
+  (keras ``CategoricalFocalCrossentropy``). With one-hot targets it equals
+  :func:`softmax_focal`. To train with smoothed targets, smooth them first, e.g.
+  ``optax.smooth_labels(jax.nn.one_hot(labels, C), eps)`` (each class then carries its own
+  focal factor; ``softmax_focal(label_smoothing=eps)`` instead keeps the focal factor of the
+  true class). The gradient with respect to the logits and the targets is in closed form and
+  in log space (finite at any margin and any ``gamma >= 0``); reverse mode keeps the logits,
+  the targets and per-row scalars.
+
+  Args:
+    logits: floating-point logits, class axis at ``axis``.
+    targets: probabilities, same shape as ``logits`` (not checked to sum to 1).
+    alpha: None (no weighting), a scalar, or a ``(C,)`` vector of class weights.
+    gamma: focusing exponent, a scalar ``>= 0`` or a ``(C,)`` vector (one per class).
+    axis: the class axis.
+    where: optional boolean mask, shape of ``logits`` without ``axis`` (or broadcastable to
+      it); False rows give 0 loss and 0 gradient and are left out of every denominator.
+    reduction: ``"none"`` (shape of ``logits`` without ``axis``), ``"sum"``, ``"mean"`` (over
+      valid rows) or ``"mean_positive"`` (sum over valid rows divided by the number of valid
+      rows whose ``argmax(targets)`` is not ``background_class``). A denominator of 0 is
+      taken as 1.
+    background_class: the class that ``"mean_positive"`` does not count as positive.
+    axis_name: optional named axis (pmap, shard_map): denominators are summed over it and
+      each shard returns ``n * local_sum / global_denominator`` (see ``softmax_focal``).
+
+  Returns:
+    The losses in the dtype of ``logits``: shape of ``logits`` without ``axis`` for
+    ``reduction="none"``, else a scalar.
+
+  Raises:
+    TypeError: ``logits`` or ``targets`` not floating point; a keyword of the wrong type.
+    ValueError: ``targets`` or ``where`` of the wrong shape; ``gamma < 0``; ``alpha`` or
+      ``gamma`` not scalar or ``(C,)``; an unknown ``reduction``; ``axis`` out of range.
+      All raised at trace time.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import focal_jax
+    >>> jnp.set_printoptions(precision=4)
+    >>> logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    >>> targets = jnp.array([[0.9, 0.05, 0.05], [0.0, 0.2, 0.8]])
+    >>> print(focal_jax.categorical_focal(logits, targets, gamma=2.0))
+    [0.2343 1.1744]
+
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_,
+    ICCV 2017.
+  """
+  fn = "categorical_focal"
+  logits = _checks.floating_array(fn, "logits", logits)
+  targets = _checks.floating_array(fn, "targets", targets)
+  ax = _checks.axis(fn, axis, logits.ndim)
+  _checks.same_shape(fn, "targets", targets.shape, logits.shape, "the shape of logits")
+  reduction = _checks.reduction(fn, reduction)
+  background_class = _checks.optional_int(fn, "background_class", background_class,
+                                          allow_none=False)
+  num_classes = logits.shape[ax]
+  row_shape = logits.shape[:ax] + logits.shape[ax + 1:]
+  where = _checks.where_mask(fn, where, row_shape,
+                             f"the shape of logits {logits.shape} without axis {ax}")
+  dtype = logits.dtype
+  cdtype = _checks.compute_dtype(dtype)
+  per_class = " (one per class)"
+  alpha = _checks.class_param(fn, "alpha", 1.0 if alpha is None else alpha, num_classes,
+                              cdtype, nonnegative=False, what_classes=per_class)
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
+                              what_classes=per_class)
+  # (C,) vectors act on the (last) class axis, at the rank of the logits.
+  alpha = jnp.reshape(alpha, (1,) * (logits.ndim - 1) + alpha.shape) if alpha.ndim else alpha
+  gamma = jnp.reshape(gamma, (1,) * (logits.ndim - 1) + gamma.shape) if gamma.ndim else gamma
+
+  z = jnp.moveaxis(logits, ax, -1).astype(cdtype)
+  y = jnp.moveaxis(targets, ax, -1).astype(cdtype)
+  valid = jnp.ones(row_shape, bool) if where is None else where
+  loss = _focal_rows(z, y, alpha, gamma, valid)
+  positive = valid & (jnp.argmax(y, axis=-1) != background_class)
+  return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
+                             axis_name=axis_name, dtype=dtype)

@@ -1,0 +1,165 @@
+"""Static argument checks shared by the focal_jax losses.
+
+Every check runs at trace time on shapes, dtypes and Python values; the values of traced arrays
+are never inspected (that would fail under `jit`). Messages name the function, the argument,
+what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("none", "sum", "mean", "mean_positive")
+
+
+def _describe_dtype(x: Any) -> str:
+  dtype = getattr(x, "dtype", None)
+  return str(dtype) if dtype is not None else type(x).__name__
+
+
+def floating_array(fn: str, arg: str, x: Any) -> jax.Array:
+  """Returns `x` as a jax array, raising TypeError unless it is floating point."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    x = jnp.asarray(x)
+    dtype = x.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{fn}: {arg} must be a floating-point array, got dtype {_describe_dtype(x)}")
+  return jnp.asarray(x)
+
+
+def integer_array(fn: str, arg: str, x: Any) -> jax.Array:
+  """Returns `x` as a jax array, raising TypeError unless it has an integer dtype."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    raise TypeError(f"{fn}: {arg} must be an integer array, got dtype {x.dtype}")
+  return x
+
+
+def real_array(fn: str, arg: str, x: Any) -> jax.Array:
+  """Returns `x` as a jax array, raising TypeError unless it is bool, integer or floating."""
+  x = jnp.asarray(x)
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+          or x.dtype == jnp.bool_):
+    raise TypeError(
+        f"{fn}: {arg} must be a real (bool, integer or floating) array, got dtype {x.dtype}")
+  return x
+
+
+def compute_dtype(dtype: Any) -> Any:
+  """float32 at least: half-precision inputs are computed in float32, float64 stays float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def axis(fn: str, axis: Any, ndim: int) -> int:
+  """Canonical (non-negative) class axis of an array of rank `ndim`."""
+  if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__} {axis!r}")
+  if ndim == 0:
+    raise ValueError(f"{fn}: logits must have at least one dimension (the class axis), got a "
+                     "scalar")
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"{fn}: axis must be in [-{ndim}, {ndim}) for logits of rank {ndim}, got {axis}")
+  return int(axis) % ndim
+
+
+def same_shape(fn: str, arg: str, shape: tuple[int, ...], expected: tuple[int, ...],
+               what: str) -> None:
+  if tuple(shape) != tuple(expected):
+    raise ValueError(
+        f"{fn}: {arg} must have shape {tuple(expected)} ({what}), got shape {tuple(shape)}")
+
+
+def reduction(fn: str, reduction: Any) -> str:
+  if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+    raise ValueError(
+        f"{fn}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+  return reduction
+
+
+def label_smoothing(fn: str, eps: Any) -> float:
+  """label_smoothing is a static Python number in [0, 1]."""
+  if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    raise TypeError(
+        f"{fn}: label_smoothing must be a Python float in [0, 1], got {type(eps).__name__}")
+  eps = float(eps)
+  if not 0.0 <= eps <= 1.0:
+    raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {eps}")
+  return eps
+
+
+def optional_int(fn: str, arg: str, value: Any, *, allow_none: bool = True) -> int | None:
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    expected = "an int or None" if allow_none else "an int"
+    raise TypeError(f"{fn}: {arg} must be {expected}, got {type(value).__name__} {value!r}")
+  return int(value)
+
+
+def _concrete_values(x: Any) -> np.ndarray | None:
+  """The values of `x` when known at trace time (Python, NumPy, concrete jax); else None."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except Exception:  # noqa: BLE001 -- anything not convertible is simply not checked
+    return None
+
+
+def class_param(fn: str, arg: str, value: Any, num_classes: int, dtype: Any, *,
+                nonnegative: bool, what_classes: str = "") -> jax.Array:
+  """A hyperparameter given as a scalar or a `(num_classes,)` vector, as an array of `dtype`.
+
+  Shapes are always checked. Values are checked (non-negative, finite) only when they are known
+  at trace time: Python numbers, NumPy arrays and concrete jax arrays, never tracers.
+  """
+  dtype_of = getattr(value, "dtype", None)
+  if isinstance(value, bool) or (dtype_of is None and not isinstance(value, numbers.Real)
+                                 and not isinstance(value, (list, tuple))):
+    raise TypeError(
+        f"{fn}: {arg} must be a real scalar or a shape ({num_classes},) array, got "
+        f"{type(value).__name__}")
+  arr = jnp.asarray(value)
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise TypeError(
+        f"{fn}: {arg} must be a real scalar or a shape ({num_classes},) array, got dtype "
+        f"{arr.dtype}")
+  if arr.shape not in ((), (num_classes,)):
+    raise ValueError(
+        f"{fn}: {arg} must be a scalar or shape ({num_classes},){what_classes}, got shape "
+        f"{arr.shape}")
+  values = _concrete_values(value)
+  if values is not None:
+    values = values.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+      raise ValueError(f"{fn}: {arg} must be finite, got {values.tolist()}")
+    if nonnegative and np.any(values < 0):
+      shown = values.item() if values.ndim == 0 else values.tolist()
+      raise ValueError(f"{fn}: {arg} must be >= 0, got {shown}")
+  return arr.astype(dtype)
+
+
+def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: str) -> jax.Array | None:
+  """`where` as a boolean array of `shape`; it may be given in any shape broadcastable to it."""
+  if where is None:
+    return None
+  where = jnp.asarray(where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"{fn}: where must be a boolean array, got dtype {where.dtype}")
+  try:
+    broadcast = np.broadcast_shapes(where.shape, shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(shape):
+    raise ValueError(
+        f"{fn}: where must have shape {tuple(shape)} ({what}) or broadcast to it, got shape "
+        f"{where.shape}")
+  return jnp.broadcast_to(where, shape)

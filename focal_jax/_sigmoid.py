@@ -1,0 +1,208 @@
+"""Sigmoid focal loss for binary and multi-label tasks, hard or soft labels."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from focal_jax import _checks
+from focal_jax import _reduce
+
+
+def _safe_log(x: jax.Array) -> jax.Array:
+  # log(0) = -inf, with a zero (not NaN) derivative there: the double-where trick.
+  positive = x > 0
+  return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+
+
+class _EntryStats(NamedTuple):
+  loss: jax.Array
+  dloss_dx: jax.Array
+  dloss_dy: jax.Array
+  dloss_dalpha: jax.Array
+  dloss_dgamma: jax.Array
+
+
+def _entry_stats(x: jax.Array, y: jax.Array, alpha: jax.Array, gamma: jax.Array,
+                 valid: jax.Array, has_alpha: bool) -> _EntryStats:
+  """Loss and its partial derivatives, entry by entry; differentiable jnp ops only."""
+  # log p and log(1 - p) from log_sigmoid of +x and -x: exact at any margin.
+  log_p = jax.nn.log_sigmoid(x)
+  log_q = jax.nn.log_sigmoid(-x)
+  bce = -(y * log_p + (1.0 - y) * log_q)
+  # log(1 - p_t) = log(y (1 - p) + (1 - y) p) in log space: finite for every x and y in [0, 1]
+  # (at least one of y, 1 - y is >= 1/2), never computed as 1 - p_t.
+  log_1m_pt = jnp.logaddexp(_safe_log(y) + log_q, _safe_log(1.0 - y) + log_p)
+  # (1 - p_t)**gamma as exp(gamma * log(1 - p_t)): finite with finite derivatives, gamma < 1.
+  focal = jnp.exp(gamma * log_1m_pt)
+  alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y) if has_alpha else jnp.ones_like(y)
+  loss = alpha_t * focal * bce
+  # d(1 - p_t)/dx / (1 - p_t) = (1 - 2y) p (1 - p) / (1 - p_t), as an exp of logs (<= 1);
+  # dbce/dx = p - y = (1 - y) p - y (1 - p), without cancellation near p = y in {0, 1}.
+  dlog_1m_pt_dx = (1.0 - 2.0 * y) * jnp.exp(log_p + log_q - log_1m_pt)
+  dloss_dx = alpha_t * focal * (gamma * bce * dlog_1m_pt_dx
+                                + (1.0 - y) * jnp.exp(log_p) - y * jnp.exp(log_q))
+  # dloss/dy: dbce/dy = -x; d(1 - p_t)/dy = 1 - 2p, times (1 - p_t)**(gamma - 1) * bce, taken
+  # as one exp of logs (bce -> 0 exactly where 1 - p_t -> 0).
+  one_m_2p = jnp.exp(log_q) - jnp.exp(log_p)
+  dloss_dy = alpha_t * (focal * -x + gamma * one_m_2p
+                        * jnp.exp(_safe_log(bce) + (gamma - 1.0) * log_1m_pt))
+  dloss_dalpha = (2.0 * y - 1.0) * focal * bce
+  if has_alpha:
+    dloss_dy = dloss_dy + (2.0 * alpha - 1.0) * focal * bce
+  dloss_dgamma = loss * log_1m_pt
+
+  def masked(v: jax.Array) -> jax.Array:
+    return jnp.where(valid, v, 0.0)
+
+  return _EntryStats(masked(loss), masked(dloss_dx), masked(dloss_dy), masked(dloss_dalpha),
+                     masked(dloss_dgamma))
+
+
+def _dot(x, y, alpha, gamma, valid, has_alpha, dx, dy):
+  st = _entry_stats(x, y, alpha, gamma, valid, has_alpha)
+  out = jnp.zeros_like(st.loss)
+  if dx is not None:
+    out = out + st.dloss_dx * dx
+  if dy is not None:
+    out = out + st.dloss_dy * dy
+  return out
+
+
+# Reverse mode keeps x and y only; the elementwise derivatives are recomputed in the backward
+# pass (under jit XLA fuses them with the cotangent multiply).
+_dot_remat = jax.checkpoint(_dot, static_argnums=(5,), prevent_cse=False)
+
+
+# A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
+# the closed-form derivative, written in log space so that it stays finite where autodiff of
+# (1 - p_t)**gamma gives NaN (0 < gamma < 1, p_t rounded to 1).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _focal_entries(x: jax.Array, y: jax.Array, alpha: jax.Array, gamma: jax.Array,
+                   valid: jax.Array, has_alpha: bool) -> jax.Array:
+  return _entry_stats(x, y, alpha, gamma, valid, has_alpha).loss
+
+
+def _focal_entries_jvp(has_alpha, primals, tangents):
+  x, y, alpha, gamma, valid = primals
+  dx, dy, dalpha, dgamma, _ = tangents
+  st = _entry_stats(x, y, alpha, gamma, valid, has_alpha)
+  terms = []
+  dx = None if isinstance(dx, SymbolicZero) else dx
+  dy = None if isinstance(dy, SymbolicZero) else dy
+  if dx is not None or dy is not None:
+    terms.append(_dot_remat(x, y, alpha, gamma, valid, has_alpha, dx, dy))
+  if not isinstance(dalpha, SymbolicZero) and has_alpha:
+    terms.append(st.dloss_dalpha * dalpha)
+  if not isinstance(dgamma, SymbolicZero):
+    terms.append(st.dloss_dgamma * dgamma)
+  return st.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(st.loss)
+
+
+_focal_entries.defjvp(_focal_entries_jvp, symbolic_zeros=True)
+
+
+def sigmoid_focal(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    alpha: jax.typing.ArrayLike | None = None,
+    gamma: jax.typing.ArrayLike = 2.0,
+    label_smoothing: float = 0.0,
+    where: jax.typing.ArrayLike | None = None,
+    reduction: str = "none",
+    axis_name: Any = None,
+) -> jax.Array:
+  r"""Sigmoid focal loss for binary and multi-label tasks, with hard or soft labels.
+
+  With :math:`p = \sigma(x)` and a label :math:`y \in [0, 1]`:
+
+  .. math::
+    p_t = p\,y + (1 - p)(1 - y), \qquad
+    \alpha_t = \alpha\,y + (1 - \alpha)(1 - y), \qquad
+    \ell = \alpha_t (1 - p_t)^\gamma \,\mathrm{BCE}(x, y)
+
+  with :math:`\mathrm{BCE}(x, y) = -y \log p - (1 - y) \log(1 - p)` (the formula of
+  torchvision's and optax's ``sigmoid_focal_loss``). ``label_smoothing`` :math:`\epsilon`
+  first moves the labels toward 1/2: :math:`y \leftarrow (1 - \epsilon) y + \epsilon / 2`.
+  Every term is computed in log space, in float32 at least: loss, gradient and Hessian are
+  finite at any logit margin and any ``gamma >= 0``. The derivative with respect to the
+  logits (and to soft labels) is in closed form; reverse mode keeps only the logits and
+  labels.
+
+  Args:
+    logits: floating-point logits of any shape (binary: ``(N,)``; multi-label: ``(N, C)``).
+    labels: labels in ``[0, 1]`` (bool, integer or floating), same shape as ``logits``.
+    alpha: None (no weighting), a scalar weight of the positive class, or -- for multi-label
+      logits -- a ``(C,)`` vector over the last axis of ``logits`` (one weight per label).
+    gamma: focusing exponent, a scalar ``>= 0`` or a ``(C,)`` vector over the last axis.
+    label_smoothing: :math:`\epsilon \in [0, 1]`, a Python float.
+    where: optional boolean mask, shape of ``labels`` (or broadcastable to it); False entries
+      give 0 loss and 0 gradient and are left out of every denominator.
+    reduction: ``"none"`` (shape of ``labels``), ``"sum"``, ``"mean"`` (over valid entries) or
+      ``"mean_positive"`` (sum over valid entries divided by the number of valid entries with
+      an unsmoothed label ``> 0``; RetinaNet's normalization). A denominator of 0 is taken
+      as 1.
+    axis_name: optional named axis (pmap, shard_map): denominators are summed over it and
+      each shard returns ``n * local_sum / global_denominator`` (see ``softmax_focal``).
+
+  Returns:
+    The losses in the dtype of ``logits``: shape of ``labels`` for ``reduction="none"``,
+    else a scalar.
+
+  Raises:
+    TypeError: ``logits`` not floating point; ``labels`` not numeric; a keyword of the wrong
+      type.
+    ValueError: ``labels`` (or ``where``) of the wrong shape; ``gamma < 0``; ``alpha`` or
+      ``gamma`` not scalar or ``(C,)``; ``label_smoothing`` outside ``[0, 1]``; an unknown
+      ``reduction``. All raised at trace time.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import focal_jax
+    >>> jnp.set_printoptions(precision=4)
+    >>> logits = jnp.array([2.0, -1.0, 0.5])
+    >>> labels = jnp.array([1.0, 0.0, 0.0])
+    >>> print(focal_jax.sigmoid_focal(logits, labels, alpha=0.25))
+    [0.0005 0.017  0.2831]
+
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_,
+    ICCV 2017.
+  """
+  fn = "sigmoid_focal"
+  logits = _checks.floating_array(fn, "logits", logits)
+  labels = _checks.real_array(fn, "labels", labels)
+  _checks.same_shape(fn, "labels", labels.shape, logits.shape, "the shape of logits")
+  reduction = _checks.reduction(fn, reduction)
+  eps = _checks.label_smoothing(fn, label_smoothing)
+  where = _checks.where_mask(fn, where, labels.shape, "the shape of labels")
+  dtype = logits.dtype
+  cdtype = _checks.compute_dtype(dtype)
+  num_classes = logits.shape[-1] if logits.ndim else 1
+  what = " (one per entry of the last axis of logits)"
+  has_alpha = alpha is not None
+  alpha = _checks.class_param(fn, "alpha", 0.5 if alpha is None else alpha, num_classes, cdtype,
+                              nonnegative=False, what_classes=what)
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
+                              what_classes=what)
+  if logits.ndim:
+    # (C,) vectors act on the last axis; the same rank as logits (no implicit rank promotion).
+    alpha = jnp.reshape(alpha, (1,) * (logits.ndim - 1) + alpha.shape[-1:] if alpha.ndim
+                        else ())
+    gamma = jnp.reshape(gamma, (1,) * (logits.ndim - 1) + gamma.shape[-1:] if gamma.ndim
+                        else ())
+
+  x = logits.astype(cdtype)
+  y = labels.astype(cdtype)
+  if eps > 0.0:
+    y = (1.0 - eps) * y + 0.5 * eps
+  valid = jnp.ones((), bool) if where is None else where
+  loss = _focal_entries(x, y, alpha, gamma, valid, has_alpha)
+  positive = labels > 0 if where is None else where & (labels > 0)
+  return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
+                             axis_name=axis_name, dtype=dtype)

@@ -1,0 +1,289 @@
+"""Softmax focal loss for integer labels, with its analytic derivative."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from focal_jax import _checks
+from focal_jax import _reduce
+
+# Stands in for an infinite margin when a row has no mass outside its target (one class, or
+# every other logit -inf): finite, so that 0 * margin and exp(0 * log q) stay well defined.
+_NO_REST_MARGIN = 1e30
+
+
+class RowStats(NamedTuple):
+  """Per-row scalars of the softmax focal loss (all of shape `z.shape[:-1]`)."""
+  loss: jax.Array  # alpha_t * (1 - p)**gamma_t * CE, 0 on masked rows, NaN on bad labels
+  k1: jax.Array  # gradient = k1 * v + k2 * (onehot - 1/C), v = (s - onehot) / (1 - p)
+  k2: jax.Array
+  m: jax.Array  # max logit (finite)
+  k1_rest: jax.Array  # k1 / sum_{c != t} exp(z_c - m) (0 where that sum is 0)
+  dloss_dalpha: jax.Array  # (1 - p)**gamma * CE
+  dloss_dgamma: jax.Array  # loss * log(1 - p)
+
+
+def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
+              valid: jax.Array, in_range: jax.Array, eps: float) -> RowStats:
+  """Loss and gradient coefficients of each row of `z` (class axis last).
+
+  `t` are in-range labels (bad ones replaced by 0; `in_range` says which were bad), `alpha` and
+  `gamma` per-row values, `valid` the rows that count. Written in differentiable jnp ops only:
+  the custom JVP below, and its derivative (the Hessian), are built from this function.
+  """
+  is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
+  z_t = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
+  # p = sigmoid(u) with u = z_t - logsumexp(non-target logits): log p and log(1 - p) are both
+  # exact and finite at every margin (log(1 - p) from the non-target mass, never from 1 - p).
+  m = lax.stop_gradient(jnp.max(z, axis=-1))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  s_rest = jnp.sum(jnp.where(is_t, 0.0, jnp.exp(z - m[..., None])), axis=-1)
+  # No mass outside the target (one class, other logits -inf, or a margin beyond the dtype's
+  # exp range): p = 1 exactly. Double where: log() never sees that 0, so no NaN in derivatives.
+  has_rest = s_rest > 0.0
+  s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
+  u = jnp.where(has_rest, z_t - m - jnp.log(s_rest_safe), _NO_REST_MARGIN)
+  log_p = jax.nn.log_sigmoid(u)
+  log_q = jax.nn.log_sigmoid(-u)  # log(1 - p)
+  p = jnp.exp(log_p)
+  q = jnp.exp(log_q)
+  if eps > 0.0:
+    lse = z_t - log_p
+    ce = -(1.0 - eps) * log_p + eps * (lse - jnp.mean(z, axis=-1))
+  else:
+    ce = -log_p
+  # (1 - p)**gamma as exp(gamma * log(1 - p)): finite, with finite derivatives, for gamma < 1.
+  focal = jnp.exp(gamma * log_q)
+  # dloss/dz = alpha q**g [(1 + g p CE / q)(s - onehot) + eps (onehot - 1/C)], and
+  # s - onehot = q * v with v the softmax of the non-target logits (and -1 at the target):
+  # multiplying q in before dividing keeps every factor finite as q -> 0.
+  k1 = alpha * focal * (q + gamma * p * ce)
+  k2 = alpha * focal * eps
+  dloss_dalpha = focal * ce
+  loss = alpha * dloss_dalpha
+  dloss_dgamma = loss * log_q
+
+  def finish(x: jax.Array) -> jax.Array:
+    # Masked rows: 0. Unmasked rows with an out-of-range label: NaN (never wrap around).
+    return jnp.where(valid, jnp.where(in_range, x, jnp.nan), 0.0)
+
+  k1_rest = jnp.where(has_rest, k1 / s_rest_safe, 0.0)
+  return RowStats(finish(loss), finish(k1), finish(k2), m, finish(k1_rest), finish(dloss_dalpha),
+                  finish(dloss_dgamma))
+
+
+def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
+                    eps: float) -> jax.Array:
+  """dloss/dz for each row: k1 * v + k2 * (onehot - 1/C), 0 on masked rows.
+
+  v is -1 at the target and exp(z_c - m) / sum_{c' != t} exp(z_c' - m) elsewhere; exp(z - m)
+  is the same expression as in the forward pass (XLA reuses it) and never overflows.
+  """
+  num_classes = z.shape[-1]
+  is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
+  e_rest = jnp.where(is_t, 0.0, jnp.exp(z - st.m[..., None]))  # as in row_stats: shared by XLA
+  g = jnp.where(is_t, -st.k1[..., None], e_rest * st.k1_rest[..., None])
+  if eps > 0.0:
+    g = g + st.k2[..., None] * (is_t.astype(z.dtype) - 1.0 / num_classes)
+  return jnp.where(valid[..., None], g, 0.0)
+
+
+def _dot_grad(z, t, st, valid, dz, eps):
+  return jnp.sum(grad_from_stats(z, t, st, valid, eps) * dz, axis=-1)
+
+
+# Under jax.checkpoint the (.., C) gradient is not a residual of the linearization: reverse
+# mode keeps the logits and the per-row scalars, and recomputes the gradient in the backward
+# pass (XLA fuses it with the cotangent multiply under jit).
+_dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=False)
+
+
+# Why a custom_jvp and not a custom_vjp: jax.hessian is jacfwd(jacrev(f)), and a custom_vjp
+# cannot be forward-differentiated. The tangent rule below is written in differentiable jnp
+# ops, so JAX transposes it for reverse mode and differentiates it again for Hessians; the
+# gradient it encodes is the closed form of the design (one per-row scalar times
+# softmax - onehot, plus the smoothing term), which stays finite where plain autodiff of
+# (1 - p)**gamma gives NaN (0 < gamma < 1, p rounded to 1).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def focal_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
+               valid: jax.Array, in_range: jax.Array, eps: float) -> jax.Array:
+  """Per-row softmax focal loss (class axis last), differentiable in z, alpha and gamma."""
+  return row_stats(z, t, alpha, gamma, valid, in_range, eps).loss
+
+
+def _focal_rows_jvp(eps, primals, tangents):
+  z, t, alpha, gamma, valid, in_range = primals
+  dz, _, dalpha, dgamma, _, _ = tangents
+  st = row_stats(z, t, alpha, gamma, valid, in_range, eps)
+  # Symbolic zeros: the terms of arguments that are not being differentiated cost nothing.
+  terms = []
+  if not isinstance(dz, SymbolicZero):
+    terms.append(_dot_grad_remat(z, t, st, valid, dz, eps))
+  if not isinstance(dalpha, SymbolicZero):
+    terms.append(st.dloss_dalpha * dalpha)
+  if not isinstance(dgamma, SymbolicZero):
+    terms.append(st.dloss_dgamma * dgamma)
+  return st.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(st.loss)
+
+
+focal_rows.defjvp(_focal_rows_jvp, symbolic_zeros=True)
+
+
+class Prepared(NamedTuple):
+  """Checked inputs of a softmax focal loss, class axis moved last, in the compute dtype."""
+  t: jax.Array
+  alpha: jax.Array
+  gamma: jax.Array
+  valid: jax.Array
+  in_range: jax.Array
+  positive: jax.Array
+  eps: float
+  reduction: str
+  dtype: Any
+  compute_dtype: Any
+
+
+def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int, ...],
+                   dtype: Any, *, alpha: Any, gamma: Any, label_smoothing: Any, where: Any,
+                   ignore_index: Any, reduction: Any, background_class: Any,
+                   what_rows: str) -> Prepared:
+  """Checks the labels and keywords of a softmax focal loss; per-row alpha, gamma and masks.
+
+  Shared by `softmax_focal` and `linear_softmax_focal`.
+  """
+  labels = _checks.integer_array(fn, "labels", labels)
+  _checks.same_shape(fn, "labels", labels.shape, row_shape, what_rows)
+  cdtype = _checks.compute_dtype(dtype)
+  reduction = _checks.reduction(fn, reduction)
+  eps = _checks.label_smoothing(fn, label_smoothing)
+  ignore_index = _checks.optional_int(fn, "ignore_index", ignore_index)
+  background_class = _checks.optional_int(fn, "background_class", background_class,
+                                          allow_none=False)
+  where = _checks.where_mask(fn, where, row_shape, "the shape of labels")
+  if alpha is not None:
+    alpha = _checks.class_param(fn, "alpha", alpha, num_classes, cdtype, nonnegative=False,
+                                what_classes=" (one weight per class)")
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
+                              what_classes=" (one exponent per class)")
+
+  valid = jnp.ones(row_shape, dtype=bool) if where is None else where
+  if ignore_index is not None:
+    valid = valid & (labels != ignore_index)
+  in_range = (labels >= 0) & (labels < num_classes)
+  t = jnp.where(in_range, labels, 0)
+  if alpha is None:
+    alpha_row = jnp.ones(row_shape, cdtype)
+  elif alpha.ndim == 0:
+    alpha_row = jnp.broadcast_to(alpha, row_shape)
+  else:
+    alpha_row = alpha[t]
+  gamma_row = jnp.broadcast_to(gamma, row_shape) if gamma.ndim == 0 else gamma[t]
+  positive = valid & (labels != background_class)
+  return Prepared(t, alpha_row, gamma_row, valid, in_range, positive, eps, reduction, dtype,
+                  cdtype)
+
+
+def softmax_focal(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    alpha: jax.typing.ArrayLike | None = None,
+    gamma: jax.typing.ArrayLike = 2.0,
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "none",
+    background_class: int = 0,
+    axis_name: Any = None,
+) -> jax.Array:
+  r"""Softmax focal loss for integer labels.
+
+  With :math:`s = \mathrm{softmax}(z)` over the class axis, :math:`t` the label,
+  :math:`p = s_t` and :math:`C` classes:
+
+  .. math::
+    \ell = \alpha_t (1 - p)^{\gamma_t} \left[-(1 - \epsilon) \log p
+      - \frac{\epsilon}{C} \sum_c \log s_c\right]
+
+  The focal factor uses the unsmoothed :math:`p`; label smoothing :math:`\epsilon` acts on the
+  cross-entropy term only (as ``torch.nn.functional.cross_entropy``). With ``gamma=0`` and
+  ``alpha=None`` this is the softmax cross-entropy
+  (:func:`optax.softmax_cross_entropy_with_integer_labels`).
+
+  The gradient is computed in closed form, one per-row scalar times
+  :math:`s - \mathrm{onehot}(t)` (plus :math:`\epsilon`'s term): reverse mode keeps only the
+  logits and per-row scalars. Everything is computed in log space, in float32 at least:
+  loss, gradient and Hessian are finite at any logit margin and any ``gamma >= 0``. Supports
+  ``jit``, ``vmap``, ``grad``, ``jax.hessian``, ``pmap`` and ``shard_map``.
+
+  Args:
+    logits: floating-point logits, class axis at ``axis`` (e.g. ``(N, C)``, or
+      ``(N, C, H, W)`` with ``axis=1``).
+    labels: integers in ``[0, C)``, shape of ``logits`` without ``axis``. An out-of-range
+      label (including ``-1``) that is not masked gives NaN for its entry; it never wraps.
+    alpha: None (no weighting), a scalar, or a ``(C,)`` vector of class weights
+      (:math:`\alpha_t = \alpha[t]`).
+    gamma: focusing exponent, a scalar ``>= 0`` or a ``(C,)`` vector (:math:`\gamma[t]`).
+    label_smoothing: :math:`\epsilon \in [0, 1]`, a Python float.
+    axis: the class axis of ``logits``.
+    where: optional boolean mask, shape of ``labels`` (or broadcastable to it); False entries
+      give 0 loss and 0 gradient and are left out of every denominator.
+    ignore_index: optional label value treated like ``where=False``.
+    reduction: ``"none"`` (per-entry losses, shape of ``labels``), ``"sum"``, ``"mean"``
+      (over valid entries) or ``"mean_positive"`` (sum over valid entries divided by the
+      number of valid entries whose label is not ``background_class``). A denominator of 0 is
+      taken as 1.
+    background_class: the label that is not counted as positive by ``"mean_positive"``.
+    axis_name: optional named axis (pmap, shard_map). The denominators are summed over it and
+      each shard returns ``n * local_sum / global_denominator`` (``n`` the axis size), so that
+      ``lax.pmean`` of the value and of the gradients gives the single-device result on the
+      whole batch. Ignored by ``"none"``.
+
+  Returns:
+    The losses in the dtype of ``logits``: shape of ``labels`` for ``reduction="none"``,
+    else a scalar.
+
+  Raises:
+    TypeError: ``logits`` not floating point; ``labels`` not integer; a keyword of the wrong
+      type.
+    ValueError: ``labels`` (or ``where``) of the wrong shape; ``gamma < 0`` or not scalar or
+      ``(C,)``; ``alpha`` not scalar or ``(C,)``; ``label_smoothing`` outside ``[0, 1]``; an
+      unknown ``reduction``; ``axis`` out of range. All raised at trace time.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import focal_jax
+    >>> jnp.set_printoptions(precision=4)
+    >>> logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    >>> labels = jnp.array([0, 2])
+    >>> print(focal_jax.softmax_focal(logits, labels, gamma=2.0))
+    [0.0041 1.452 ]
+    >>> loss = focal_jax.softmax_focal(logits, labels, alpha=0.25, reduction="mean")
+    >>> print(f"{loss:.4f}")
+    0.1820
+
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_,
+    ICCV 2017.
+  """
+  fn = "softmax_focal"
+  logits = _checks.floating_array(fn, "logits", logits)
+  ax = _checks.axis(fn, axis, logits.ndim)
+  num_classes = logits.shape[ax]
+  row_shape = logits.shape[:ax] + logits.shape[ax + 1:]
+  prep = prepare_labels(
+      fn, labels, num_classes, row_shape, logits.dtype, alpha=alpha, gamma=gamma,
+      label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
+      reduction=reduction, background_class=background_class,
+      what_rows=f"the shape of logits {logits.shape} without axis {ax}")
+  z = jnp.moveaxis(logits, ax, -1).astype(prep.compute_dtype)
+  loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, prep.eps)
+  return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
+                             reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)
