@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from focal_torch import _chunking
 from focal_torch._softmax import compute_dtype
+from focal_torch._softmax import softplus
 
 
 def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
@@ -30,8 +30,8 @@ def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
   if eps:
     # Label smoothing moves y toward 1/2 before everything else.
     y = y * (1.0 - eps) + eps / 2
-  sp_pos = F.softplus(x)   # -log(1 - p)
-  sp_neg = F.softplus(-x)  # -log p
+  sp_pos = softplus(x)   # -log(1 - p)
+  sp_neg = softplus(-x)  # -log p
   bce = y * sp_neg + (1.0 - y) * sp_pos
   if isinstance(gamma, float) and gamma == 0.0:
     focal, log_1m_pt = None, None
