@@ -1,0 +1,229 @@
+"""torch implementations: focal_torch against F.cross_entropy, torchvision's sigmoid focal loss
+and the DeepSpeed algorithm, eager and under ``torch.compile``.
+
+Every runner computes the reduced loss (reduction mean) and ``torch.autograd.grad`` of it with
+respect to the logits (linear mode: the hidden states and the weight), then synchronizes the
+device, so one ``run()`` is one forward + backward step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks import problems as P
+from benchmarks.registry import DEEPSPEED, FLOOR, PEER, PROJECT, REFERENCE, Impl, Runner, \
+    Unavailable
+
+
+def device() -> str:
+  import torch
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare(problem: P.Problem, data: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The problem's tensors on torch's device: floats in ``problem.dtype`` (requiring grad where
+  the step differentiates), int64 labels; linear mode adds ``weight`` = kernel.T, (V, H)."""
+  import torch
+  import torch._dynamo
+  # Each shape compiles its own static graph; forget the previous shapes' graphs.
+  torch._dynamo.reset()
+  dtype = getattr(torch, problem.dtype)
+  dev = device()
+  out: dict[str, Any] = {}
+  for name, value in data.items():
+    t = torch.from_numpy(value).to(dev)
+    if t.is_floating_point():
+      t = t.to(dtype)
+    out[name] = t
+  if problem.mode == "linear":
+    out["weight"] = out.pop("kernel").t().contiguous().requires_grad_(True)
+    out["hidden"].requires_grad_(True)
+  else:
+    out["logits"].requires_grad_(True)
+  _sync()
+  return out
+
+
+def _sync() -> None:
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def _focal(name: str) -> Callable:
+  try:
+    import focal_torch
+  except ImportError as e:
+    raise Unavailable(f"focal_torch does not import: {e}") from e
+  fn = getattr(focal_torch, name, None)
+  if fn is None:
+    raise Unavailable(f"focal_torch.{name} does not exist yet")
+  return fn
+
+
+def _grad_runner(loss: Callable, args: tuple, wrt: tuple, compiled: bool) -> Runner:
+  """A runner for ``autograd.grad(loss(*args), wrt)``; ``compiled`` wraps ``loss`` in
+  ``torch.compile(dynamic=False)`` (a static graph per shape, as a fixed-shape training loop
+  gets)."""
+  import torch
+  if compiled:
+    loss = torch.compile(loss, dynamic=False)
+
+  def run() -> None:
+    value = loss(*args)
+    torch.autograd.grad(value, wrt)
+    _sync()
+
+  return Runner(run=run)
+
+
+# --- softmax -------------------------------------------------------------------------------
+
+def _focal_softmax(compiled: bool) -> Callable:
+  def build(problem: P.Problem, x: dict) -> Runner:
+    fn = _focal("softmax_focal")
+
+    def loss(z, y):
+      return fn(z, y, gamma=P.GAMMA, reduction="mean")
+    return _grad_runner(loss, (x["logits"], x["labels"]), (x["logits"],), compiled)
+  return build
+
+
+def _cross_entropy(compiled: bool) -> Callable:
+  def build(problem: P.Problem, x: dict) -> Runner:
+    import torch.nn.functional as F
+
+    def loss(z, y):
+      return F.cross_entropy(z, y)
+    return _grad_runner(loss, (x["logits"], x["labels"]), (x["logits"],), compiled)
+  return build
+
+
+def _deepspeed(problem: P.Problem, x: dict) -> Runner:
+  try:
+    from parity_tests.deepspeed_oracle import DeepSpeedFocalLoss
+  except ImportError as e:
+    raise Unavailable(f"parity_tests.deepspeed_oracle does not import: {e}") from e
+  module = DeepSpeedFocalLoss(problem.c, gamma=P.GAMMA, size_average=True)
+  return _grad_runner(module, (x["logits"], x["labels"]), (x["logits"],), compiled=False)
+
+
+def _copy_floor(problem: P.Problem, x: dict) -> Runner:
+  import torch
+  z = x["logits"].detach()
+
+  def run() -> None:
+    # One read of the logits and one write of a fresh tensor of their size.
+    with torch.no_grad():
+      z * 2
+    _sync()
+  return Runner(run=run)
+
+
+# --- sigmoid -------------------------------------------------------------------------------
+
+def _focal_sigmoid(compiled: bool) -> Callable:
+  def build(problem: P.Problem, x: dict) -> Runner:
+    fn = _focal("sigmoid_focal")
+
+    def loss(z, y):
+      return fn(z, y, alpha=P.SIGMOID_ALPHA, gamma=P.GAMMA, reduction="mean")
+    return _grad_runner(loss, (x["logits"], x["labels"]), (x["logits"],), compiled)
+  return build
+
+
+def torchvision_sigmoid_focal_formula(logits, targets, alpha: float, gamma: float):
+  """torchvision's ``ops.sigmoid_focal_loss`` algorithm (reduction mean), written out here
+  because torchvision cannot be imported next to a CPU-only torch from PyPI."""
+  import torch.nn.functional as F
+  p = logits.sigmoid()
+  bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+  p_t = p * targets + (1 - p) * (1 - targets)
+  loss = bce * (1 - p_t) ** gamma
+  alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+  return (alpha_t * loss).mean()
+
+
+def torchvision_sigmoid_focal() -> tuple[Callable, str]:
+  """torchvision's own function where it imports, else the formula above; and which it is."""
+  try:
+    from torchvision.ops import sigmoid_focal_loss
+  except Exception:  # not installed, or a build that does not match this torch
+    return torchvision_sigmoid_focal_formula, "formula written out (torchvision not importable)"
+
+  def fn(logits, targets, alpha: float, gamma: float):
+    return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="mean")
+  return fn, "torchvision.ops.sigmoid_focal_loss"
+
+
+def _torchvision(compiled: bool) -> Callable:
+  def build(problem: P.Problem, x: dict) -> Runner:
+    fn, _ = torchvision_sigmoid_focal()
+
+    def loss(z, y):
+      return fn(z, y, alpha=P.SIGMOID_ALPHA, gamma=P.GAMMA)
+    return _grad_runner(loss, (x["logits"], x["labels"]), (x["logits"],), compiled)
+  return build
+
+
+# --- linear --------------------------------------------------------------------------------
+
+def _focal_linear(problem: P.Problem, x: dict) -> Runner:
+  fn = _focal("linear_softmax_focal")
+
+  def loss(hidden, weight, y):
+    return fn(hidden, weight, y, gamma=P.GAMMA, reduction="mean")
+  return _grad_runner(loss, (x["hidden"], x["weight"], x["labels"]),
+                      (x["hidden"], x["weight"]), compiled=False)
+
+
+def _materialized_linear(problem: P.Problem, x: dict) -> Runner:
+  import torch.nn.functional as F
+  fn = _focal("softmax_focal")
+
+  def loss(hidden, weight, y):
+    return fn(F.linear(hidden, weight), y, gamma=P.GAMMA, reduction="mean")
+  return _grad_runner(loss, (x["hidden"], x["weight"], x["labels"]),
+                      (x["hidden"], x["weight"]), compiled=False)
+
+
+def _materialized_linear_ce(problem: P.Problem, x: dict) -> Runner:
+  import torch.nn.functional as F
+
+  def loss(hidden, weight, y):
+    return F.cross_entropy(F.linear(hidden, weight), y)
+  return _grad_runner(loss, (x["hidden"], x["weight"], x["labels"]),
+                      (x["hidden"], x["weight"]), compiled=False)
+
+
+IMPLS: list[Impl] = [
+    Impl("torch_focal", "focal_torch.softmax_focal", "torch", "softmax", PROJECT,
+         _focal_softmax(compiled=False), ref="torch_ce", vs_deepspeed=True),
+    Impl("torch_ce", "F.cross_entropy", "torch", "softmax", REFERENCE,
+         _cross_entropy(compiled=False), vs_deepspeed=True),
+    Impl("torch_focal_compiled", "focal_torch.softmax_focal, compiled", "torch", "softmax",
+         PROJECT, _focal_softmax(compiled=True), ref="torch_ce_compiled", vs_deepspeed=True,
+         compiled=True),
+    Impl("torch_ce_compiled", "F.cross_entropy, compiled", "torch", "softmax", REFERENCE,
+         _cross_entropy(compiled=True), vs_deepspeed=True, compiled=True),
+    Impl("torch_deepspeed", "DeepSpeed FocalLoss algorithm", "torch", "softmax", DEEPSPEED,
+         _deepspeed, note="parity_tests.deepspeed_oracle.DeepSpeedFocalLoss, eager"),
+    Impl("torch_copy", "copy floor (z * 2)", "torch", "softmax", FLOOR, _copy_floor),
+    Impl("torch_sigmoid_focal", "focal_torch.sigmoid_focal", "torch", "sigmoid", PROJECT,
+         _focal_sigmoid(compiled=False), ref="torch_torchvision"),
+    Impl("torch_torchvision", "torchvision sigmoid focal", "torch", "sigmoid", REFERENCE,
+         _torchvision(compiled=False)),
+    Impl("torch_sigmoid_focal_compiled", "focal_torch.sigmoid_focal, compiled", "torch",
+         "sigmoid", PROJECT, _focal_sigmoid(compiled=True), ref="torch_torchvision_compiled",
+         compiled=True),
+    Impl("torch_torchvision_compiled", "torchvision sigmoid focal, compiled", "torch", "sigmoid",
+         REFERENCE, _torchvision(compiled=True), compiled=True),
+    Impl("torch_linear_focal", "focal_torch.linear_softmax_focal", "torch", "linear", PROJECT,
+         _focal_linear, ref="torch_linear_materialized"),
+    Impl("torch_linear_materialized", "softmax_focal(F.linear(hidden, weight))", "torch", "linear",
+         REFERENCE, _materialized_linear),
+    Impl("torch_linear_materialized_ce", "F.cross_entropy(F.linear(hidden, weight))", "torch",
+         "linear", PEER, _materialized_linear_ce, note="context: the materialized cross-entropy"),
+]

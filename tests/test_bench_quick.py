@@ -1,0 +1,128 @@
+"""The benchmark harness runs and writes what it promises (nothing here is about speed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import memory, report
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  """One ``focal-bench --quick`` run in a fresh interpreter; its exit code, JSON and folder."""
+  out = tmp_path_factory.mktemp("bench")
+  env = dict(os.environ)
+  # The root conftest forces 4 host devices for the sharding tests; the harness wants one.
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=4", "").strip()
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks", "--quick", "--no-progress",
+       "--json", str(out / "bench.json"), "--out", str(out)],
+      env=env, capture_output=True, text=True, timeout=600)
+  doc = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else None
+  return proc, doc, out
+
+
+def test_quick_run_exits_zero_and_prints_tables(quick_run):
+  proc, _, _ = quick_run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "focal-bench on" in proc.stdout
+  assert "| implementation |" in proc.stdout
+
+
+def test_quick_json_has_a_timed_and_measured_record_per_reference(quick_run):
+  _, doc, _ = quick_run
+  assert doc is not None and doc["schema"] == "focal-bench/1"
+  assert doc["machine"]["cpu"] and doc["machine"]["versions"]["jax"]
+  modes = {r["problem"]["mode"] for r in doc["results"]}
+  assert modes == {"softmax", "sigmoid", "linear"}
+  # The peers that need nothing from focal_jax / focal_torch must all have run.
+  peers = {"jax_optax_ce", "jax_copy", "torch_ce", "torch_deepspeed", "torch_copy",
+           "jax_optax_sigmoid_focal", "torch_torchvision", "jax_linear_materialized_ce",
+           "torch_linear_materialized_ce"}
+  refs = [r for r in doc["results"] if r["impl"] in peers]
+  assert {r["impl"] for r in refs} == peers
+  for r in refs:
+    t, m = r["time"], r["memory"]
+    assert t["status"] == "ok", (r["impl"], t)
+    assert 0 < t["min"] <= t["median"] <= t["max"] and t["reps"] == len(t["samples"]) >= 3
+    assert m["status"] == "ok" and m["extra_peak_bytes"] > 0, (r["impl"], m)
+  for r in doc["results"]:  # the project's lines ran, or say why not
+    assert r["time"]["status"] in ("ok", "unavailable", "error")
+    assert r["time"]["status"] == "ok" or r["time"]["reason"]
+
+
+def test_quick_copy_floor_measures_about_one_logits_of_memory(quick_run):
+  # A fresh-output copy allocates exactly one array of the logits' size: the instrument must
+  # read about 1.0x, in both frameworks (page rounding and small buffers aside).
+  _, doc, _ = quick_run
+  floors = [r for r in doc["results"] if r["role"] == "floor" and r["problem"]["c"] == 1000]
+  assert {r["framework"] for r in floors} == {"jax", "torch"}
+  for r in floors:
+    assert 0.8 <= r["ratios"]["extra_peak_x_logits"] <= 1.3, r
+
+
+def test_quick_writes_png_plots_and_report(quick_run):
+  _, _, out = quick_run
+  import matplotlib.image
+  for mode in ("softmax", "sigmoid"):
+    path = out / f"{mode}.png"
+    assert path.read_bytes()[:8] == _PNG_MAGIC
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert height > 100 and width > 100
+  assert "## Targets" in (out / "report.md").read_text()
+
+
+def test_peak_rss_reset_sees_a_known_allocation():
+  if not memory.rss_peak_works():
+    pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+  size = 96 * 2**20
+  before = memory.rss_bytes()
+  memory.reset_peak_rss()
+  buf = np.ones(size // 8)
+  del buf
+  rise = memory.peak_rss_bytes() - before
+  assert size - 4 * 2**20 <= rise <= size + 8 * 2**20
+
+
+def _rec(impl, n, c, median, extra=None, ref=None, vs_ds=False, role="project", fw="torch"):
+  p = {"mode": "softmax", "n": n, "c": c, "h": 0, "dtype": "float32", "seed": 0,
+       "target": True}
+  r = {"problem": p, "impl": impl, "name": impl, "framework": fw, "role": role,
+       "ref": ref, "vs_deepspeed": vs_ds, "time": {"status": "ok", "median": median}}
+  if extra is not None:
+    r["memory"] = {"status": "ok", "extra_peak_bytes": extra}
+  return r
+
+
+def test_targets_compare_ratios_with_design_limits():
+  n, c = 2048, 30522
+  logits = n * c * 4
+  recs = [
+      _rec("torch_ce", n, c, 0.100, role="reference", vs_ds=True),
+      _rec("torch_deepspeed", n, c, 0.600, role="deepspeed"),
+      _rec("torch_focal", n, c, 0.160, extra=2 * logits, ref="torch_ce", vs_ds=True),
+      _rec("jax_optax_ce", n, c, 0.100, role="reference", fw="jax"),
+      _rec("jax_focal", n, c, 0.120, extra=logits, ref="jax_optax_ce", vs_ds=True, fw="jax"),
+  ]
+  report.add_ratios(recs)
+  checks = {(t["id"], t["shape"]): t for t in report.targets(recs)}
+  shape = f"({n}, {c})"
+  t = checks[("torch_time_vs_ce_eager", shape)]
+  assert t["measured"] == pytest.approx(1.6) and t["met"] is False
+  t = checks[("torch_vs_deepspeed_eager", shape)]
+  assert t["measured"] == pytest.approx(3.75) and t["met"] is True
+  t = checks[("jax_time_vs_optax", shape)]
+  assert t["measured"] == pytest.approx(1.2) and t["met"] is True
+  t = checks[("jax_vs_deepspeed", shape)]
+  assert t["measured"] == pytest.approx(5.0) and t["met"] is True
+  assert checks[("memory_torch_focal", shape)]["met"] is False
+  assert checks[("memory_jax_focal", shape)]["measured"] == pytest.approx(1.0)
+  assert checks[("torch_time_vs_ce_compiled", shape)]["met"] is None  # not measured
+  assert "MISSED by 1.07x" in report.targets_table(report.targets(recs))
