@@ -25,6 +25,10 @@ FUNCTIONS = ("softmax_focal", "sigmoid_focal", "categorical_focal")
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 IGNORE_INDEX = -100
+# The shapes every sweep draws from: (N, C) with the class axis last, (N, C, H, W) with it at 1,
+# and many classes at axis 1 of a 2-D array. Few distinct shapes keep JAX's per-shape compile
+# cost (about a second each on a busy 2-core machine) from dominating the run.
+LAYOUTS = (((16, 7), -1), ((2, 5, 3, 3), 1), ((8, 91), 1))
 
 NUMPY_DTYPES = {
     "float64": np.dtype(np.float64),
