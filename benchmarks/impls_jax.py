@@ -47,7 +47,7 @@ def _grad_runner(loss: Callable, args: tuple, argnums: int | tuple[int, ...] = 0
   step = jax.jit(jax.value_and_grad(loss, argnums=argnums),
                  donate_argnums=(0,) if donate else ())
   if not donate:
-    return Runner(run=lambda: jax.block_until_ready(step(*args)))
+    return Runner(run=lambda: jax.block_until_ready(step(*args)), jitted=(step, args))
   # A donated buffer is consumed by the call: each timed call gets a fresh copy, made untimed.
   pending: list = []
 
@@ -57,7 +57,7 @@ def _grad_runner(loss: Callable, args: tuple, argnums: int | tuple[int, ...] = 0
   def run() -> None:
     jax.block_until_ready(step(pending.pop(), *args[1:]))
 
-  return Runner(run=run, setup=setup)
+  return Runner(run=run, setup=setup, jitted=(step, args))
 
 
 # --- softmax -------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def _copy_floor(problem: P.Problem, x: dict) -> Runner:
   # floor of any fused forward + backward (the gradient has the logits' size).
   step = jax.jit(lambda z: z * 2)
   z = x["logits"]
-  return Runner(run=lambda: jax.block_until_ready(step(z)))
+  return Runner(run=lambda: jax.block_until_ready(step(z)), jitted=(step, (z,)))
 
 
 # --- sigmoid -------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ PEER = "peer"            # shown for context, in no target ratio
 class Runner:
   run: Callable[[], None]
   setup: Callable[[], None] | None = None
+  # JAX: the jitted step and its arguments, for inspecting the compiled HLO.
+  jitted: tuple[Callable, tuple] | None = None
 
 
 class Unavailable(Exception):
