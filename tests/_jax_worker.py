@@ -6,9 +6,10 @@ Joins a `jax.distributed` job on 127.0.0.1:PORT with gloo CPU collectives, build
 arrays over every device of every process (the parent sets 2 host devices per process), and
 runs a linear model + `focal_jax.softmax_focal(..., reduction="mean_positive", axis_name="d")`
 under `shard_map`, with the data-parallel recipe: average the per-shard loss with `lax.pmean`
-and differentiate that. Writes the value and the gradients (w.r.t. the weights, the bias and the
-logits, gathered from all processes) to OUT.json; the parent compares them with a float64 NumPy
-reference on the whole batch.
+and differentiate that; and the same loss without `axis_name` under plain `jit` of the globally
+sharded arrays. Writes the values and the gradients (w.r.t. the weights, the bias and, for
+shard_map, the logits; gathered from all processes) to OUT.json; the parent compares them with
+a float64 NumPy reference on the whole batch.
 """
 
 import json
@@ -70,6 +71,14 @@ def main(argv: list[str]) -> None:
       step, mesh=mesh, in_specs=(P(), P(), P("d"), P("d"), P()),
       out_specs=(P(), P(), P(), P("d"))))
 
+  def global_loss(w, b, x, y, alpha):
+    # No axis_name: jit over globally sharded arrays; XLA inserts the cross-process reductions.
+    return focal_jax.softmax_focal(
+        x @ w + b, y, alpha=alpha, gamma=2.0, ignore_index=-1, reduction="mean_positive",
+        background_class=0)
+
+  sharded_jit = jax.jit(jax.value_and_grad(global_loss, argnums=(0, 1)))
+
   results = {
       "process_index": jax.process_index(),
       "process_count": jax.process_count(),
@@ -80,12 +89,19 @@ def main(argv: list[str]) -> None:
     args = [data["w"], data["b"], data["x"], data["y"], data["alpha"]]
     args = [a.astype(dtype) if a.dtype.kind == "f" else a for a in args]
     specs = [P(), P(), P("d"), P("d"), P()]
-    outs = sharded(*[put(a, s) for a, s in zip(args, specs)])
+    global_args = [put(a, s) for a, s in zip(args, specs)]
+    outs = sharded(*global_args)
     value, gw, gb, gz = (
         np.asarray(multihost_utils.process_allgather(o, tiled=True)) for o in outs)
+    jit_value, (jit_gw, jit_gb) = sharded_jit(*global_args)
+    jit_value, jit_gw, jit_gb = (
+        np.asarray(multihost_utils.process_allgather(o, tiled=True))
+        for o in (jit_value, jit_gw, jit_gb))
     results[dtype] = {
         "dtype": str(value.dtype), "value": value.tolist(), "grad_w": gw.tolist(),
-        "grad_b": gb.tolist(), "grad_logits": gz.tolist()}
+        "grad_b": gb.tolist(), "grad_logits": gz.tolist(),
+        "jit_dtype": str(jit_value.dtype), "jit_value": jit_value.tolist(),
+        "jit_grad_w": jit_gw.tolist(), "jit_grad_b": jit_gb.tolist()}
 
   with open(out_path, "w") as f:
     json.dump(results, f)

@@ -6,7 +6,9 @@ runs a linear model with `reduction="mean_positive"` on its shards, averages the
 with `lax.pmean` (the data-parallel recipe of DESIGN.md) and returns the value and the gradients.
 Positives are spread unevenly (7, 2, 0 and 1 per shard, plus ignored rows), so a shard that
 divided by its own positive count would be wrong. The reference is a float64 NumPy formula on the
-whole batch in this process. Children are killed on timeout; the test takes a few seconds.
+whole batch in this process. The same loss without `axis_name`, under plain `jit` of the
+globally sharded arrays, must give the same numbers. Children are killed on timeout; the test
+takes a few seconds.
 """
 
 import json
@@ -151,6 +153,25 @@ def test_shard_map_mean_positive_equals_single_process_reference(two_process_res
     np.testing.assert_allclose(np.array(got["grad_logits"]), want_gz, rtol=rtol, atol=atol)
     np.testing.assert_allclose(np.array(got["grad_w"]), want_gw, rtol=rtol, atol=atol)
     np.testing.assert_allclose(np.array(got["grad_b"]), want_gb, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [
+    pytest.param("float64", 1e-12, 1e-14, id="float64"),
+    pytest.param("float32", 2e-5, 1e-7, id="float32"),
+])
+def test_jit_over_globally_sharded_arrays_equals_single_process_reference(
+    two_process_results, dtype, rtol, atol):
+  d = _batch()
+  z = d["x"] @ d["w"] + d["b"]
+  want_value, want_gz = _reference(z, d["y"], d["alpha"])
+  for res in two_process_results:
+    got = res[dtype]
+    assert got["jit_dtype"] == dtype
+    np.testing.assert_allclose(got["jit_value"], want_value, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.array(got["jit_grad_w"]), d["x"].T @ want_gz, rtol=rtol,
+                               atol=atol)
+    np.testing.assert_allclose(np.array(got["jit_grad_b"]), want_gz.sum(axis=0), rtol=rtol,
+                               atol=atol)
 
 
 def test_shard_local_positive_counts_differ():
