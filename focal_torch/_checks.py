@@ -15,12 +15,16 @@ from typing import Any
 import torch
 
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
+SIGMOID_ALPHA_HINT = " or None (torchvision's alpha < 0 means no weighting: pass alpha=None)"
 
 _state = threading.local()
 
 
 def checks_enabled() -> bool:
-  """Whether the value checks (see :class:`value_checks`) are on in this thread."""
+  """Whether the value checks (see :class:`value_checks`) are on: in this thread, and not
+  while torch.compile traces (a data-dependent ``if`` would break the graph)."""
+  if torch.compiler.is_compiling():
+    return False
   return getattr(_state, "enabled", True)
 
 
@@ -36,8 +40,10 @@ class value_checks:
   out-of-range softmax label gives a NaN loss for its entry (as ``focal_jax`` does), never a
   wrapped index.
 
-  Used as a function it sets the switch for the current thread; used as a context manager
-  it restores the previous setting on exit.
+  Under ``torch.compile`` the value checks are always skipped (their ``if`` on tensor data
+  would break the graph), so a compiled loss gives NaN for a bad label, like ``focal_jax``
+  under ``jit``. Used as a function the switch is set for the current thread; used as a
+  context manager it restores the previous setting on exit.
 
   Args:
     enabled: True to check (the default state), False to skip the value checks.
@@ -127,14 +133,15 @@ def check_int(fn: str, name: str, value: Any, allow_none: bool = False) -> int |
 
 def check_hyper(fn: str, name: str, value: Any, num_classes: int | None, *,
                 low: float | None = 0.0, high: float | None = None,
-                allow_none: bool = True) -> float | torch.Tensor | None:
+                allow_none: bool = True, hint: str = "") -> float | torch.Tensor | None:
   """A hyperparameter: None, a Python number, a 0-d tensor or a ``(C,)`` tensor.
 
   Python numbers come back as ``float``; tensors as they are (never copied). ``low`` and
   ``high`` bound the values (numbers always; tensors while value checks are on).
-  ``num_classes`` None (module construction) accepts any 1-D length.
+  ``num_classes`` None (module construction) accepts any 1-D length. ``hint`` is added to
+  the out-of-range message.
   """
-  bounds = _bounds_str(low, high)
+  bounds = _bounds_str(low, high) + hint
   if value is None:
     if allow_none:
       return None

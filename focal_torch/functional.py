@@ -254,7 +254,8 @@ def sigmoid_focal(
   else:
     _checks.check_int(fn, "dim", dim)
     dim, num_classes = None, None
-  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=0.0, high=1.0)
+  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=0.0, high=1.0,
+                              hint=_checks.SIGMOID_ALPHA_HINT)
   gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
   what = "the logits' shape"
   if not isinstance(labels, torch.Tensor):

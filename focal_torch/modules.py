@@ -131,7 +131,8 @@ class SigmoidFocalLoss(_FocalBase):
                reduction: str = "mean", dim: int = 1, process_group: Any = None) -> None:
     super().__init__()
     fn = type(self).__name__
-    alpha = _checks.check_hyper(fn, "alpha", alpha, None, low=0.0, high=1.0)
+    alpha = _checks.check_hyper(fn, "alpha", alpha, None, low=0.0, high=1.0,
+                                hint=_checks.SIGMOID_ALPHA_HINT)
     gamma = _checks.check_hyper(fn, "gamma", gamma, None, low=0.0, allow_none=False)
     self._set_hypers(alpha, gamma)
     self.label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)

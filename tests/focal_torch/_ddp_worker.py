@@ -1,0 +1,106 @@
+"""One rank of the 2-process gloo DDP test (run as a script by test_distributed.py).
+
+Usage: python _ddp_worker.py RANK WORLD PORT OUT_FILE
+
+Every rank builds the same global batch and model, takes its (uneven) shard of rows, runs
+each loss configuration under DistributedDataParallel with ``process_group=WORLD``, and
+saves the group-averaged loss and the (DDP-averaged) parameter gradients to OUT_FILE.
+The test computes the same configurations in one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import torch
+
+import focal_torch
+
+N, H, C = 11, 4, 3
+# Rank 0 gets 3 rows, rank 1 the other 8; rank 0 has no positive for "mean_positive".
+SPLIT = (3, 8)
+
+
+def make_data():
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn(N, H, generator=g, dtype=torch.float64)
+  labels = torch.tensor([0, 0, -100, 1, 2, 2, 0, 1, -100, 2, 1])
+  where = torch.ones(N, dtype=torch.bool)
+  where[6] = False
+  soft = torch.rand(N, C, generator=g, dtype=torch.float64)
+  soft[:3] = 0.0  # no sigmoid positive on rank 0 either
+  soft[5, 1] = 1.0
+  probs = torch.softmax(3 * torch.randn(N, C, generator=g, dtype=torch.float64), 1)
+  probs[:3] = torch.tensor([0.8, 0.1, 0.1], dtype=torch.float64)  # background rows on rank 0
+  return x, labels, where, soft, probs
+
+
+def make_model():
+  torch.manual_seed(1)
+  return torch.nn.Linear(H, C).double()
+
+
+def configs():
+  """(name, function(logits, rows, group) -> loss) for every reduction that reduces."""
+  alpha = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+  out = []
+  for reduction in ("sum", "mean", "mean_positive"):
+    out.append((f"softmax-{reduction}", lambda z, d, g, r=reduction: focal_torch.softmax_focal(
+        z, d["labels"], alpha=alpha, gamma=0.5, label_smoothing=0.1, where=d["where"],
+        reduction=r, process_group=g)))
+    out.append((f"sigmoid-{reduction}", lambda z, d, g, r=reduction: focal_torch.sigmoid_focal(
+        z, d["soft"], alpha=0.25, gamma=2.0, reduction=r, process_group=g)))
+    out.append((f"categorical-{reduction}",
+                lambda z, d, g, r=reduction: focal_torch.categorical_focal(
+                    z, d["probs"], gamma=1.5, where=d["where"], reduction=r,
+                    process_group=g)))
+  out.append(("module-softmax-mean_positive", lambda z, d, g: focal_torch.SoftmaxFocalLoss(
+      gamma=2.0, reduction="mean_positive", process_group=g)(z, d["labels"])))
+  return out
+
+
+def rows(lo: int, hi: int):
+  x, labels, where, soft, probs = make_data()
+  return x[lo:hi], dict(labels=labels[lo:hi], where=where[lo:hi], soft=soft[lo:hi],
+                        probs=probs[lo:hi])
+
+
+def single_process():
+  """Value and parameter gradients of every configuration on the whole batch."""
+  model = make_model()
+  x, data = rows(0, N)
+  results = {}
+  for name, fn in configs():
+    model.zero_grad()
+    loss = fn(model(x), data, None)
+    loss.backward()
+    results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+  return results
+
+
+def main(rank: int, world: int, port: int, out_file: str) -> None:
+  import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+  from torch.nn.parallel import DistributedDataParallel  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(1)
+  dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                          world_size=world, timeout=datetime.timedelta(seconds=60))
+  try:
+    model = DistributedDataParallel(make_model())
+    lo = sum(SPLIT[:rank])
+    x, data = rows(lo, lo + SPLIT[rank])
+    results = {}
+    for name, fn in configs():
+      model.zero_grad()
+      loss = fn(model(x), data, dist.group.WORLD)
+      loss.backward()
+      value = loss.detach().clone()
+      dist.all_reduce(value)  # the usual recipe: average the value over the group
+      results[name] = (value / world, [p.grad.clone() for p in model.module.parameters()])
+    torch.save(results, out_file)
+  finally:
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
