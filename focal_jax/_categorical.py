@@ -78,16 +78,19 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy):
   """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars."""
   el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
   out = jnp.zeros_like(rows.loss)
+  # Masked rows: the (.., C) derivatives themselves are set to 0 (not just the output), so
+  # that whatever their logits hold (even NaN), reverse mode gives them exactly 0.
+  valid_c = valid[..., None]
   if dz is not None:
     is_top = lax.broadcasted_iota(rows.top.dtype, z.shape, z.ndim - 1) == rows.top[..., None]
     # dloss/dz_j = s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly:
     # no cancellation at the top class as s -> 1.
     others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
     grad = el.s * others - jnp.exp(el.log_1m_s) * el.w
-    out = out + jnp.sum(grad * dz, axis=-1)
+    out = out + jnp.sum(jnp.where(valid_c, grad, 0.0) * dz, axis=-1)
   if dy is not None:
-    out = out - jnp.sum(alpha * el.focal * el.log_s * dy, axis=-1)
-  return jnp.where(valid, out, 0.0)
+    out = out + jnp.sum(jnp.where(valid_c, -alpha * el.focal * el.log_s, 0.0) * dy, axis=-1)
+  return out
 
 
 # Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
@@ -113,13 +116,13 @@ def _focal_rows_jvp(primals, tangents):
     terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, dz, dy))
   if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
     el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
-    per_class = -y * el.focal * el.log_s  # dloss/dalpha_c
+    per_class = jnp.where(valid[..., None], -y * el.focal * el.log_s, 0.0)  # dloss/dalpha_c
     hyper = jnp.zeros_like(rows.loss)
     if not isinstance(dalpha, SymbolicZero):
       hyper = hyper + jnp.sum(per_class * dalpha, axis=-1)
     if not isinstance(dgamma, SymbolicZero):
       hyper = hyper + jnp.sum(alpha * per_class * el.log_1m_s * dgamma, axis=-1)
-    terms.append(jnp.where(valid, hyper, 0.0))
+    terms.append(hyper)
   return rows.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(rows.loss)
 
 
