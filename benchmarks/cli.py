@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                  help="include torch.compile variants (default: yes, but no with --quick)")
   p.add_argument("--classes", type=int, nargs="+", help="class counts of the sweep")
+  p.add_argument("--shapes", nargs="+", metavar="NxC",
+                 help="run exactly these (N, C) shapes instead of the sweep, e.g. 2048x30522")
   p.add_argument("--budget", type=int, help="N * C of the sweep (default 2**24; quick 2**20)")
   p.add_argument("--max-elements", type=int, default=2**26,
                  help="leave out shapes whose logits have more elements than this")
@@ -92,6 +94,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
       "memory_isolation": args.memory_isolation or ("framework" if q else "impl"),
       "memory_repeats": max(1, args.memory_repeats),
       "linear_shape": problems.QUICK_LINEAR_SHAPE if q else problems.LINEAR_SHAPE,
+      "shapes": [tuple(int(d) for d in shape.lower().split("x")) for shape in args.shapes or ()],
   }
 
 
@@ -99,6 +102,9 @@ def _problems(mode: str, s: dict[str, Any]) -> list[problems.Problem]:
   if mode == "linear":
     n, h, v = s["linear_shape"]
     return [problems.Problem("linear", n, v, h=h, dtype=s["dtype"], target=True)]
+  if s["shapes"]:
+    return [problems.Problem(mode, n, c, dtype=s["dtype"], target=(n, c) in problems.TARGET_SHAPES)
+            for n, c in s["shapes"]]
   return problems.sweep(mode, s["classes"], s["budget"], s["max_elements"], s["targets"],
                         s["dtype"])
 
@@ -137,10 +143,12 @@ def _time_problem(problem: problems.Problem, impls: list[registry.Impl], s: dict
       rec["time"] = _failure(e)
   if bar is not None:
     bar.set_postfix_str(f"{problem.mode} {problem.label}: timing {len(runners)} implementations")
-  samples = timing.time_interleaved(runners, estimates, min_reps=s["min_reps"],
-                                    max_reps=s["max_reps"], budget_s=s["time_budget"])
+  samples, faults = timing.time_interleaved(runners, estimates, min_reps=s["min_reps"],
+                                            max_reps=s["max_reps"], budget_s=s["time_budget"])
   for key, ts in samples.items():
-    records[key]["time"] = {"status": "ok", **timing.summarize(ts), "samples": ts}
+    fs = sorted(faults[key])
+    records[key]["time"] = {"status": "ok", **timing.summarize(ts), "samples": ts,
+                            "minor_faults_median": fs[len(fs) // 2]}
   del runners, inputs, data
   gc.collect()
   return list(records.values())

@@ -141,12 +141,22 @@ def shape_table(records: list[dict[str, Any]], pk: tuple) -> str:
     mem = r.get("memory") or {}
     mib = (f"{mem['extra_peak_bytes'] / 2**20:.0f} MiB" if mem.get("status") == "ok" else "—")
     ref = f"{_x(rt.get('time_x_ref'))} {r['ref']}" if rt.get("time_x_ref") else ""
-    rows.append([r["name"], r["framework"], _ms(r.get("time")), ref,
+    t = r.get("time") or {}
+    faults = t.get("minor_faults_median")
+    page = _page_size()
+    fresh = "—" if faults is None else _x(faults * page / Problem(**r["problem"]).logits_bytes)
+    rows.append([r["name"], r["framework"], _ms(t), ref,
                  _x(rt.get("speedup_vs_deepspeed"), 1),
-                 f"{_x(rt.get('extra_peak_x_logits'))} ({mib})",
+                 f"{_x(rt.get('extra_peak_x_logits'))} ({mib})", fresh,
                  _status(r)])
   return _table(["implementation", "fw", "time ms: median (min–max)", "time vs ref",
-                 "faster than DeepSpeed", "extra peak / logits", "note"], rows)
+                 "faster than DeepSpeed", "extra peak / logits", "page faults / logits",
+                 "note"], rows)
+
+
+def _page_size() -> int:
+  import resource
+  return resource.getpagesize()
 
 
 def sweep_tables(records: list[dict[str, Any]], mode: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import resource
 import time
 from typing import Callable
 
@@ -24,19 +25,24 @@ def warm_up(runner: Runner, calls: int) -> float:
 
 def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
                      min_reps: int, max_reps: int, budget_s: float,
-                     on_round: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
+                     on_round: Callable[[int, int], None] | None = None
+                     ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
   """Time every runner ``reps`` times, one call of each per round, in a rotating order.
 
   Interleaving spreads slow drifts of the machine (other processes, thermal state) over all
   implementations alike instead of charging them to whichever ran last. ``reps`` is chosen so
   the rounds take about ``budget_s`` seconds, within ``[min_reps, max_reps]``. ``setup`` runs
   before its call, outside the timed region. Garbage collection is off during a call.
+
+  Returns the seconds of each call and the minor page faults of the process during each call
+  (first touches of freshly mapped memory: a fresh output buffer faults once per page).
   """
   keys = list(runners)
   per_round = sum(estimates.get(k, 0.0) for k in keys)
   reps = min_reps if per_round <= 0 else int(budget_s / per_round)
   reps = max(min_reps, min(max_reps, reps))
   samples: dict[str, list[float]] = {k: [] for k in keys}
+  faults: dict[str, list[int]] = {k: [] for k in keys}
   gc_was_enabled = gc.isenabled()
   try:
     for r in range(reps):
@@ -47,9 +53,11 @@ def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
           runner.setup()
         gc.collect()
         gc.disable()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         runner.run()
         samples[k].append(time.perf_counter() - t0)
+        faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         if gc_was_enabled:
           gc.enable()
       if on_round is not None:
@@ -57,7 +65,7 @@ def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
   finally:
     if gc_was_enabled:
       gc.enable()
-  return samples
+  return samples, faults
 
 
 def summarize(samples: list[float]) -> dict[str, float | int]:
