@@ -154,9 +154,13 @@ def _time_problem(problem: problems.Problem, impls: list[registry.Impl], s: dict
   return list(records.values())
 
 
-def _memory_groups(recs: list[dict[str, Any]], isolation: str
+def _memory_groups(recs: list[dict[str, Any]], isolation: str, jax_per_problem: bool
                    ) -> list[list[tuple[problems.Problem, list[str]]]]:
-  """Group the (problem, impl) pairs into probe processes."""
+  """Group the (problem, impl) pairs into probe processes.
+
+  ``jax_per_problem``: a JAX accelerator's peak cannot be reset, so each JAX (impl, problem)
+  pair gets a process of its own.
+  """
   impls = registry.by_key()
   groups: dict[tuple, list[tuple[problems.Problem, list[str]]]] = {}
   for r in recs:
@@ -165,6 +169,8 @@ def _memory_groups(recs: list[dict[str, Any]], isolation: str
     p = problems.Problem(**r["problem"])
     impl = impls[r["impl"]]
     gkey = (impl.key,) if isolation == "impl" else (impl.framework,)
+    if jax_per_problem and impl.framework == "jax":
+      gkey = (impl.key, report.problem_key(r["problem"]))
     jobs = groups.setdefault(gkey, [])
     if jobs and jobs[-1][0] == p:
       jobs[-1][1].append(impl.key)
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
   phases = {"timing_s": round(time.time() - started, 1)}
   if s["memory"]:
-    groups = _memory_groups(records, s["memory_isolation"])
+    groups = _memory_groups(records, s["memory_isolation"],
+                            jax_per_problem=info.get("jax_backend", "cpu") != "cpu")
     skipped = total - sum(len(keys) for g in groups for _, keys in g)
     if bar is not None:
       bar.update(skipped)
@@ -220,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
   report.add_ratios(records)
-  checks = report.targets(records)
+  accelerator = (info.get("jax_backend", "cpu") != "cpu" or
+                 info.get("torch_device", "cpu") != "cpu")
+  checks = report.targets(records, accelerator=accelerator)
   doc = {
       "schema": "focal-bench/1",
       "command": "focal-bench " + shlex.join(argv),
