@@ -190,12 +190,11 @@ def sigmoid_focal(
                               nonnegative=False, what_classes=what)
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=what)
-  if logits.ndim:
-    # (C,) vectors act on the last axis; the same rank as logits (no implicit rank promotion).
-    alpha = jnp.reshape(alpha, (1,) * (logits.ndim - 1) + alpha.shape[-1:] if alpha.ndim
-                        else ())
-    gamma = jnp.reshape(gamma, (1,) * (logits.ndim - 1) + gamma.shape[-1:] if gamma.ndim
-                        else ())
+  # (C,) vectors act on the last axis, at the rank of the logits (no implicit rank promotion);
+  # scalar logits take scalar hyperparameters (a (1,) vector is one).
+  lead = (1,) * (logits.ndim - 1)
+  alpha = jnp.reshape(alpha, lead + alpha.shape if logits.ndim and alpha.ndim else ())
+  gamma = jnp.reshape(gamma, lead + gamma.shape if logits.ndim and gamma.ndim else ())
 
   x = logits.astype(cdtype)
   y = labels.astype(cdtype)
