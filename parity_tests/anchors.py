@@ -29,9 +29,10 @@ from parity_tests.tolerances import prob_tolerance, tolerance, units
 
 TORCHVISION = "torchvision sigmoid_focal_loss (recorded)"
 OPTAX_FOCAL = "optax.sigmoid_focal_loss"
-TORCH_CE = "torch cross_entropy (gamma=0)"
-OPTAX_CE = "optax softmax_cross_entropy (gamma=0)"
-BCE = "BCE with logits, torch + optax (gamma=0)"
+TORCH_CE = "F.cross_entropy (gamma=0)"
+OPTAX_CE = "optax.softmax_cross_entropy (gamma=0)"
+TORCH_BCE = "F.binary_cross_entropy_with_logits (gamma=0)"
+OPTAX_BCE = "optax.sigmoid_binary_cross_entropy (gamma=0)"
 IMB_SOFTMAX = "imbalanced-losses SoftmaxFocalLoss"
 IMB_SIGMOID = "imbalanced-losses SigmoidFocalLoss"
 
@@ -55,12 +56,17 @@ def _torch_anchor(fn, logits: np.ndarray, dtype: str, cotangent: np.ndarray) -> 
 
 
 def _jax_anchor(fn, logits: np.ndarray, dtype: str, cotangent: np.ndarray) -> Output:
-  """Run a JAX function of the logits; VJP with ``cotangent``."""
+  """Run a JAX function of the logits (jitted, like the project's side); VJP with
+  ``cotangent``."""
   import jax
   import jax.numpy as jnp
   x = jnp.asarray(logits.astype(NUMPY_DTYPES[dtype]))
-  out, pullback = jax.vjp(fn, x)
-  (g,) = pullback(jnp.asarray(cotangent, out.dtype))
+
+  @jax.jit
+  def value_and_vjp(x, cot):
+    out, pullback = jax.vjp(fn, x)
+    return out, pullback(cot.astype(out.dtype))[0]
+  out, g = value_and_vjp(x, jnp.asarray(cotangent))
   return Output(np.asarray(out, np.float64), np.asarray(g, np.float64), str(out.dtype),
                 str(g.dtype))
 
@@ -220,12 +226,12 @@ def checks_bce(case: Case) -> list[Check]:
   t_anchor = _torch_anchor(
       lambda x: F.binary_cross_entropy_with_logits(x, yt.to(x.dtype), reduction=case.reduction),
       inputs.logits, case.dtype, inputs.cotangent)
-  checks = [measure(_row(p, BCE), case.dtype, case.describe(), o, t_anchor, tol,
+  checks = [measure(_row(p, TORCH_BCE), case.dtype, case.describe(), o, t_anchor, tol,
                     expect_dtype=case.dtype) for p, o in outs.items()]
   if case.reduction == "none":
     o_anchor = _jax_anchor(lambda x: optax.sigmoid_binary_cross_entropy(x, _as(y, x.dtype)),
                            inputs.logits, case.dtype, inputs.cotangent)
-    checks += [measure(_row(p, BCE), case.dtype, case.describe(), o, o_anchor, tol,
+    checks += [measure(_row(p, OPTAX_BCE), case.dtype, case.describe(), o, o_anchor, tol,
                        expect_dtype=case.dtype) for p, o in outs.items()]
   return checks
 

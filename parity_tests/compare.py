@@ -15,6 +15,7 @@ Three layers, one way to do each thing:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterable
 
 import numpy as np
@@ -71,7 +72,11 @@ def _torch_dtype(name: str):
 
 def run_jax(fn: str | Callable, logits: np.ndarray, labels: np.ndarray, kwargs: dict,
             dtype: str, cotangent: np.ndarray | None = None) -> Output:
-  """``focal_jax.<fn>(logits, labels, **kwargs)`` and its VJP, via ``jax.vjp``."""
+  """``focal_jax.<fn>(logits, labels, **kwargs)`` and its VJP, via ``jax.vjp`` under ``jit``.
+
+  Arrays (logits, labels, masks, per-class alpha / gamma, cotangent) are traced arguments;
+  Python scalars in ``kwargs`` are static, as a caller's ``jit`` would see them.
+  """
   import jax
   import jax.numpy as jnp
   if dtype == "float64" and not jax.config.jax_enable_x64:
@@ -82,11 +87,25 @@ def run_jax(fn: str | Callable, logits: np.ndarray, labels: np.ndarray, kwargs: 
   x = jnp.asarray(logits.astype(NUMPY_DTYPES[dtype]))
   y = jnp.asarray(labels if labels.dtype.kind == "i" else labels.astype(NUMPY_DTYPES[dtype]))
   kw = jax_kwargs(kwargs)
-  out, pullback = jax.vjp(lambda x_: fn(x_, y, **kw), x)
-  cot = np.ones(()) if cotangent is None else cotangent
-  (g,) = pullback(jnp.asarray(cot, out.dtype))
+  arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+  static = tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, jax.Array)))
+  cot = jnp.asarray(np.ones(()) if cotangent is None else cotangent)
+  out, g = _jax_value_and_vjp(fn, static)(x, y, arrays, cot)
   return Output(np.asarray(out, np.float64), np.asarray(g, np.float64), str(out.dtype),
                 str(g.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_value_and_vjp(fn: Callable, static: tuple):
+  """A jitted (value, VJP) of ``fn`` with the static kwargs baked in (cached per structure)."""
+  import jax
+
+  @jax.jit
+  def value_and_vjp(x, y, arrays, cot):
+    out, pullback = jax.vjp(lambda x_: fn(x_, y, **dict(static), **arrays), x)
+    (g,) = pullback(cot.astype(out.dtype))
+    return out, g
+  return value_and_vjp
 
 
 def run_torch(fn: str | Callable, logits: np.ndarray, labels: np.ndarray, kwargs: dict,

@@ -164,8 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   checks = run(settings, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
   rows = summarize(checks)
-  rows.sort(key=lambda r: (r["comparison"].startswith(("DeepSpeed", "JAX 1-D", "torch 1-D")),
-                           _order(r["comparison"]), _DTYPE_ORDER.get(r["dtype"], 9)))
+  rows.sort(key=_sort_key)
   failures = [c for c in checks if not c.ok]
   passed = not failures and bool(checks)
   print(format_table(rows))
@@ -196,13 +195,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0 if passed else 1
 
 
-def _order(name: str) -> int:
-  for i, key in enumerate(("JAX vs torch", "float64 reference", "DeepSpeed (recorded)",
-                           "DeepSpeed oracle", "torchvision", "optax.sigmoid", "cross_entropy",
-                           "softmax_cross", "BCE", "imbalanced")):
-    if key in name:
-      return i
-  return 99
+_GROUPS = ("JAX vs torch", "float64 reference", "DeepSpeed (recorded)", "DeepSpeed oracle",
+           "torchvision", "optax.sigmoid_focal", "F.cross_entropy", "optax.softmax_cross",
+           "F.binary_cross", "optax.sigmoid_binary", "SoftmaxFocalLoss", "SigmoidFocalLoss",
+           "1-D alpha", "saturated", "0<gamma<1")
+# Checked in this order (the drop-in before plain torch); the number is the sort rank.
+_PACKAGES = (("DeepSpeed", 0), ("JAX", 1), ("torch FocalLoss", 3), ("torch", 2))
+
+
+def _sort_key(row: dict) -> tuple:
+  """Family, then dtype, then package; divergences last; errors at the very end."""
+  name = row["comparison"]
+  group = next((i for i, g in enumerate(_GROUPS) if (name == g if i == 0 else g in name)),
+               len(_GROUPS))
+  package = next((rank for p, rank in _PACKAGES if name.startswith(p)), len(_PACKAGES))
+  return (group, _DTYPE_ORDER.get(row["dtype"], 9), package, name)
 
 
 def _json_default(x):
