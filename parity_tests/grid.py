@@ -86,7 +86,6 @@ def _case(fn: str, shape, axis: int, dtype: str, reduction: str, v: dict, seed: 
   if fn == "categorical_focal":
     eps = 0.0
     mask = "where" if mask in ("where", "both") else "none"
-    gamma = 2.0 if isinstance(gamma, tuple) else gamma
   return Case(fn, tuple(shape), axis=axis, dtype=dtype, alpha=alpha, gamma=gamma,
               label_smoothing=eps, reduction=reduction, mask=mask, soft=bool(seed % 2),
               scale=3.0, seed=seed)

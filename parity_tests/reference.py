@@ -101,7 +101,8 @@ def sigmoid_focal(logits: torch.Tensor, labels, *, alpha=None, gamma=2.0,
   one_minus_pt = y * torch.sigmoid(-x) + (1 - y) * torch.sigmoid(x)
   loss = _safe_pow(one_minus_pt, _t(gamma, compute)) * bce
   if alpha is not None:
-    loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    a = _t(alpha, compute)
+    loss = (a * y + (1 - a) * (1 - y)) * loss
   return _reduce(loss, valid, valid & (y_raw > 0), reduction)
 
 
