@@ -14,6 +14,7 @@ import pytest
 
 import focal_jax
 from focal_jax import _categorical
+from focal_jax import _linear
 from focal_jax import _sigmoid
 from focal_jax import _softmax
 
@@ -21,14 +22,15 @@ from focal_jax import _softmax
 def test_public_api_is_exactly_the_losses():
   public = sorted(n for n in dir(focal_jax) if not n.startswith("_"))
   assert sorted(focal_jax.__all__) == public
-  assert {"softmax_focal", "sigmoid_focal", "categorical_focal"} <= set(public)
+  assert public == ["categorical_focal", "linear_softmax_focal", "sigmoid_focal",
+                    "softmax_focal"]
 
 
 def test_py_typed_marker_ships_with_the_package():
   assert os.path.isfile(os.path.join(os.path.dirname(focal_jax.__file__), "py.typed"))
 
 
-@pytest.mark.parametrize("module", [_softmax, _sigmoid, _categorical])
+@pytest.mark.parametrize("module", [_softmax, _sigmoid, _categorical, _linear])
 def test_docstring_examples_print_what_they_say(module):
   options = jnp.get_printoptions()
   try:
@@ -57,10 +59,14 @@ _X64_OFF_SCRIPT = textwrap.dedent("""
     values = jax.jit(losses)(z)
     grads = [jax.jit(jax.grad(lambda z, i=i: losses(z)[i]))(z) for i in range(3)]
     hess = jax.jit(jax.hessian(lambda z: losses(z)[0]))(z)
+    kernel = jnp.eye(3, dtype=jnp.float32)
+    linear = jax.jit(jax.value_and_grad(lambda z: focal_jax.linear_softmax_focal(
+        z, kernel, t, alpha=jnp.array([0.2, 0.3, 0.5]), gamma=0.5, label_smoothing=0.1,
+        reduction="mean", chunk_size=2)))(z)
     print(json.dumps({
-        "dtypes": [str(v.dtype) for v in values] + [str(g.dtype) for g in grads],
-        "values": [float(v) for v in values],
-        "grads": [np.asarray(g).tolist() for g in grads],
+        "dtypes": [str(v.dtype) for v in values + linear] + [str(g.dtype) for g in grads],
+        "values": [float(v) for v in values] + [float(linear[0])],
+        "grads": [np.asarray(g).tolist() for g in grads] + [np.asarray(linear[1]).tolist()],
         "hessian_finite": bool(np.all(np.isfinite(hess)))}))
 """)
 
@@ -75,7 +81,7 @@ def test_float32_works_with_x64_disabled(refs, tmp_path):
                         cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out["dtypes"] == ["float32"] * 6
+  assert out["dtypes"] == ["float32"] * 8
   assert out["hessian_finite"]
   t = np.array([0, 2, 1])
   y = np.eye(3)[t]
@@ -84,8 +90,10 @@ def test_float32_works_with_x64_disabled(refs, tmp_path):
                          label_smoothing=0.1, reduction="mean"),
       refs.sigmoid_focal(z, y, alpha=0.25, reduction="mean_positive"),
       refs.categorical_focal(z, 0.9 * y + 0.1 / 3, gamma=2.0, reduction="sum")]
+  want.append(want[0])  # linear_softmax_focal with an identity kernel: the softmax case
   np.testing.assert_allclose(out["values"], want, rtol=2e-6)
   assert all(np.all(np.isfinite(g)) for g in out["grads"])
   want_grad = jax.grad(lambda z: refs.jnp_softmax_focal_sum(
       z, jnp.asarray(t), jnp.array([0.2, 0.3, 0.5]), 0.5, 0.1) / 3)(z.astype(np.float64))
   np.testing.assert_allclose(out["grads"][0], want_grad, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(out["grads"][3], want_grad, rtol=1e-5, atol=1e-7)
