@@ -188,8 +188,9 @@ def checks_cross_entropy(case: Case) -> list[Check]:
         fn = lambda x: optax.softmax_cross_entropy_with_integer_labels(x, lab, axis=axis)
       else:
         def fn(x):
-          onehot = jnp.moveaxis(jax_one_hot(lab, c, x.dtype), -1, axis)
-          return optax.softmax_cross_entropy(x, optax.smooth_labels(onehot, eps), axis=axis)
+          # smooth_labels takes the last axis as the classes: smooth, then move the axis.
+          smoothed = optax.smooth_labels(jax_one_hot(lab, c, x.dtype), eps)
+          return optax.softmax_cross_entropy(x, jnp.moveaxis(smoothed, -1, axis), axis=axis)
     else:
       tgt = jnp.asarray(inputs.labels.astype(NUMPY_DTYPES[case.dtype]))
       fn = lambda x: optax.softmax_cross_entropy(x, tgt, axis=axis)

@@ -126,8 +126,10 @@ def recorded_cases(s: Settings):
   recorded = load_deepspeed_cases()
   if s.dtype is not None:
     recorded = [r for r in recorded if str(r.dtype) in s.dtype]
-  if s.quick and not s.custom:  # every shape, both dtypes, all alpha kinds, the overflows
-    recorded = [r for r in recorded if r.case % 4 == 0 or not r.finite]
+  if s.reduction is not None:
+    recorded = [r for r in recorded if ("mean" if r.size_average else "sum") in s.reduction]
+  if s.quick and not s.custom:  # both dtypes, all alpha kinds, an overflow
+    recorded = [r for r in recorded if r.case % 8 == 0]
   return recorded
 
 
@@ -150,7 +152,7 @@ def deepspeed_oracle_configs(s: Settings) -> list[DSConfig]:
   rounds = 1 if s.quick else 2
   for r, (i, (dtype, red, kind)) in itertools.product(
       range(rounds), enumerate(itertools.product(dtypes, reductions, kinds))):
-    if s.quick and i % 3:
+    if s.quick and i % 6:
       continue
     seed += 1
     c = classes[(i + r) % len(classes)]
@@ -162,7 +164,7 @@ def deepspeed_oracle_configs(s: Settings) -> list[DSConfig]:
 
 def saturation_configs(s: Settings) -> list[DSConfig]:
   """float32, wrong by 100, 1e3, 1e4: past DeepSpeed's overflow (NaN grad from ~89)."""
-  margins = [-100.0, -1e4] if s.quick else [-100.0, -1e3, -1e4]
+  margins = [-1e4] if s.quick else [-100.0, -1e3, -1e4]
   gammas = s.gamma or ([2.0] if s.quick else [0.0, 2.0])
   return [DSConfig(n=16, c=7, dtype="float32", alpha_kind="col", gamma=g, scale=1.0,
                    margin=m, seed=2000 + i)
@@ -172,7 +174,7 @@ def saturation_configs(s: Settings) -> list[DSConfig]:
 def small_gamma_configs(s: Settings) -> list[DSConfig]:
   """float32, 0 < gamma < 1, right by 20, 100, 1e4: p rounds to 1 (from ~17)."""
   gammas = [g for g in (s.gamma or [0.25, 0.5]) if 0 < g < 1] or [0.5]
-  margins = [20.0, 1e4] if s.quick else [20.0, 100.0, 1e4]
+  margins = [20.0] if s.quick else [20.0, 100.0, 1e4]
   if s.quick:
     gammas = gammas[:1]
   return [DSConfig(n=16, c=7, dtype="float32", alpha_kind="none", gamma=g, scale=1.0,
@@ -186,7 +188,7 @@ def torchvision_records(s: Settings):
           if str(r.dtype) in dtypes and r.reduction in (s.reduction or REDUCTIONS)
           and (s.gamma is None or r.gamma in s.gamma)
           and (s.alpha is None or (None if r.alpha < 0 else r.alpha) in s.alpha)]
-  return recs[::12] if s.quick and not s.custom else recs
+  return recs[::26] if s.quick and not s.custom else recs
 
 
 def anchor_configs(s: Settings) -> list[Task]:
@@ -255,7 +257,7 @@ def anchor_configs(s: Settings) -> list[Task]:
                          alpha=scalar_alphas[i % len(scalar_alphas)], gamma=2.0,
                          reduction=red, soft=bool(seed % 2), seed=seed)))
   if s.quick and not s.custom:
-    tasks = tasks[::4]
+    tasks = tasks[::6]
   return tasks
 
 
