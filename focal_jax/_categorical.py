@@ -38,6 +38,7 @@ class _Elems(NamedTuple):
 
 def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
   """Elementwise terms from the per-row max and non-top mass; differentiable jnp ops only."""
+  z = z.astype(alpha.dtype)
   is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
   has_rest = s_rest > 0.0
   s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
@@ -60,6 +61,7 @@ def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
 
 
 def _rows(z, y, alpha, gamma, valid) -> _Rows:
+  z = z.astype(alpha.dtype)  # logits stay in their dtype outside; math in the compute dtype
   top = jnp.argmax(z, axis=-1)
   is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
   # m = z_top itself, not a stop_gradient copy: log(1 + s_rest) below relies on
@@ -87,7 +89,7 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy):
     # no cancellation at the top class as s -> 1.
     others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
     grad = el.s * others - jnp.exp(el.log_1m_s) * el.w
-    out = out + jnp.sum(jnp.where(valid_c, grad, 0.0) * dz, axis=-1)
+    out = out + jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
   if dy is not None:
     out = out + jnp.sum(jnp.where(valid_c, -alpha * el.focal * el.log_s, 0.0) * dy, axis=-1)
   return out
@@ -219,7 +221,7 @@ def categorical_focal(
   alpha = jnp.reshape(alpha, (1,) * (logits.ndim - 1) + alpha.shape) if alpha.ndim else alpha
   gamma = jnp.reshape(gamma, (1,) * (logits.ndim - 1) + gamma.shape) if gamma.ndim else gamma
 
-  z = jnp.moveaxis(logits, ax, -1).astype(cdtype)
+  z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see _rows
   y = jnp.moveaxis(targets, ax, -1).astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
   loss = _focal_rows(z, y, alpha, gamma, valid)

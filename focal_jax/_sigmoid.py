@@ -30,6 +30,7 @@ class _EntryStats(NamedTuple):
 def _entry_stats(x: jax.Array, y: jax.Array, alpha: jax.Array, gamma: jax.Array,
                  valid: jax.Array, has_alpha: bool) -> _EntryStats:
   """Loss and its partial derivatives, entry by entry; differentiable jnp ops only."""
+  x = x.astype(alpha.dtype)  # logits stay in their dtype outside; math in the compute dtype
   # log p and log(1 - p) from log_sigmoid of +x and -x: exact at any margin.
   log_p = jax.nn.log_sigmoid(x)
   log_q = jax.nn.log_sigmoid(-x)
@@ -67,7 +68,7 @@ def _dot(x, y, alpha, gamma, valid, has_alpha, dx, dy):
   st = _entry_stats(x, y, alpha, gamma, valid, has_alpha)
   out = jnp.zeros_like(st.loss)
   if dx is not None:
-    out = out + st.dloss_dx * dx
+    out = out + st.dloss_dx * dx.astype(st.loss.dtype)
   if dy is not None:
     out = out + st.dloss_dy * dy
   return out
@@ -196,7 +197,7 @@ def sigmoid_focal(
   alpha = jnp.reshape(alpha, lead + alpha.shape if logits.ndim and alpha.ndim else ())
   gamma = jnp.reshape(gamma, lead + gamma.shape if logits.ndim and gamma.ndim else ())
 
-  x = logits.astype(cdtype)
+  x = logits  # cast to the compute dtype inside, see _entry_stats
   y = labels.astype(cdtype)
   if eps > 0.0:
     y = (1.0 - eps) * y + 0.5 * eps

@@ -37,6 +37,9 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   `gamma` per-row values, `valid` the rows that count. Written in differentiable jnp ops only:
   the custom JVP below, and its derivative (the Hessian), are built from this function.
   """
+  # Inputs stay in their dtype (reverse mode keeps them as they came); math in alpha's dtype,
+  # the compute dtype (float32 at least).
+  z = z.astype(alpha.dtype)
   is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
   z_t = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
   # p = sigmoid(u) with u = z_t - logsumexp(non-target logits): log p and log(1 - p) are both
@@ -86,6 +89,7 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
   is the same expression as in the forward pass (XLA reuses it) and never overflows.
   """
   num_classes = z.shape[-1]
+  z = z.astype(st.m.dtype)
   is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
   e_rest = jnp.where(is_t, 0.0, jnp.exp(z - st.m[..., None]))  # as in row_stats: shared by XLA
   g = jnp.where(is_t, -st.k1[..., None], e_rest * st.k1_rest[..., None])
@@ -95,7 +99,7 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
 
 
 def _dot_grad(z, t, st, valid, dz, eps):
-  return jnp.sum(grad_from_stats(z, t, st, valid, eps) * dz, axis=-1)
+  return jnp.sum(grad_from_stats(z, t, st, valid, eps) * dz.astype(st.m.dtype), axis=-1)
 
 
 # Under jax.checkpoint the (.., C) gradient is not a residual of the linearization: reverse
@@ -283,7 +287,7 @@ def softmax_focal(
       label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
       reduction=reduction, background_class=background_class,
       what_rows=f"the shape of logits {logits.shape} without axis {ax}")
-  z = jnp.moveaxis(logits, ax, -1).astype(prep.compute_dtype)
+  z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see row_stats
   loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, prep.eps)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
                              reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)

@@ -97,3 +97,36 @@ def test_float32_works_with_x64_disabled(refs, tmp_path):
       z, jnp.asarray(t), jnp.array([0.2, 0.3, 0.5]), 0.5, 0.1) / 3)(z.astype(np.float64))
   np.testing.assert_allclose(out["grads"][0], want_grad, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(out["grads"][3], want_grad, rtol=1e-5, atol=1e-7)
+
+
+def _residual_shapes(fn, *args):
+  """Shapes and dtypes of what reverse mode keeps for the backward pass (jax's own report)."""
+  import contextlib
+  import io
+  from jax.ad_checkpoint import print_saved_residuals
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(fn, *args)
+  lines = [line for line in out.getvalue().splitlines() if line.strip()]
+  return [(line.split()[0], " ".join(line.split()[1:])) for line in lines]
+
+
+def test_reverse_mode_keeps_only_the_logits_and_per_row_scalars():
+  z = jnp.zeros((64, 91), jnp.bfloat16)
+  t = jnp.zeros((64,), jnp.int32)
+  kept = _residual_shapes(lambda z: focal_jax.softmax_focal(
+      z, t, alpha=0.25, gamma=0.5, label_smoothing=0.1, reduction="mean"), z)
+  big = [(shape, what) for shape, what in kept if "91" in shape]
+  # One (N, C) array: the logits as they came (bfloat16, not an upcast float32 copy).
+  assert big == [("bf16[64,91]", "from the argument z")], kept
+  assert all(shape.endswith("[64]") or shape.endswith("[]") for shape, _ in kept
+             if (shape, _) not in big), kept
+
+
+def test_linear_reverse_mode_keeps_nothing_of_size_rows_by_vocab():
+  h = jnp.zeros((64, 8), jnp.float32)
+  w = jnp.zeros((8, 91), jnp.float32)
+  t = jnp.zeros((64,), jnp.int32)
+  kept = _residual_shapes(lambda h, w: focal_jax.linear_softmax_focal(
+      h, w, t, chunk_size=16, reduction="mean"), h, w)
+  assert kept and not [s for s, _ in kept if "64,91" in s or "16,91" in s], kept
