@@ -29,7 +29,7 @@ def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
 
 def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-  """Per-row loss ``(O, 1, I)`` and (optionally) dL/dz from the log-softmax of a chunk."""
+  """Per-row loss (class axis kept, size 1) and (optionally) dL/dz from a chunk's log-softmax."""
   y = y.to(log_s.dtype)
   weight = y if alpha is None else alpha * y
   plain = isinstance(gamma, float) and gamma == 0.0
@@ -63,23 +63,23 @@ def _log_softmax_chunk(w: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
 
 
 class CategoricalFocalFunction(torch.autograd.Function):
-  """Per-row categorical focal loss of ``z3 (O, C, I)``, chunked analytic backward.
+  """Per-row categorical focal loss of a rows view ``z3``, chunked analytic backward.
 
   It exists because autograd through the formula saves several ``(N, C)`` temporaries;
   this saves the logits and targets (inputs anyway) and recomputes chunk by chunk. With
   ``create_graph=True`` the backward is built from differentiable ops (double backward).
-  ``alpha``/``gamma``: None, floats, 0-d or ``(1, C, 1)`` tensors.
+  ``alpha``/``gamma``: None, floats, 0-d tensors or class vectors shaped by
+  ``_chunking.class_shape``.
   """
 
   @staticmethod
   def forward(ctx, z3, y3, valid, alpha, gamma, elements):  # pylint: disable=arguments-differ
     cdt = compute_dtype(z3.dtype)
-    o, _, i = z3.shape
-    loss = torch.empty((o, 1, i), dtype=cdt, device=z3.device)
-    for rs, cs in _chunking.chunks(z3.shape, elements):
-      part, _ = terms(_log_softmax_chunk(z3[rs, :, cs], cdt), y3[rs, :, cs], alpha, gamma,
+    loss = torch.empty(_chunking.row_shape(z3.shape), dtype=cdt, device=z3.device)
+    for idx in _chunking.chunks(z3.shape, elements):
+      part, _ = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
                       with_grad=False)
-      loss[rs, :, cs] = part
+      loss[idx] = part
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
     ctx.save_for_backward(z3, y3, valid, *hyper)
     ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
@@ -98,8 +98,8 @@ class CategoricalFocalFunction(torch.autograd.Function):
       _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True)
       return (grad * go).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
-    for rs, cs in _chunking.chunks(z3.shape, ctx.elements):
-      _, part = terms(_log_softmax_chunk(z3[rs, :, cs], cdt), y3[rs, :, cs], alpha, gamma,
+    for idx in _chunking.chunks(z3.shape, ctx.elements):
+      _, part = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
                       with_grad=True)
-      out[rs, :, cs] = part * go[rs, :, cs]
+      out[idx] = part * go[idx]
     return out, None, None, None, None, None

@@ -1,4 +1,10 @@
-"""Row chunks of an ``(outer, C, inner)`` view, so that no ``(N, C)`` temporary is built."""
+"""Row views and row chunks, so that no temporary of the logits' size is built.
+
+The losses see their logits as ``(rows, C)`` when nothing follows the class axis (the common
+``(N, C)`` case), else as ``(outer, C, inner)``. Per-row tensors have the same number of
+axes with size 1 on the class axis: ``(rows, 1)`` or ``(outer, 1, inner)``. torch's CPU
+kernels vectorize 2-D rows far better than ``(rows, C, 1)``, hence the two layouts.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,34 @@ from collections.abc import Iterator
 
 import torch
 
-# Elements per chunk in eager mode: small enough to stay in the CPU's L2 cache and to keep
-# temporaries negligible next to the logits, large enough that per-op overhead is small.
-CHUNK_ELEMENTS = 1 << 17
+# Elements per chunk in eager mode (4 MiB of float32): temporaries stay negligible next to
+# large logits and within the CPU's last-level cache, and there are few enough chunks that
+# per-op dispatch and thread fork/join cost little.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-  """``x`` viewed as ``(outer, C, inner)`` around ``dim`` (a copy only if not viewable)."""
+  """``x`` viewed as ``(rows, C)`` or ``(outer, C, inner)`` around ``dim`` (a copy only if
+  not viewable)."""
   outer = 1
   for s in x.shape[:dim]:
     outer *= s
   inner = 1
   for s in x.shape[dim + 1:]:
     inner *= s
+  if inner == 1:
+    return x.reshape(outer, x.shape[dim])
   return x.reshape(outer, x.shape[dim], inner)
+
+
+def row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of a per-row tensor for a rows view of ``shape``."""
+  return (shape[0], 1) + tuple(shape[2:])
+
+
+def class_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of a ``(C,)`` vector that broadcasts against a rows view of ``shape``."""
+  return (1, shape[1]) + (1,) * (len(shape) - 2)
 
 
 def chunk_elements(total: int, requested: int | None = None) -> int:
@@ -31,29 +51,34 @@ def chunk_elements(total: int, requested: int | None = None) -> int:
   return CHUNK_ELEMENTS
 
 
-def chunks(shape: tuple[int, int, int], elements: int
-           ) -> Iterator[tuple[slice, slice]]:
-  """(outer, inner) slices of an ``(O, C, I)`` tensor with at most ``elements`` entries
-  each (or one full class slice ``(1, C, 1)`` when ``C`` alone is larger)."""
-  o, c, i = shape
-  if o == 0 or i == 0:
+def _rows_per_chunk(shape: tuple[int, ...], elements: int) -> tuple[int, int]:
+  """(rows, inner columns) per chunk."""
+  o, c = shape[0], shape[1]
+  i = shape[2] if len(shape) == 3 else 1
+  if c * i <= elements:
+    return min(o, max(1, elements // max(c * i, 1))), i
+  return 1, min(i, max(1, elements // max(c, 1)))
+
+
+def chunks(shape: tuple[int, ...], elements: int) -> Iterator[tuple]:
+  """Index tuples of the chunks of a rows view: at most ``elements`` entries each, or one
+  class slice when ``C`` alone is larger. The same index selects the matching part of a
+  per-row tensor."""
+  o = shape[0]
+  if o == 0 or (len(shape) == 3 and shape[2] == 0):
     return
-  slab = c * i
-  if slab <= elements:
-    rows = max(1, elements // max(slab, 1))
+  rows, cols = _rows_per_chunk(shape, elements)
+  if len(shape) == 2:
     for start in range(0, o, rows):
-      yield slice(start, min(o, start + rows)), slice(0, i)
-  else:
-    cols = max(1, elements // max(c, 1))
-    for r in range(o):
-      for start in range(0, i, cols):
-        yield slice(r, r + 1), slice(start, min(i, start + cols))
+      yield (slice(start, min(o, start + rows)),)
+    return
+  i = shape[2]
+  for start in range(0, o, rows):
+    for col in range(0, i, cols):
+      yield slice(start, min(o, start + rows)), slice(None), slice(col, min(i, col + cols))
 
 
-def max_chunk_numel(shape: tuple[int, int, int], elements: int) -> int:
-  """The number of entries of the largest chunk :func:`chunks` yields."""
-  o, c, i = shape
-  slab = c * i
-  if slab <= elements:
-    return min(o, max(1, elements // max(slab, 1))) * slab
-  return c * min(i, max(1, elements // max(c, 1)))
+def max_chunk_rows(shape: tuple[int, ...], elements: int) -> int:
+  """Rows x inner columns of the largest chunk: its size is this times ``C``."""
+  rows, cols = _rows_per_chunk(shape, elements)
+  return rows * cols

@@ -64,22 +64,23 @@ def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 
 class SigmoidFocalFunction(torch.autograd.Function):
-  """Per-entry sigmoid focal loss of ``x3 (O, C, I)`` with a chunked analytic backward.
+  """Per-entry sigmoid focal loss of a rows view ``x3`` with a chunked analytic backward.
 
   It exists because autograd through the formula saves about ten temporaries of the
   logits' size; this saves the logits and labels (inputs anyway) and recomputes per chunk.
   With ``create_graph=True`` the backward is built from differentiable ops (double backward).
-  ``alpha``/``gamma``: None, floats, 0-d tensors or ``(1, C, 1)`` tensors.
+  ``alpha``/``gamma``: None, floats, 0-d tensors or class vectors shaped by
+  ``_chunking.class_shape``.
   """
 
   @staticmethod
   def forward(ctx, x3, y3, valid, alpha, gamma, eps, elements):  # pylint: disable=arguments-differ
     cdt = compute_dtype(x3.dtype)
     loss = torch.empty(x3.shape, dtype=cdt, device=x3.device)
-    for rs, cs in _chunking.chunks(x3.shape, elements):
-      part, _ = terms(x3[rs, :, cs].to(cdt), y3[rs, :, cs], alpha, gamma, eps,
+    for idx in _chunking.chunks(x3.shape, elements):
+      part, _ = terms(x3[idx].to(cdt), y3[idx], alpha, gamma, eps,
                       with_grad=False)
-      loss[rs, :, cs] = _mask(part, None if valid is None else valid[rs, :, cs])
+      loss[idx] = _mask(part, None if valid is None else valid[idx])
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
     ctx.save_for_backward(x3, y3, valid, *hyper)
     ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
@@ -98,9 +99,9 @@ class SigmoidFocalFunction(torch.autograd.Function):
       _, grad = terms(x3.to(cdt), y3, alpha, gamma, ctx.eps, with_grad=True)
       return (_mask(grad * go, valid).to(x3.dtype),) + (None,) * 6
     out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-    for rs, cs in _chunking.chunks(x3.shape, ctx.elements):
-      _, part = terms(x3[rs, :, cs].to(cdt), y3[rs, :, cs], alpha, gamma, ctx.eps,
+    for idx in _chunking.chunks(x3.shape, ctx.elements):
+      _, part = terms(x3[idx].to(cdt), y3[idx], alpha, gamma, ctx.eps,
                       with_grad=True)
-      part = part * go[rs, :, cs]
-      out[rs, :, cs] = _mask(part, None if valid is None else valid[rs, :, cs])
+      part = part * go[idx]
+      out[idx] = _mask(part, None if valid is None else valid[idx])
     return (out,) + (None,) * 6

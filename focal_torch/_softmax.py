@@ -21,6 +21,7 @@ NaN for ``0 < gamma < 1`` never appears. Backward needs the logits and these sca
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,33 +48,73 @@ def per_row(value: Any, t3: torch.Tensor, cdt: torch.dtype) -> Any:
   return value
 
 
+_LOG2_E = 1.0 / math.log(2.0)
+
+
+def exp_(x: torch.Tensor) -> torch.Tensor:
+  """In-place ``exp`` as ``exp2(x log2 e)``: torch's CPU ``exp2`` runs ~4x faster than its
+  ``exp`` (measured: 0.15 vs 0.65 ns per float32), for a relative error of about
+  ``3e-8 |x|`` from rounding the scaled argument (a few ulp for |x| < 100)."""
+  return x.mul_(_LOG2_E).exp2_()
+
+
+def _padded_classes(shape: tuple[int, ...]) -> int:
+  """Row length of the forward chunk buffer: torch's CPU ``amax`` is ~5x slower over short
+  rows whose length is not a multiple of the vector width (C = 91: 700 us against 120 us at
+  C = 96, 1.5M floats), so short 2-D rows are padded with -inf to a multiple of 16."""
+  c = shape[1]
+  if len(shape) != 2 or c >= 512 or c % 16 == 0:
+    return c
+  return -(-c // 16) * 16
+
+
+def chunk_buffer(shape: tuple[int, ...], elements: int, cdt: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+  """A flat scratch buffer large enough for one (padded) chunk of a rows view."""
+  n = _chunking.max_chunk_rows(shape, elements) * _padded_classes(shape)
+  return torch.empty(n, dtype=cdt, device=device)
+
+
+def chunk_lse_others(w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+  """``log sum_{c != t} exp(w_c)`` per row of a chunk (2-D or 3-D), in ``buf``'s dtype.
+
+  The target is left out, so that ``log(1 - p)`` comes out exact where ``p`` rounds to 1.
+  A row with no finite other class gives the lowest finite number, never -inf or NaN.
+  """
+  c = w.shape[1]
+  lowest = torch.finfo(buf.dtype).min
+  pad = _padded_classes(w.shape)
+  if pad == c:
+    e = full = buf[:w.numel()].view(w.shape)
+  else:
+    full = buf[:w.shape[0] * pad].view(w.shape[0], pad)
+    full[:, c:] = float("-inf")  # exp(-inf) = 0: the padding adds nothing to the sums
+    e = full[:, :c]
+  e.copy_(w)
+  e.scatter_(1, t, float("-inf"))
+  m = full.amax(1, keepdim=True).clamp_min_(lowest)
+  exp_(full.sub_(m))
+  return (m + full.sum(1, keepdim=True).log_()).clamp_min_(lowest)
+
+
 def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-  """``(z_t, lse_o, sum_c z_c)`` per row of ``z3 (O, C, I)``, chunk by chunk.
+  """``(z_t, lse_o, sum_c z_c)`` per row of the rows view ``z3``, chunk by chunk.
 
   The only temporary is one chunk buffer, never a full ``(N, C)`` tensor.
   """
-  o, c, i = z3.shape
   cdt = compute_dtype(z3.dtype)
   zt = z3.gather(1, t3).to(cdt)
-  lse_o = torch.empty((o, 1, i), dtype=cdt, device=z3.device)
-  sum_z = torch.empty((o, 1, i), dtype=cdt, device=z3.device) if with_sum else None
-  buf = torch.empty(_chunking.max_chunk_numel(z3.shape, elements), dtype=cdt,
-                    device=z3.device)
-  lowest = torch.finfo(cdt).min
-  for rs, cs in _chunking.chunks(z3.shape, elements):
-    w = z3[rs, :, cs]
-    e = buf[:w.numel()].view(w.shape)
-    e.copy_(w)
+  rows = _chunking.row_shape(z3.shape)
+  lse_o = torch.empty(rows, dtype=cdt, device=z3.device)
+  sum_z = torch.empty(rows, dtype=cdt, device=z3.device) if with_sum else None
+  buf = chunk_buffer(z3.shape, elements, cdt, z3.device)
+  for idx in _chunking.chunks(z3.shape, elements):
+    w = z3[idx]
     if sum_z is not None:
-      sum_z[rs, :, cs] = e.sum(1, keepdim=True)
-    # The target is left out of the log-sum-exp, so log(1 - p) comes out exact.
-    e.scatter_(1, t3[rs, :, cs], float("-inf"))
-    m = e.amax(1, keepdim=True).clamp_min_(lowest)
-    e.sub_(m).exp_()
-    lse_o[rs, :, cs] = m + e.sum(1, keepdim=True).log_()
-  # No other class (C = 1, or all others -inf): keep lse_o finite so that no inf - inf occurs.
-  return zt, lse_o.clamp_min_(lowest), sum_z
+      sum_z[idx] = w.sum(1, keepdim=True, dtype=cdt)
+    lse_o[idx] = chunk_lse_others(w, t3[idx], buf)
+  return zt, lse_o, sum_z
 
 
 def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
@@ -90,7 +131,7 @@ def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
 
 def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
               num_classes: int, alpha: Any, gamma: Any, eps: float,
-              valid: torch.Tensor, bad: torch.Tensor
+              valid: torch.Tensor, bad: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
   """Per-row loss and gradient scalars ``(loss, A, B, G)`` (module docstring).
 
@@ -125,38 +166,45 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   nan = torch.full((), float("nan"), dtype=d.dtype, device=d.device)
 
   def mask(x):
-    return torch.where(bad, nan, torch.where(valid, x, zero))
+    x = torch.where(valid, x, zero)
+    return x if bad is None else torch.where(bad, nan, x)
 
   return mask(loss), mask(a), (None if b is None else mask(b)), mask(g)
 
 
+def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
+               b: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
+               buf: torch.Tensor | None) -> None:
+  """Writes ``A exp(w - lse_o) - B`` off the target and ``G`` at it into ``out`` (a chunk
+  of the gradient). Computes in place in ``out`` when it has ``lse_o``'s dtype, else in
+  ``buf`` (half-precision gradients: the math stays in float32)."""
+  e = out if buf is None else buf[:w.numel()].view(w.shape)
+  # w - lse_o <= 0 off the target: exp never overflows; the target entry is overwritten.
+  torch.sub(w, lse_o, out=e)
+  exp_(e)
+  e.mul_(a)
+  if b is not None:
+    e.sub_(b)
+  e.scatter_(1, t, g)
+  if buf is not None:
+    out.copy_(e)
+
+
 def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor | None, g: torch.Tensor, elements: int) -> torch.Tensor:
-  """``dL/dz = A exp(z - lse_o) - B`` off the target and ``G`` at it, written chunk by
-  chunk into the gradient: no temporary beyond it (half inputs: one float32 chunk)."""
-  cdt = compute_dtype(z3.dtype)
+  """The gradient, chunk by chunk: no temporary beyond it (half inputs: one float32
+  chunk)."""
   out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
-  direct = z3.dtype == cdt
-  buf = None if direct else torch.empty(_chunking.max_chunk_numel(z3.shape, elements),
-                                        dtype=cdt, device=z3.device)
-  for rs, cs in _chunking.chunks(z3.shape, elements):
-    w = z3[rs, :, cs]
-    o = out[rs, :, cs]
-    e = o if direct else buf[:w.numel()].view(w.shape)
-    # z_c - lse_o <= 0 off the target: exp never overflows; the target entry is overwritten.
-    torch.sub(w, lse_o[rs, :, cs], out=e)
-    e.exp_()
-    e.mul_(a[rs, :, cs])
-    if b is not None:
-      e.sub_(b[rs, :, cs])
-    e.scatter_(1, t3[rs, :, cs], g[rs, :, cs])
-    if not direct:
-      o.copy_(e)
+  cdt = compute_dtype(z3.dtype)
+  buf = None if z3.dtype == cdt else chunk_buffer(z3.shape, elements, cdt, z3.device)
+  for idx in _chunking.chunks(z3.shape, elements):
+    chunk_grad(z3[idx], t3[idx], lse_o[idx], a[idx], None if b is None else b[idx], g[idx],
+               out[idx], buf)
   return out
 
 
 def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
-                  bad: torch.Tensor, alpha: Any, gamma: Any, eps: float,
+                  bad: torch.Tensor | None, alpha: Any, gamma: Any, eps: float,
                   go: torch.Tensor) -> torch.Tensor:
   """The same gradient from differentiable whole-tensor ops: the backward of the backward."""
   zf = z3.to(compute_dtype(z3.dtype))
@@ -171,7 +219,7 @@ def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
 
 
 class SoftmaxFocalFunction(torch.autograd.Function):
-  """Per-row softmax focal loss of ``z3 (O, C, I)`` with an analytic, memory-light backward.
+  """Per-row softmax focal loss of a rows view ``z3`` with an analytic, memory-light backward.
 
   It exists because autograd through the formula saves several ``(N, C)`` tensors; this
   saves the logits and five per-row scalars, and writes the gradient chunk by chunk. With

@@ -122,19 +122,21 @@ def check_softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma:
 
 def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
                   num_classes: int, ignore_index: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-  """``(valid, bad, safe_labels)``: entries that count, valid labels out of ``[0, C)`` (NaN
-  with the value checks off; an error with them on), and labels safe to index with."""
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+  """``(valid, bad, safe_labels)``: the entries that count; with the value checks off, the
+  valid labels outside ``[0, C)`` (their loss is NaN; with the checks on they raise and
+  ``bad`` is None); and labels that are safe to index with."""
   valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
   if ignore_index is not None:
     valid = labels != ignore_index
   if where is not None:
     valid = valid & where
+  zero = torch.zeros((), dtype=labels.dtype, device=labels.device)
+  if _checks.checks_enabled():
+    _checks.check_label_range(fn, labels, valid, num_classes, ignore_index)
+    return valid, None, torch.where(valid, labels, zero).to(torch.int64)
   bad = valid & ((labels < 0) | (labels >= num_classes))
-  _checks.check_label_range(fn, labels, bad, num_classes, ignore_index)
-  safe = torch.where(valid & ~bad, labels, torch.zeros((), dtype=labels.dtype,
-                                                       device=labels.device))
-  return valid, bad, safe.to(torch.int64)
+  return valid, bad, torch.where(valid & ~bad, labels, zero).to(torch.int64)
 
 
 def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, alpha: Any,
@@ -163,12 +165,13 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   valid, bad, safe = softmax_masks(fn, labels, where, num_classes, ignore_index)
 
   z3 = _chunking.as_rows(logits, dim)
-  o, _, i = z3.shape
+  rows = _chunking.row_shape(z3.shape)
   cdt = _softmax.compute_dtype(logits.dtype)
-  t3 = safe.reshape(o, 1, i)
+  t3 = safe.reshape(rows)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
   loss = _softmax.SoftmaxFocalFunction.apply(
-      z3, t3, valid.reshape(o, 1, i), bad.reshape(o, 1, i), _softmax.per_row(alpha, t3, cdt),
+      z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
+      _softmax.per_row(alpha, t3, cdt),
       _softmax.per_row(gamma, t3, cdt), eps, elements).reshape(labels.shape)
   positive = valid & (labels != background_class) if reduction == "mean_positive" else None
   return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
@@ -176,12 +179,14 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
                              out_dtype=out_dtype or logits.dtype)
 
 
-def _class_vector(value: Any, cdt: torch.dtype, device: torch.device) -> Any:
-  """A ``(C,)`` hyperparameter shaped ``(1, C, 1)`` for an ``(O, C, I)`` view."""
+def _class_vector(value: Any, cdt: torch.dtype, device: torch.device,
+                  shape3: tuple[int, ...]) -> Any:
+  """A ``(C,)`` hyperparameter shaped to broadcast against a rows view (see
+  ``_chunking.class_shape``); scalars as they are."""
   if isinstance(value, torch.Tensor):
     value = value.to(device=device, dtype=cdt)
     if value.ndim == 1:
-      return value.reshape(1, -1, 1)
+      return value.reshape(_chunking.class_shape(shape3))
   return value
 
 
@@ -269,15 +274,15 @@ def sigmoid_focal(
 
   cdt = _softmax.compute_dtype(logits.dtype)
   if dim is None:
-    x3 = logits.reshape(-1, 1, 1)
+    x3 = logits.reshape(-1, 1)
   else:
     x3 = _chunking.as_rows(logits, dim)
   y3 = labels.reshape(x3.shape)
   valid3 = None if where is None else where.reshape(x3.shape)
   elements = _chunking.chunk_elements(x3.numel())
   loss = _sigmoid.SigmoidFocalFunction.apply(
-      x3, y3, valid3, _class_vector(alpha, cdt, logits.device),
-      _class_vector(gamma, cdt, logits.device), eps,
+      x3, y3, valid3, _class_vector(alpha, cdt, logits.device, x3.shape),
+      _class_vector(gamma, cdt, logits.device, x3.shape), eps,
       elements).reshape(logits.shape)
   positive = None
   if reduction == "mean_positive":
@@ -368,13 +373,12 @@ def categorical_focal(
 
   cdt = _softmax.compute_dtype(logits.dtype)
   z3 = _chunking.as_rows(logits, dim)
-  o, _, i = z3.shape
   y3 = _chunking.as_rows(targets, dim)
-  valid3 = None if where is None else where.reshape(o, 1, i)
+  valid3 = None if where is None else where.reshape(_chunking.row_shape(z3.shape))
   elements = _chunking.chunk_elements(z3.numel())
   loss = _categorical.CategoricalFocalFunction.apply(
-      z3, y3, valid3, _class_vector(alpha, cdt, logits.device),
-      _class_vector(gamma, cdt, logits.device), elements
+      z3, y3, valid3, _class_vector(alpha, cdt, logits.device, z3.shape),
+      _class_vector(gamma, cdt, logits.device, z3.shape), elements
   ).reshape(row_shape)
   positive = None
   if reduction == "mean_positive":

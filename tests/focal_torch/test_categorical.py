@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import focal_torch
+from focal_torch import _chunking
 
 REDUCTIONS = ["none", "sum", "mean", "mean_positive"]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -142,3 +143,18 @@ def test_mean_positive_uses_argmax_of_targets(ref):
   loss = focal_torch.categorical_focal(z, torch.tensor(targets), reduction="mean_positive",
                                        background_class=2)
   np.testing.assert_allclose(loss.item(), per_row.sum() / 5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (7, 4)], ids=["spatial", "rows"])
+def test_small_chunks_match_reference(ref, monkeypatch, shape):
+  monkeypatch.setattr(_chunking, "CHUNK_ELEMENTS", 5)
+  rng = np.random.default_rng(5)
+  logits = rng.normal(0, 3, shape)
+  targets = np.moveaxis(rng.dirichlet(np.ones(4), shape[:1] + shape[2:]), -1, 1)
+  gamma = np.array([0.0, 0.5, 2.0, 3.0])
+  z = torch.tensor(logits, requires_grad=True)
+  loss = focal_torch.categorical_focal(z, torch.tensor(targets), gamma=torch.tensor(gamma),
+                                       alpha=0.5)
+  want, want_grad = ref.categorical_focal(logits, targets, gamma=gamma, alpha=0.5)
+  np.testing.assert_allclose(loss.item(), want, rtol=1e-12)
+  np.testing.assert_allclose(_grad(loss, z).numpy(), want_grad, rtol=1e-10, atol=1e-14)

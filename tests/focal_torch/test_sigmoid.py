@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import focal_torch
+from focal_torch import _chunking
 
 REDUCTIONS = ["none", "sum", "mean", "mean_positive"]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -173,3 +174,18 @@ def test_labels_outside_unit_interval_raise_unless_checks_off():
     focal_torch.sigmoid_focal(x, torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
   with focal_torch.value_checks(False):
     focal_torch.sigmoid_focal(x, torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (7, 3)], ids=["spatial", "rows"])
+def test_small_chunks_match_reference(ref, monkeypatch, shape):
+  monkeypatch.setattr(_chunking, "CHUNK_ELEMENTS", 5)
+  rng = np.random.default_rng(4)
+  logits, labels = rng.normal(0, 3, shape), rng.random(shape)
+  alpha = rng.uniform(0, 1, shape[1])
+  x = torch.tensor(logits, requires_grad=True)
+  loss = focal_torch.sigmoid_focal(x, torch.tensor(labels), alpha=torch.tensor(alpha),
+                                   gamma=0.5, label_smoothing=0.1)
+  want, want_grad = ref.sigmoid_focal(logits, labels, alpha=alpha, gamma=0.5,
+                                      label_smoothing=0.1)
+  np.testing.assert_allclose(loss.item(), want, rtol=1e-12)
+  np.testing.assert_allclose(_grad(loss, x).numpy(), want_grad, rtol=1e-10, atol=1e-14)

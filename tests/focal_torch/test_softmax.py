@@ -104,20 +104,23 @@ def test_matches_numpy_reference(ref, case):
 
 
 @pytest.mark.parametrize("elements", [1, 7, 40])
-def test_small_chunks_match_numpy_reference(ref, monkeypatch, elements):
+@pytest.mark.parametrize("shape", [(3, 6, 4, 5), (9, 6)], ids=["spatial", "rows"])
+def test_small_chunks_match_numpy_reference(ref, monkeypatch, elements, shape):
   # Tiny chunks run the row loop and the inner-slice loop (a class slice larger than a chunk).
   monkeypatch.setattr(_chunking, "CHUNK_ELEMENTS", elements)
   rng = np.random.default_rng(3)
-  logits = rng.normal(0, 3, (3, 6, 4, 5))
-  labels = rng.integers(0, 6, (3, 4, 5))
+  logits = rng.normal(0, 3, shape)
+  labels = rng.integers(0, 6, shape[:1] + shape[2:])
   alpha = rng.uniform(0.2, 1, 6)
   for kw in [dict(gamma=2.0, label_smoothing=0.2), dict(gamma=0.5, alpha=alpha)]:
-    z = torch.tensor(logits, requires_grad=True)
     tkw = dict(kw, alpha=torch.tensor(alpha)) if "alpha" in kw else kw
-    loss = focal_torch.softmax_focal(z, torch.tensor(labels), **tkw)
-    want, want_grad = ref.softmax_focal(logits, labels, **kw)
-    np.testing.assert_allclose(loss.item(), want, rtol=1e-12)
-    np.testing.assert_allclose(_grad(loss, z).numpy(), want_grad, rtol=1e-10, atol=1e-14)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.bfloat16, 2 ** -7)):
+      z = torch.tensor(logits, dtype=dtype, requires_grad=True)
+      loss = focal_torch.softmax_focal(z, torch.tensor(labels), **tkw)
+      want, want_grad = ref.softmax_focal(z.detach().double().numpy(), labels, **kw)
+      np.testing.assert_allclose(loss.double().item(), want, rtol=tol)
+      np.testing.assert_allclose(_grad(loss, z).double().numpy(), want_grad, rtol=tol,
+                                 atol=tol * 1e-2)
 
 
 @pytest.mark.parametrize("kw", [
