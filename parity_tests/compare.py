@@ -152,9 +152,10 @@ def _dtype_name(d) -> str:
 
 
 def run_case(runner: Callable, case: Case, inputs: Inputs | None = None) -> Output:
+  """Run ``case`` with ``runner``; the reference always runs in float64 (the truth)."""
   inputs = make_inputs(case) if inputs is None else inputs
-  return runner(case.fn, inputs.logits, inputs.labels, inputs.kwargs, case.dtype,
-                inputs.cotangent)
+  dtype = "float64" if runner is run_reference else case.dtype
+  return runner(case.fn, inputs.logits, inputs.labels, inputs.kwargs, dtype, inputs.cotangent)
 
 
 # ----------------------------------------------------------------------------- measuring

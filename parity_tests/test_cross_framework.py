@@ -48,6 +48,13 @@ def test_both_packages_return_the_input_dtype_for_value_and_grad(fn, dtype):
   assert [c.comparison for c in checks] == [JAX_VS_TORCH, JAX_VS_REF, TORCH_VS_REF]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reference_is_float64_whatever_the_input_dtype(dtype):
+  from parity_tests.compare import run_case, run_reference
+  ref = run_case(run_reference, Case("softmax_focal", (16, 7), dtype=dtype))
+  assert ref.value_dtype == ref.grad_dtype == "float64"
+
+
 def test_one_kwargs_dict_differs_only_in_axis_spelling():
   case = Case("softmax_focal", (2, 5, 3, 3), axis=1, alpha=(0.5,) * 5, mask="both",
               label_smoothing=0.1, reduction="mean_positive", background_class=2)
