@@ -31,6 +31,11 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     mem = r.get("memory") or {}
     if mem.get("status") == "ok":
       ratios["extra_peak_x_logits"] = mem["extra_peak_bytes"] / logits_bytes
+      if r["problem"]["mode"] == "linear":
+        # What the step must return anyway: d/dhidden (N, H) and d/dkernel (H, V).
+        p = r["problem"]
+        grads = (p["n"] * p["h"] + p["h"] * p["c"]) * (logits_bytes // (p["n"] * p["c"]))
+        ratios["extra_peak_less_grads_x_logits"] = (mem["extra_peak_bytes"] - grads) / logits_bytes
     t = r.get("time") or {}
     ref = idx.get((pk, r["ref"])) if r.get("ref") else None
     if ref is not None:
@@ -76,7 +81,11 @@ def targets(records: list[dict[str, Any]], accelerator: bool = False) -> list[di
   1.5x the copy floor, at least 5x faster than DeepSpeed).
   """
   out = []
+  ran = {(r["problem"]["n"], r["problem"]["c"]) for r in records
+         if r["problem"]["mode"] == "softmax" and r["problem"]["target"]}
   for n, c in TARGET_SHAPES:
+    if (n, c) not in ran:
+      continue
     shape = f"({n}, {c})"
     f = lambda impl: _find(records, "softmax", n, c, impl)  # noqa: E731
     out.append(_check("jax_time_vs_optax", "JAX time <= 1.3x optax CE", f("jax_focal"),
@@ -118,6 +127,9 @@ def targets(records: list[dict[str, Any]], accelerator: bool = False) -> list[di
     out.append(_check(f"linear_memory_{r['framework']}",
                       f"{fw} linear extra peak < 1/8 of the logits (DESIGN.md)", r,
                       "extra_peak_x_logits", 0.125, "<=", shape))
+    out.append(_check(f"linear_memory_less_grads_{r['framework']}",
+                      f"{fw} linear extra peak less the parameter gradients < 1/8 of the logits",
+                      r, "extra_peak_less_grads_x_logits", 0.125, "<=", shape))
     out.append(_check(f"linear_memory_issue_{r['framework']}",
                       f"{fw} linear extra peak <= 0.25x the logits (issue 6)", r,
                       "extra_peak_x_logits", 0.25, "<=", shape))
@@ -167,9 +179,11 @@ def shape_table(records: list[dict[str, Any]], pk: tuple) -> str:
     faults = t.get("minor_faults_median")
     page = _page_size()
     fresh = "—" if faults is None else _x(faults * page / Problem(**r["problem"]).logits_bytes)
+    less = rt.get("extra_peak_less_grads_x_logits")
+    less = "" if less is None else f"; {_x(less)} less the parameter gradients"
     rows.append([r["name"], r["framework"], _ms(t), ref, _x(rt.get("time_x_floor")),
                  _x(rt.get("speedup_vs_deepspeed"), 1),
-                 f"{_x(rt.get('extra_peak_x_logits'))} ({mib})", fresh,
+                 f"{_x(rt.get('extra_peak_x_logits'))} ({mib}{less})", fresh,
                  _status(r)])
   return _table(["implementation", "fw", "time ms: median (min–max)", "time vs ref",
                  "time vs copy floor", "faster than DeepSpeed", "extra peak / logits", "page faults / logits",
