@@ -40,13 +40,14 @@ def _alpha(text: str):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  prog = os.path.basename(sys.argv[0] or "")
   p = argparse.ArgumentParser(
-      prog="python -m parity_tests",
+      prog="python -m parity_tests" if prog in ("__main__.py", "") else prog,
       description="Parity report: focal_jax vs focal_torch, both vs DeepSpeed's FocalLoss "
                   "(recorded values and an oracle), and both vs torchvision, optax, "
                   "torch/optax cross-entropy and imbalanced-losses. Exits 1 on any failure.")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-  p.add_argument("--quick", action="store_true", help="a smaller grid (about a quarter)")
+  p.add_argument("--quick", action="store_true", help="a smaller grid (about 40 configurations)")
   p.add_argument("--gamma", type=float, nargs="+", metavar="G",
                  help="focusing parameter(s) to check instead of the built-in ones")
   p.add_argument("--alpha", type=_alpha, nargs="+", metavar="A",

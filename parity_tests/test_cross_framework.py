@@ -84,3 +84,16 @@ def test_a_real_difference_fails_the_comparison():
                  tolerance("float64"))
   assert same.ok
   assert isinstance(ref, Output)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "mean_positive"])
+@pytest.mark.parametrize("fn", ["softmax_focal", "sigmoid_focal", "categorical_focal"])
+def test_fully_masked_batch_gives_zero_loss_and_zero_grad_in_both(fn, reduction):
+  from parity_tests.compare import run_case, run_jax, run_torch
+  case = Case(fn, (16, 7), dtype="float32", reduction=reduction, mask="where", seed=11)
+  inputs = make_inputs(case)
+  inputs.kwargs["where"] = np.zeros_like(inputs.kwargs["where"])
+  for runner in (run_jax, run_torch):
+    out = run_case(runner, case, inputs)
+    np.testing.assert_array_equal(out.value, 0.0)
+    np.testing.assert_array_equal(out.grad, 0.0)
