@@ -36,6 +36,16 @@ gradient (``units``), and add their own budget ``K_PROB * u`` to the project's
 (``prob_tolerance``); ``K_PROB`` is measured like ``K``, with the DeepSpeed oracle in float32
 and float64 against the float64 reference on random inputs where it is finite.
 
+``linear_softmax_focal`` adds the matrix products: a length-``H`` dot product in the compute
+precision is within ``H * u_c`` of exact, relative to the product of magnitudes; the value
+sees one product (the logits), the gradients two (the logits, recomputed, and the gradient's
+own product), so its budget adds ``2 * H * u_c`` to both. The gradient products take the
+logits' gradient ``dZ`` as an operand in the input dtype (as ``nn.Linear`` and a half-precision
+``jnp.dot`` do), which rounds it by ``u_o``: that adds ``u_o * kappa`` to the gradient budget,
+with ``kappa`` the condition number of the products (``max(|H|^T |dZ|) / max|H^T dZ|``, and
+likewise for ``dZ K^T`` and the bias sum), computed from the float64 reference of each case
+(``linear_tolerance``).
+
 The constants are fixed here and published in the README; they are never widened to make a
 failing comparison pass.
 """
@@ -81,6 +91,13 @@ def tolerance(dtype: str) -> Tolerance:
   """One implementation against the float64 reference, for inputs of ``dtype``."""
   uc, uo = U[COMPUTE[dtype]], U[dtype]
   return Tolerance(uo + K_VALUE * uc, uo + K_GRAD * uc)
+
+
+def linear_tolerance(dtype: str, hidden: int, kappa: float = 1.0) -> Tolerance:
+  """``linear_softmax_focal`` against float64: the loss budget, two length-H products, and
+  the rounding of the gradient products' operand (condition number ``kappa``)."""
+  extra = 2 * hidden * U[COMPUTE[dtype]]
+  return tolerance(dtype).plus(Tolerance(extra, extra + U[dtype] * kappa))
 
 
 def prob_tolerance(dtype: str) -> Tolerance:
