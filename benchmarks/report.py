@@ -42,6 +42,8 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
       rt = ref.get("time") or {}
       if t.get("status") == "ok" and rt.get("status") == "ok":
         ratios["time_x_ref"] = t["median"] / rt["median"]
+        # Minima: the least disturbed call of each; steadier than medians on a busy machine.
+        ratios["time_x_ref_of_minima"] = t["min"] / rt["min"]
       rm = ref.get("memory") or {}
       if mem.get("status") == "ok" and rm.get("status") == "ok" and rm["extra_peak_bytes"] > 0:
         ratios["extra_peak_x_ref"] = mem["extra_peak_bytes"] / rm["extra_peak_bytes"]
@@ -55,6 +57,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
       dt = ds.get("time") or {}
       if t.get("status") == "ok" and dt.get("status") == "ok":
         ratios["speedup_vs_deepspeed"] = dt["median"] / t["median"]
+        ratios["speedup_vs_deepspeed_of_minima"] = dt["min"] / t["min"]
     r["ratios"] = ratios
 
 
@@ -68,10 +71,13 @@ def _find(records, mode: str, n: int, c: int, impl: str, target: bool = True):
 
 def _check(tid: str, text: str, record, ratio: str, limit: float, op: str,
            shape: str) -> dict[str, Any]:
-  value = None if record is None else record.get("ratios", {}).get(ratio)
+  """One target: the ratio of medians decides; the ratio of minima is shown beside it."""
+  ratios = {} if record is None else record.get("ratios", {})
+  value = ratios.get(ratio)
   met = None if value is None else (value <= limit if op == "<=" else value >= limit)
   return {"id": tid, "target": text, "shape": shape, "impl": None if record is None else
-          record["impl"], "measured": value, "limit": limit, "op": op, "met": met}
+          record["impl"], "measured": value, "of_minima": ratios.get(ratio + "_of_minima"),
+          "limit": limit, "op": op, "met": met}
 
 
 def targets(records: list[dict[str, Any]], accelerator: bool = False) -> list[dict[str, Any]]:
@@ -233,13 +239,13 @@ def targets_table(checks: list[dict[str, Any]]) -> str:
   for c in checks:
     verdict = "not measured" if c["met"] is None else ("met" if c["met"] else "MISSED")
     measured = "—" if c["measured"] is None else f"{c['measured']:.2f}x"
-    if c["met"] is False:
-      if c["op"] == "<=":
-        verdict += f" by {c['measured'] / c['limit']:.2f}x"
-      else:
-        verdict += f" (reaches {c['measured'] / c['limit']:.2f} of the goal)"
-    rows.append([c["target"], c["shape"], f"{c['op']} {c['limit']:g}x", measured, verdict])
-  return _table(["target", "shape", "limit", "measured", "verdict"], rows)
+    if c["met"] is False:  # how many times better it must get
+      gap = c["measured"] / c["limit"] if c["op"] == "<=" else c["limit"] / c["measured"]
+      verdict += f" by {gap:.2f}x"
+    minima = "" if c.get("of_minima") is None else f"{c['of_minima']:.2f}x"
+    rows.append([c["target"], c["shape"], f"{c['op']} {c['limit']:g}x", measured, minima,
+                 verdict])
+  return _table(["target", "shape", "limit", "measured (medians)", "minima", "verdict"], rows)
 
 
 def markdown(doc: dict[str, Any], machine_text: str) -> str:

@@ -95,7 +95,8 @@ def _rec(impl, n, c, median, extra=None, ref=None, vs_ds=False, role="project", 
   p = {"mode": "softmax", "n": n, "c": c, "h": 0, "dtype": "float32", "seed": 0,
        "target": True}
   r = {"problem": p, "impl": impl, "name": impl, "framework": fw, "role": role,
-       "ref": ref, "vs_deepspeed": vs_ds, "time": {"status": "ok", "median": median}}
+       "ref": ref, "vs_deepspeed": vs_ds,
+       "time": {"status": "ok", "median": median, "min": 0.5 * median}}
   if extra is not None:
     r["memory"] = {"status": "ok", "extra_peak_bytes": extra}
   return r
@@ -126,3 +127,9 @@ def test_targets_compare_ratios_with_design_limits():
   assert checks[("memory_jax_focal", shape)]["measured"] == pytest.approx(1.0)
   assert checks[("torch_time_vs_ce_compiled", shape)]["met"] is None  # not measured
   assert "MISSED by 1.07x" in report.targets_table(report.targets(recs))
+  slow = [_rec("torch_deepspeed", n, c, 0.100, role="deepspeed"),
+          _rec("torch_focal", n, c, 0.200, vs_ds=True)]
+  report.add_ratios(slow)
+  t = {x["id"]: x for x in report.targets(slow)}["torch_vs_deepspeed_eager"]
+  assert t["measured"] == pytest.approx(0.5) and t["met"] is False
+  assert "MISSED by 3.00x" in report.targets_table([t])
