@@ -48,6 +48,22 @@ def load_average() -> list[float] | None:
     return None
 
 
+def code_version() -> dict[str, Any] | None:
+  """The git commit of the checkout this package runs from, and its uncommitted library files
+  (None outside a git checkout)."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                            capture_output=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "focal_jax", "focal_torch",
+                            "parity_tests/deepspeed_oracle.py", "benchmarks"], cwd=root,
+                           text=True, capture_output=True, timeout=10, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return {"commit": commit, "uncommitted": [l[3:] for l in dirty.splitlines()]}
+
+
 def describe(frameworks: tuple[str, ...] = ("jax", "torch")) -> dict[str, Any]:
   """A JSON-ready description of this machine and of the frameworks' devices."""
   info: dict[str, Any] = {
@@ -59,6 +75,7 @@ def describe(frameworks: tuple[str, ...] = ("jax", "torch")) -> dict[str, Any]:
       "python": sys.version.split()[0],
       "versions": {name: _version(name) for name in _PACKAGES},
       "load_average": load_average(),
+      "code": code_version(),
   }
   if "jax" in frameworks:
     import jax
@@ -88,6 +105,11 @@ def summary(info: dict[str, Any]) -> str:
   if "torch_device" in info:
     dev = info.get("torch_cuda_device", "cpu")
     parts.append(f"torch device {dev}, {info['torch_threads']} intra-op threads")
+  if info.get("code"):
+    code = info["code"]
+    parts.append(f"code at commit {code['commit']}" + (
+        f" with uncommitted changes in {', '.join(code['uncommitted'])}"
+        if code["uncommitted"] else ""))
   if info.get("load_average") is not None:
     parts.append("load average (1/5/15 min) at start: "
                  + " / ".join(f"{x:.2f}" for x in info["load_average"]))
