@@ -22,6 +22,7 @@ from parity_tests.cases import DTYPES, LAYOUTS, REDUCTIONS, Case
 from parity_tests.compare import checks_cross_framework
 from parity_tests.deepspeed_checks import DSConfig
 from parity_tests.golden import load_deepspeed_cases, load_torchvision_cases
+from parity_tests.linear_checks import LinearCase, checks_linear_both
 
 
 @dataclasses.dataclass
@@ -120,6 +121,26 @@ def cross_framework_cases(s: Settings) -> list[Case]:
       seed += 1
       cases.append(_case(fn, shape, axis, dtype, red, v, seed))
   return cases
+
+
+def linear_cases(s: Settings) -> list[LinearCase]:
+  """The fused linear_softmax_focal: every dtype and reduction, rotating the variants."""
+  dtypes = s.dtype or list(DTYPES)
+  reductions = s.reduction or list(REDUCTIONS)
+  v = (s.classes or [50])[0]
+  out = []
+  for i, (dtype, red) in enumerate(itertools.product(dtypes, reductions)):
+    if s.quick and not s.custom and i % 4:
+      continue
+    var = VARIANTS[i % len(VARIANTS)] if not s.custom else dict(
+        gamma=(s.gamma or [2.0])[0], alpha=(s.alpha or [None])[0], label_smoothing=0.1,
+        mask="both")
+    gamma = _gamma_vector(v) if var["gamma"] == "vector" else var["gamma"]
+    out.append(LinearCase(n=24, h=16, v=v, dtype=dtype, alpha=_alpha_for(var["alpha"], v),
+                          gamma=gamma, label_smoothing=var["label_smoothing"],
+                          mask=var["mask"], reduction=red, background_class=i % v,
+                          bias=bool(i % 2), chunk_size=(7, None)[i % 2], seed=5000 + i))
+  return out
 
 
 def recorded_cases(s: Settings):
@@ -264,6 +285,7 @@ def anchor_configs(s: Settings) -> list[Task]:
 def tasks(s: Settings) -> list[Task]:
   """Everything the report runs, in order."""
   out: list[Task] = [(checks_cross_framework, c) for c in cross_framework_cases(s)]
+  out += [(checks_linear_both, c) for c in linear_cases(s)]
   out += [(deepspeed_checks.checks_recorded, r) for r in recorded_cases(s)]
   out += [(deepspeed_checks.checks_oracle, c) for c in deepspeed_oracle_configs(s)]
   if s.dtype is None or "float32" in s.dtype:

@@ -177,3 +177,8 @@ def checks_linear(case: LinearCase, with_torch: bool = True) -> list[Check]:
 def torch_has_linear() -> bool:
   import focal_torch
   return hasattr(focal_torch, "linear_softmax_focal")
+
+
+def checks_linear_both(case: LinearCase) -> list[Check]:
+  """``checks_linear`` with torch when ``focal_torch`` has the function (the report's form)."""
+  return checks_linear(case, with_torch=torch_has_linear())

@@ -196,10 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0 if passed else 1
 
 
-_GROUPS = ("JAX vs torch", "float64 reference", "DeepSpeed (recorded)", "DeepSpeed oracle",
-           "torchvision", "optax.sigmoid_focal", "F.cross_entropy", "optax.softmax_cross",
-           "F.binary_cross", "optax.sigmoid_binary", "SoftmaxFocalLoss", "SigmoidFocalLoss",
-           "1-D alpha", "saturated", "0<gamma<1")
+# Row families in print order; matched in ``_MATCH_ORDER`` (linear rows also mention the
+# float64 reference, so they are matched first).
+_GROUPS = ("JAX vs torch", "float64 reference", "linear_softmax_focal", "DeepSpeed (recorded)",
+           "DeepSpeed oracle", "torchvision", "optax.sigmoid_focal", "F.cross_entropy",
+           "optax.softmax_cross", "F.binary_cross", "optax.sigmoid_binary",
+           "SoftmaxFocalLoss", "SigmoidFocalLoss", "1-D alpha", "saturated", "0<gamma<1")
+_MATCH_ORDER = sorted(range(len(_GROUPS)), key=lambda i: (i not in (0, 2), i))
 # Checked in this order (the drop-in before plain torch); the number is the sort rank.
 _PACKAGES = (("DeepSpeed", 0), ("JAX", 1), ("torch FocalLoss", 3), ("torch", 2))
 
@@ -207,8 +210,8 @@ _PACKAGES = (("DeepSpeed", 0), ("JAX", 1), ("torch FocalLoss", 3), ("torch", 2))
 def _sort_key(row: dict) -> tuple:
   """Family, then dtype, then package; divergences last; errors at the very end."""
   name = row["comparison"]
-  group = next((i for i, g in enumerate(_GROUPS) if (name == g if i == 0 else g in name)),
-               len(_GROUPS))
+  group = next((i for i in _MATCH_ORDER
+                if (name == _GROUPS[i] if i == 0 else _GROUPS[i] in name)), len(_GROUPS))
   package = next((rank for p, rank in _PACKAGES if name.startswith(p)), len(_PACKAGES))
   return (group, _DTYPE_ORDER.get(row["dtype"], 9), package, name)
 
