@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--json", metavar="PATH", help="write all records as JSON here")
   p.add_argument("--out", metavar="DIR", help="write PNG plots and report.md here")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--label", default="", help="free text recorded with the run (e.g. the commit "
+                 "of a clean checkout)")
   return p
 
 
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
   doc = {
       "schema": "focal-bench/1",
       "command": "focal-bench " + shlex.join(argv),
+      "label": args.label,
       "machine": info,
       "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
       "elapsed_s": round(time.time() - started, 1),

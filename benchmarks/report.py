@@ -251,7 +251,10 @@ def targets_table(checks: list[dict[str, Any]]) -> str:
 def markdown(doc: dict[str, Any], machine_text: str) -> str:
   """The whole report: command, machine, targets, per-shape tables and the sweep."""
   records = doc["results"]
-  parts = [f"Command: `{doc['command']}`", "", "Machine:", "", "```", machine_text, "```", ""]
+  parts = [f"Command: `{doc['command']}`", ""]
+  if doc.get("label"):
+    parts += [doc["label"], ""]
+  parts += ["Machine:", "", "```", machine_text, "```", ""]
   if doc.get("load_average_end") is not None:
     parts += ["Load average (1/5/15 min) at the end: "
               + " / ".join(f"{x:.2f}" for x in doc["load_average_end"]), ""]
