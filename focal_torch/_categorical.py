@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from focal_torch import _chunking
+from focal_torch import _softmax
 from focal_torch._softmax import compute_dtype
 
 
@@ -27,28 +28,43 @@ def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
   return torch.where(pos, q_safe ** gamma, at_zero)
 
 
-def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-  """Per-row loss (class axis kept, size 1) and (optionally) dL/dz from a chunk's log-softmax."""
+def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
+          differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+  """Per-row loss (class axis kept, size 1) and (optionally) dL/dz from a chunk's
+  log-softmax.
+
+  The chunked path avoids torch's slow CPU ``where`` and ``exp``: ``l = 0`` (``s`` rounds
+  to 1) is moved to ``-tiny``, where ``q = -expm1(l) = tiny`` and ``r = l / expm1(l) = 1``
+  are the limits to float precision. ``differentiable=True`` (double backward) uses a
+  ``where``-guarded power instead, whose derivative is 0, not NaN, at ``q = 0``.
+  """
   y = y.to(log_s.dtype)
   weight = y if alpha is None else alpha * y
   plain = isinstance(gamma, float) and gamma == 0.0
   if not plain:
-    # 1 - s as -expm1(log s): exact near s = 1.
-    weight = weight * safe_pow(-torch.expm1(log_s), gamma)
+    if differentiable:
+      # 1 - s as -expm1(log s): exact near s = 1.
+      em1 = torch.expm1(log_s)
+      weight = weight * safe_pow(-em1, gamma)
+    else:
+      log_c = log_s.clamp_max(-torch.finfo(log_s.dtype).tiny)
+      em1 = torch.expm1(log_c)
+      weight = weight * torch.exp2(torch.log2(-em1).mul_(gamma))
   loss = -(weight * log_s).sum(1, keepdim=True)
   if not with_grad:
     return loss, None
-  s = torch.exp(log_s)
+  s = torch.exp(log_s) if differentiable else _softmax.exp_(log_s.clone())
   if plain:
     w = weight
-  else:
+  elif differentiable:
     # r = l / expm1(l) -> 1 as l -> 0 (s -> 1); the where keeps 0/0 out of value and grad.
     at_one = log_s == 0
     l_safe = torch.where(at_one, -torch.ones((), dtype=s.dtype, device=s.device), log_s)
     r = torch.where(at_one, torch.ones((), dtype=s.dtype, device=s.device),
                     l_safe / torch.expm1(l_safe))
     w = weight * (1.0 + gamma * s * r)
+  else:
+    w = weight * (1.0 + gamma * s * (log_c / em1))
   return loss, s * w.sum(1, keepdim=True) - w
 
 
@@ -73,7 +89,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
   """
 
   @staticmethod
-  def forward(ctx, z3, y3, valid, alpha, gamma, elements):  # pylint: disable=arguments-differ
+  def forward(ctx, z3, y3, valid, alpha, gamma, elements):  # pylint: disable=W0221
     cdt = compute_dtype(z3.dtype)
     loss = torch.empty(_chunking.row_shape(z3.shape), dtype=cdt, device=z3.device)
     for idx in _chunking.chunks(z3.shape, elements):
@@ -87,7 +103,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
     return _mask(loss, valid)
 
   @staticmethod
-  def backward(ctx, go):  # pylint: disable=arguments-differ
+  def backward(ctx, go):  # pylint: disable=W0221
     z3, y3, valid, alpha_t, gamma_t = ctx.saved_tensors
     alpha = alpha_t if alpha_t is not None else ctx.floats[0]
     gamma = gamma_t if gamma_t is not None else ctx.floats[1]
@@ -95,7 +111,8 @@ class CategoricalFocalFunction(torch.autograd.Function):
     go = _mask(go.to(cdt), valid)
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
-      _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True)
+      _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True,
+                      differentiable=True)
       return (grad * go).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, ctx.elements):

@@ -228,7 +228,7 @@ class SoftmaxFocalFunction(torch.autograd.Function):
   """
 
   @staticmethod
-  def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements):  # pylint: disable=arguments-differ
+  def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements):  # pylint: disable=W0221
     zt, lse_o, sum_z = row_stats(z3, t3, bool(eps), elements)
     loss, a, b, g = row_terms(zt, lse_o, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
@@ -239,7 +239,7 @@ class SoftmaxFocalFunction(torch.autograd.Function):
     return loss
 
   @staticmethod
-  def backward(ctx, go):  # pylint: disable=arguments-differ
+  def backward(ctx, go):  # pylint: disable=W0221
     z3, t3, valid, bad, lse_o, a, b, g, alpha_t, gamma_t = ctx.saved_tensors
     go = go.to(lse_o.dtype)
     if torch.is_grad_enabled():

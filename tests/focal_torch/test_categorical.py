@@ -14,7 +14,9 @@ import focal_torch
 from focal_torch import _chunking
 
 REDUCTIONS = ["none", "sum", "mean", "mean_positive"]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
+       torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -8),
+       torch.float16: dict(rtol=2 ** -10, atol=2 ** -11)}
 
 
 def _grad(loss, x, create_graph=False):
@@ -56,7 +58,7 @@ def categorical_cases(draw):
       where=rng.random(row_shape) < 0.8 if draw(st.booleans()) else None,
       reduction=draw(st.sampled_from(REDUCTIONS)),
       background_class=draw(st.integers(0, c - 1)),
-      dtype=draw(st.sampled_from([torch.float32, torch.float64])))
+      dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])))
 
 
 @hypothesis.given(categorical_cases())

@@ -39,7 +39,8 @@ def test_softmax_module_buffers_follow_dtype_and_state_dict(ref):
 def test_state_dict_round_trip_changes_the_loss(ref):
   rng = np.random.default_rng(1)
   logits, labels = rng.normal(0, 2, (5, 4)), rng.integers(0, 4, 5)
-  source = focal_torch.SoftmaxFocalLoss(alpha=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+  source = focal_torch.SoftmaxFocalLoss(
+      alpha=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
   target = focal_torch.SoftmaxFocalLoss(alpha=torch.ones(4, dtype=torch.float64))
   target.load_state_dict(source.state_dict())
   loss = target(torch.tensor(logits), torch.tensor(labels))
