@@ -271,3 +271,37 @@ def check_no_grad(fn: str, name: str, x: torch.Tensor) -> None:
   if x.requires_grad:
     raise ValueError(f"{fn}: {name} gets no gradient from this loss; pass {name}.detach(), "
                      "got a tensor that requires grad")
+
+
+def check_softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
+                         label_smoothing: Any, reduction: Any, ignore_index: Any,
+                         background_class: Any, process_group: Any
+                         ) -> tuple[Any, Any, float, str, int | None, int, Any]:
+  """Checks the softmax hyperparameters; returns them normalized."""
+  reduction = check_reduction(fn, reduction)
+  eps = check_label_smoothing(fn, label_smoothing)
+  ignore_index = check_int(fn, "ignore_index", ignore_index, allow_none=True)
+  background_class = check_int(fn, "background_class", background_class)
+  alpha = check_hyper(fn, "alpha", alpha, num_classes, low=None)
+  gamma = check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
+  process_group = check_process_group(fn, process_group)
+  return alpha, gamma, eps, reduction, ignore_index, background_class, process_group
+
+
+def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
+                  num_classes: int, ignore_index: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+  """``(valid, bad, safe_labels)``: the entries that count; with the value checks off, the
+  valid labels outside ``[0, C)`` (their loss is NaN; with the checks on they raise and
+  ``bad`` is None); and labels that are safe to index with."""
+  valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+  if ignore_index is not None:
+    valid = labels != ignore_index
+  if where is not None:
+    valid = valid & where
+  zero = torch.zeros((), dtype=labels.dtype, device=labels.device)
+  if checks_enabled():
+    check_label_range(fn, labels, valid, num_classes, ignore_index)
+    return valid, None, torch.where(valid, labels, zero).to(torch.int64)
+  bad = valid & ((labels < 0) | (labels >= num_classes))
+  return valid, bad, torch.where(valid & ~bad, labels, zero).to(torch.int64)

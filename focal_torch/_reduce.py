@@ -27,15 +27,24 @@ def reduce_loss(loss: torch.Tensor, reduction: str, *, valid: torch.Tensor | Non
   """
   if reduction == "none":
     return loss.to(out_dtype)
-  total = loss.sum()
+  return finish(loss.sum(), reduction, count=loss.numel(), valid=valid, positive=positive,
+                process_group=process_group, out_dtype=out_dtype)
+
+
+def finish(total: torch.Tensor, reduction: str, *, count: int, valid: torch.Tensor | None,
+           positive: torch.Tensor | None, process_group, out_dtype: torch.dtype
+           ) -> torch.Tensor:
+  """The denominator part of :func:`reduce_loss`, for a local sum computed elsewhere (the
+  fused linear loss sums inside its autograd.Function); ``count`` is the number of entries
+  (the ``"mean"`` denominator when ``valid`` is None)."""
   if reduction == "sum":
     denominator = None
   elif reduction == "mean":
-    denominator = (loss.new_full((), float(loss.numel())) if valid is None
-                   else valid.sum().to(loss.dtype))
+    denominator = (total.new_full((), float(count)) if valid is None
+                   else valid.sum().to(total.dtype))
   elif reduction == "mean_positive":
     assert positive is not None
-    denominator = positive.sum().to(loss.dtype)
+    denominator = positive.sum().to(total.dtype)
   else:  # the callers check reduction; this is a programming error
     raise AssertionError(reduction)
   if process_group is not None:

@@ -75,26 +75,38 @@ def chunk_buffer(shape: tuple[int, ...], elements: int, cdt: torch.dtype,
   return torch.empty(n, dtype=cdt, device=device)
 
 
+def exp_others_(e: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """Overwrites a scratch chunk ``e`` (compute dtype) with ``exp(e - m)``, 0 at the target,
+  and returns the per-row ``(m, S)``: ``m`` the largest other logit (at least the lowest
+  finite number) and ``S`` the row sums, so that ``log sum_{c != t} exp(e_c) = m + log S``
+  and ``exp(e_c - lse_o) = e_c / S``. ``S >= 1`` unless no other class is finite (then 0)."""
+  e.scatter_(1, t, float("-inf"))
+  m = e.amax(1, keepdim=True).clamp_min_(torch.finfo(e.dtype).min)
+  exp_(e.sub_(m))
+  return m, e.sum(1, keepdim=True)
+
+
+def lse_from(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+  """``m + log S``, the log-sum-exp of the other classes, kept finite (no other class:
+  the lowest finite number, so that no inf - inf occurs later)."""
+  return (m + s.log()).clamp_min_(torch.finfo(m.dtype).min)
+
+
 def chunk_lse_others(w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
   """``log sum_{c != t} exp(w_c)`` per row of a chunk (2-D or 3-D), in ``buf``'s dtype.
 
   The target is left out, so that ``log(1 - p)`` comes out exact where ``p`` rounds to 1.
-  A row with no finite other class gives the lowest finite number, never -inf or NaN.
   """
   c = w.shape[1]
-  lowest = torch.finfo(buf.dtype).min
   pad = _padded_classes(w.shape)
   if pad == c:
-    e = full = buf[:w.numel()].view(w.shape)
-  else:
-    full = buf[:w.shape[0] * pad].view(w.shape[0], pad)
-    full[:, c:] = float("-inf")  # exp(-inf) = 0: the padding adds nothing to the sums
-    e = full[:, :c]
-  e.copy_(w)
-  e.scatter_(1, t, float("-inf"))
-  m = full.amax(1, keepdim=True).clamp_min_(lowest)
-  exp_(full.sub_(m))
-  return (m + full.sum(1, keepdim=True).log_()).clamp_min_(lowest)
+    e = buf[:w.numel()].view(w.shape)
+    e.copy_(w)
+    return lse_from(*exp_others_(e, t))
+  full = buf[:w.shape[0] * pad].view(w.shape[0], pad)
+  full[:, c:] = float("-inf")  # exp(-inf) = 0: the padding adds nothing to the sums
+  full[:, :c].copy_(w)
+  return lse_from(*exp_others_(full, t))
 
 
 def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int

@@ -105,40 +105,6 @@ def softmax_focal(
       process_group=process_group)
 
 
-def check_softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
-                         label_smoothing: Any, reduction: Any, ignore_index: Any,
-                         background_class: Any, process_group: Any
-                         ) -> tuple[Any, Any, float, str, int | None, int, Any]:
-  """Checks the softmax hyperparameters; returns them normalized."""
-  reduction = _checks.check_reduction(fn, reduction)
-  eps = _checks.check_label_smoothing(fn, label_smoothing)
-  ignore_index = _checks.check_int(fn, "ignore_index", ignore_index, allow_none=True)
-  background_class = _checks.check_int(fn, "background_class", background_class)
-  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=None)
-  gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
-  process_group = _checks.check_process_group(fn, process_group)
-  return alpha, gamma, eps, reduction, ignore_index, background_class, process_group
-
-
-def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
-                  num_classes: int, ignore_index: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-  """``(valid, bad, safe_labels)``: the entries that count; with the value checks off, the
-  valid labels outside ``[0, C)`` (their loss is NaN; with the checks on they raise and
-  ``bad`` is None); and labels that are safe to index with."""
-  valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-  if ignore_index is not None:
-    valid = labels != ignore_index
-  if where is not None:
-    valid = valid & where
-  zero = torch.zeros((), dtype=labels.dtype, device=labels.device)
-  if _checks.checks_enabled():
-    _checks.check_label_range(fn, labels, valid, num_classes, ignore_index)
-    return valid, None, torch.where(valid, labels, zero).to(torch.int64)
-  bad = valid & ((labels < 0) | (labels >= num_classes))
-  return valid, bad, torch.where(valid & ~bad, labels, zero).to(torch.int64)
-
-
 def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, alpha: Any,
                        gamma: Any, label_smoothing: Any, reduction: Any, where: Any,
                        ignore_index: Any, background_class: Any, dim: Any,
@@ -153,7 +119,7 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
     raise ValueError(f"{fn}: logits must have at least one class along dim={dim}, got shape "
                      f"{_checks.shape_str(logits.shape)}")
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-      check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
+      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
                            label_smoothing=label_smoothing, reduction=reduction,
                            ignore_index=ignore_index, background_class=background_class,
                            process_group=process_group))
@@ -162,7 +128,7 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   _checks.check_labels(fn, labels, expected, what, logits, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
   where = _checks.check_where(fn, where, expected, what, logits)
-  valid, bad, safe = softmax_masks(fn, labels, where, num_classes, ignore_index)
+  valid, bad, safe = _checks.softmax_masks(fn, labels, where, num_classes, ignore_index)
 
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)

@@ -82,7 +82,7 @@ class SoftmaxFocalLoss(_FocalBase):
     super().__init__()
     fn = type(self).__name__
     alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-        functional.check_softmax_hypers(
+        _checks.check_softmax_hypers(
             fn, None, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing,
             reduction=reduction, ignore_index=ignore_index,
             background_class=background_class, process_group=process_group))
