@@ -86,7 +86,7 @@ def test_a_real_difference_fails_the_comparison():
   assert isinstance(ref, Output)
 
 
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "mean_positive"])
+@pytest.mark.parametrize("reduction", ["mean", "mean_positive"])  # the ones that divide
 @pytest.mark.parametrize("fn", ["softmax_focal", "sigmoid_focal", "categorical_focal"])
 def test_fully_masked_batch_gives_zero_loss_and_zero_grad_in_both(fn, reduction):
   from parity_tests.compare import run_case, run_jax, run_torch
