@@ -5,6 +5,7 @@ drop-in. Same names, keywords and numbers as ``focal_jax``, with torch's convent
 from focal_torch._checks import value_checks
 from focal_torch.deepspeed import FocalLoss
 from focal_torch.functional import categorical_focal
+from focal_torch.functional import linear_softmax_focal
 from focal_torch.functional import sigmoid_focal
 from focal_torch.functional import softmax_focal
 from focal_torch.modules import CategoricalFocalLoss
@@ -17,6 +18,7 @@ __all__ = [
     "SigmoidFocalLoss",
     "SoftmaxFocalLoss",
     "categorical_focal",
+    "linear_softmax_focal",
     "sigmoid_focal",
     "softmax_focal",
     "value_checks",

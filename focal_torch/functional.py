@@ -19,7 +19,9 @@ from focal_torch import _reduce
 from focal_torch import _sigmoid
 from focal_torch import _softmax
 
-__all__ = ["softmax_focal", "sigmoid_focal", "categorical_focal"]
+from focal_torch._linear import linear_softmax_focal  # the fused head, in its own module
+
+__all__ = ["softmax_focal", "sigmoid_focal", "categorical_focal", "linear_softmax_focal"]
 
 
 def softmax_focal(

@@ -36,27 +36,44 @@ def make_data():
   return x, labels, where, soft, probs
 
 
+class Net(torch.nn.Module):
+  """A linear layer whose forward returns one configuration's loss (DDP syncs gradients of
+  what forward uses, so the fused linear loss must be called from forward too)."""
+
+  def __init__(self):
+    super().__init__()
+    self.linear = torch.nn.Linear(H, C).double()
+
+  def forward(self, x, data, group, fn):
+    return fn(self.linear, x, data, group)
+
+
 def make_model():
   torch.manual_seed(1)
-  return torch.nn.Linear(H, C).double()
+  return Net()
 
 
 def configs():
-  """(name, function(logits, rows, group) -> loss) for every reduction that reduces."""
+  """(name, function(linear, x, rows, group) -> loss) for every reduction that reduces."""
   alpha = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
   out = []
   for reduction in ("sum", "mean", "mean_positive"):
-    out.append((f"softmax-{reduction}", lambda z, d, g, r=reduction: focal_torch.softmax_focal(
-        z, d["labels"], alpha=alpha, gamma=0.5, label_smoothing=0.1, where=d["where"],
+    out.append((f"softmax-{reduction}", lambda m, x, d, g, r=reduction: focal_torch.softmax_focal(
+        m(x), d["labels"], alpha=alpha, gamma=0.5, label_smoothing=0.1, where=d["where"],
         reduction=r, process_group=g)))
-    out.append((f"sigmoid-{reduction}", lambda z, d, g, r=reduction: focal_torch.sigmoid_focal(
-        z, d["soft"], alpha=0.25, gamma=2.0, reduction=r, process_group=g)))
+    out.append((f"sigmoid-{reduction}", lambda m, x, d, g, r=reduction: focal_torch.sigmoid_focal(
+        m(x), d["soft"], alpha=0.25, gamma=2.0, reduction=r, process_group=g)))
     out.append((f"categorical-{reduction}",
-                lambda z, d, g, r=reduction: focal_torch.categorical_focal(
-                    z, d["probs"], gamma=1.5, where=d["where"], reduction=r,
+                lambda m, x, d, g, r=reduction: focal_torch.categorical_focal(
+                    m(x), d["probs"], gamma=1.5, where=d["where"], reduction=r,
                     process_group=g)))
-  out.append(("module-softmax-mean_positive", lambda z, d, g: focal_torch.SoftmaxFocalLoss(
-      gamma=2.0, reduction="mean_positive", process_group=g)(z, d["labels"])))
+    out.append((f"linear-{reduction}",
+                lambda m, x, d, g, r=reduction: focal_torch.linear_softmax_focal(
+                    x, m.weight, d["labels"], bias=m.bias, chunk_size=2, alpha=alpha,
+                    gamma=0.5, label_smoothing=0.1, where=d["where"], reduction=r,
+                    process_group=g)))
+  out.append(("module-softmax-mean_positive", lambda m, x, d, g: focal_torch.SoftmaxFocalLoss(
+      gamma=2.0, reduction="mean_positive", process_group=g)(m(x), d["labels"])))
   return out
 
 
@@ -73,7 +90,7 @@ def single_process():
   results = {}
   for name, fn in configs():
     model.zero_grad()
-    loss = fn(model(x), data, None)
+    loss = model(x, data, None, fn)
     loss.backward()
     results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
   return results
@@ -92,7 +109,7 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
     results = {}
     for name, fn in configs():
       model.zero_grad()
-      loss = fn(model(x), data, dist.group.WORLD)
+      loss = model(x, data, dist.group.WORLD, fn)
       loss.backward()
       value = loss.detach().clone()
       dist.all_reduce(value)  # the usual recipe: average the value over the group

@@ -1,0 +1,311 @@
+"""Fused linear + softmax focal loss: ``softmax_focal(hidden @ weight.T + bias, labels)``
+without ever building the ``(N, V)`` logits.
+
+Rows of ``hidden`` are processed in chunks. Each chunk's logits go to one ``(rows, V)``
+float buffer; the per-row math is the softmax focal loss's (``_softmax.exp_others_`` and
+``_softmax.row_terms``), and the chunk's logit gradient is formed in the same buffer
+(``exp(z_c - lse_o) = buffer_c / S``: no second exponential), then multiplied into the
+gradients of ``hidden``, ``weight`` and ``bias``.
+
+Two schedules, chosen by measurement (see the package notes):
+
+- reductions to a scalar (``"sum"``, ``"mean"``, ``"mean_positive"``): the gradients are
+  computed in the forward pass (3 matrix products per chunk, as many as the materialized
+  path) and the backward only scales them by the incoming scalar;
+- ``"none"``: the backward gets one cotangent per row, so it recomputes each chunk's logits
+  (4 matrix products in all).
+
+Peak memory: one ``(rows, V)`` buffer (two for half inputs), ``hidden``'s gradient and the
+``weight``/``bias`` gradients (accumulated in float32 for half-precision weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from focal_torch import _checks
+from focal_torch import _reduce
+from focal_torch import _softmax
+
+# Elements of the per-chunk logits buffer when chunk_size is not given (16 MiB of float32).
+# At (4096 x 512) @ (512 x 32768) that is 128 rows. Measured there on a 2-core CPU (one
+# thread, forward + backward against the materialized path): 64-row chunks 1.05x its time,
+# 128 rows 0.87-0.94x, 256 rows 0.9x (thin chunks make the weight-gradient product
+# memory-bound); extra peak 0.21x the logits with 128 rows (0.24x with 256).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_rows(n: int, v: int) -> int:
+  """Rows per chunk for ``n`` rows and ``v`` classes."""
+  return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
+
+
+def _rows(x: Any, r: slice) -> Any:
+  """The rows ``r`` of a per-row tensor; numbers and 0-d tensors as they are."""
+  return x[r] if isinstance(x, torch.Tensor) and x.ndim == 2 else x
+
+
+class _Chunker:
+  """Computes one chunk's logits into the float buffer and its logit gradient in place."""
+
+  def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               rows: int) -> None:
+    self.hidden, self.weight, self.bias = hidden, weight, bias
+    self.cdt = _softmax.compute_dtype(hidden.dtype)
+    v = weight.shape[0]
+    self.buf = torch.empty(rows * v, dtype=self.cdt, device=hidden.device)
+    self.half = None if hidden.dtype == self.cdt else torch.empty(
+        rows * v, dtype=hidden.dtype, device=hidden.device)
+
+  def logits(self, r: slice) -> torch.Tensor:
+    """``hidden[r] @ weight.T + bias`` in the input dtype (as the materialized path computes
+    it), as a compute-dtype view of the buffer."""
+    h = self.hidden[r]
+    shape = (h.shape[0], self.weight.shape[0])
+    out = self.buf[:shape[0] * shape[1]].view(shape)
+    target = out if self.half is None else self.half[:out.numel()].view(shape)
+    if self.bias is None:
+      torch.mm(h, self.weight.t(), out=target)
+    else:
+      torch.addmm(self.bias, h, self.weight.t(), out=target)
+    if self.half is not None:
+      out.copy_(target)
+    return out
+
+
+def _chunk_terms(z: torch.Tensor, t: torch.Tensor, eps: float, num_classes: int, alpha: Any,
+                 gamma: Any, valid: torch.Tensor, bad: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                            torch.Tensor]:
+  """Loss and gradient scalars of a chunk of logits ``z``, which is overwritten with
+  ``exp(z - m)`` (0 at the target). Returns ``(loss, S, A, B, G)``."""
+  zt = z.gather(1, t)
+  sum_z = z.sum(1, keepdim=True) if eps else None
+  m, s = _softmax.exp_others_(z, t)
+  loss, a, b, g = _softmax.row_terms(zt, _softmax.lse_from(m, s), sum_z, num_classes, alpha,
+                                     gamma, eps, valid, bad)
+  return loss, s, a, b, g
+
+
+def _grad_in_place(e: torch.Tensor, t: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
+                   b: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+  """Turns ``e = exp(z - m)`` (0 at the target) into dL/dz: ``A e / S - B`` off the target,
+  ``G`` at it."""
+  # S >= 1 unless no other class is finite; then A = 0 and the clamp keeps 0 / 0 out.
+  e.mul_(a / s.clamp_min(torch.finfo(s.dtype).tiny))
+  if b is not None:
+    e.sub_(b)
+  return e.scatter_(1, t, g)
+
+
+class _Grads:
+  """Accumulates the gradients of hidden, weight and bias from chunks of dL/dlogits."""
+
+  def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               needs: tuple[bool, bool, bool]) -> None:
+    self.hidden, self.weight = hidden, weight
+    cdt = _softmax.compute_dtype(hidden.dtype)
+    self.dh = torch.empty_like(hidden) if needs[0] else None
+    # Half-precision weights: accumulate in float32 (many chunks would each round).
+    self.dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if needs[1] else None
+    self.db = (torch.zeros(weight.shape[0], dtype=cdt, device=weight.device)
+               if bias is not None and needs[2] else None)
+
+  def add(self, r: slice, dz: torch.Tensor) -> None:
+    if self.dh is not None:
+      lhs = dz if dz.dtype == self.weight.dtype else dz.to(self.weight.dtype)
+      torch.mm(lhs, self.weight, out=self.dh[r])
+    if self.dw is not None:
+      self.dw.addmm_(dz.t(), self.hidden[r].to(self.dw.dtype))
+    if self.db is not None:
+      self.db.add_(dz.sum(0))
+
+  def tensors(self) -> tuple[torch.Tensor | None, ...]:
+    return self.dh, self.dw, self.db
+
+
+def _finish(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | None, ...],
+            scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+  """The gradients, scaled in place by the incoming scalar, in their parameters' dtypes."""
+  out = []
+  for grad, dtype in zip(grads, dtypes):
+    if grad is not None and scale is not None:
+      grad = grad.mul_(scale.to(grad.dtype))
+    out.append(None if grad is None else grad.to(dtype))
+  return tuple(out)
+
+
+class LinearSoftmaxFocalFunction(torch.autograd.Function):
+  """Per-row losses (``summed=False``) or their sum (``summed=True``) of
+  ``softmax_focal(hidden @ weight.T + bias)``, chunk by chunk; see the module docstring."""
+
+  @staticmethod
+  def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps, rows,  # pylint: disable=W0221
+              summed):
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    chunker = _Chunker(hidden, weight, bias, rows)
+    loss = torch.empty((n, 1), dtype=chunker.cdt, device=hidden.device)
+    needs = tuple(ctx.needs_input_grad[:3])
+    grads = _Grads(hidden, weight, bias, needs) if summed and any(needs) else None
+    per_row = None if summed else [torch.empty((n, 1), dtype=chunker.cdt,
+                                               device=hidden.device) for _ in range(3)]
+    with_b = bool(eps)
+    for start in range(0, n, rows):
+      r = slice(start, min(n, start + rows))
+      z = chunker.logits(r)
+      loss[r], s, a, b, g = _chunk_terms(z, t[r], eps, v, _rows(alpha, r), _rows(gamma, r),
+                                         valid[r], None if bad is None else bad[r])
+      if grads is not None:
+        grads.add(r, _grad_in_place(z, t[r], s, a, b, g))
+      elif per_row is not None:
+        per_row[0][r], per_row[2][r] = a, g
+        if with_b:
+          per_row[1][r] = b
+    ctx.summed = summed
+    ctx.rows = rows
+    ctx.with_b = with_b
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if summed:
+      # The gradients for a unit cotangent; backward scales them by the incoming scalar.
+      ctx.save_for_backward(*(grads.tensors() if grads is not None else (None,) * 3))
+      return loss.sum()
+    if not with_b:
+      per_row[1] = None
+    ctx.save_for_backward(hidden, weight, bias, t, *per_row)
+    return loss
+
+  @staticmethod
+  @torch.autograd.function.once_differentiable
+  def backward(ctx, go):  # pylint: disable=W0221
+    nones = (None,) * 8
+    if ctx.summed:
+      return _finish(ctx.saved_tensors, ctx.dtypes, scale=go) + nones
+    hidden, weight, bias, t, a, b, g = ctx.saved_tensors
+    go = go.to(a.dtype)
+    n = hidden.shape[0]
+    chunker = _Chunker(hidden, weight, bias, ctx.rows)
+    grads = _Grads(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
+    for start in range(0, n, ctx.rows):
+      r = slice(start, min(n, start + ctx.rows))
+      z = chunker.logits(r)
+      _, s = _softmax.exp_others_(z, t[r])
+      dz = _grad_in_place(z, t[r], s, a[r] * go[r], b[r] * go[r] if ctx.with_b else None,
+                          g[r] * go[r])
+      grads.add(r, dz)
+    return _finish(grads.tensors(), ctx.dtypes) + nones
+
+
+def linear_softmax_focal(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    alpha: float | torch.Tensor | None = None,
+    gamma: float | torch.Tensor = 2.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: torch.Tensor | None = None,
+    ignore_index: int | None = -100,
+    background_class: int = 0,
+    process_group: Any = None,
+) -> torch.Tensor:
+  r"""Softmax focal loss of a linear layer's output, without materializing the logits.
+
+  Equals ``softmax_focal(hidden @ weight.T + bias, labels, dim=-1, ...)`` in value and in
+  the gradients with respect to ``hidden``, ``weight`` and ``bias``, but processes rows in
+  chunks: no ``(N, V)`` tensor is ever built, so the extra memory is one ``(chunk, V)``
+  buffer plus the gradients themselves (for masked-LM and LLM heads the logits are the
+  largest tensor in the step). ``weight`` has ``nn.Linear``'s ``(V, H)`` layout.
+
+  Args:
+    hidden: floating-point features ``(..., H)``.
+    weight: ``(V, H)``, the same dtype and device as ``hidden``.
+    labels: integer classes in ``[0, V)`` (or ``ignore_index``), shape ``hidden.shape[:-1]``.
+    bias: None or ``(V,)``.
+    chunk_size: rows per chunk; None picks one that keeps each chunk's buffer near 16 MiB
+      of float32 (``2**22 // V`` rows, at least one).
+    alpha, gamma, label_smoothing, reduction, where, ignore_index, background_class,
+    process_group: as in :func:`focal_torch.softmax_focal` (``(V,)`` vectors for
+      ``alpha``/``gamma``).
+
+  Returns:
+    Per-row losses of ``labels``' shape for ``reduction="none"``, else a scalar; in
+    ``hidden``'s dtype.
+
+  Raises:
+    TypeError: non-tensor or integer ``hidden``/``weight``; ``weight``/``bias`` of another
+      dtype than ``hidden``; the same argument errors as ``softmax_focal``.
+    ValueError: ``weight`` not ``(V, H)`` with ``H = hidden.shape[-1]``; ``bias`` not
+      ``(V,)``; ``chunk_size < 1``; ``labels``/``where`` not of shape ``hidden.shape[:-1]``;
+      the hyperparameter errors of ``softmax_focal``.
+
+  Shape:
+    - hidden: ``(N, H)`` or ``(*, H)``; weight: ``(V, H)``; bias: ``(V,)``.
+    - labels, where: ``(N,)`` or ``(*)``.
+    - output: scalar, or ``(*)`` for ``reduction="none"``.
+
+  Examples:
+    >>> head = torch.nn.Linear(512, 32768)
+    >>> loss = focal_torch.linear_softmax_focal(hidden, head.weight, labels, bias=head.bias)
+  """
+  fn = "linear_softmax_focal"
+  _checks.check_floating(fn, "hidden", hidden)
+  _checks.check_floating(fn, "weight", weight)
+  h = hidden.shape[-1]
+  if weight.ndim != 2 or weight.shape[1] != h:
+    raise ValueError(
+        f"{fn}: weight must have shape (V, {h}) (nn.Linear's layout, H = hidden.shape[-1] = "
+        f"{h}), got {_checks.shape_str(weight.shape)}")
+  if weight.dtype != hidden.dtype:
+    raise TypeError(f"{fn}: weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+  _checks.check_same_device(fn, "weight", weight, hidden)
+  v = weight.shape[0]
+  if v == 0:
+    raise ValueError(f"{fn}: weight must have at least one row (class), got shape "
+                     f"{_checks.shape_str(weight.shape)}")
+  if bias is not None:
+    if not isinstance(bias, torch.Tensor):
+      raise TypeError(f"{fn}: bias must be None or a torch.Tensor, got {type(bias).__name__}")
+    if tuple(bias.shape) != (v,):
+      raise ValueError(f"{fn}: bias must have shape ({v},) (V = weight.shape[0]), got "
+                       f"{_checks.shape_str(bias.shape)}")
+    if bias.dtype != hidden.dtype:
+      raise TypeError(f"{fn}: bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    _checks.check_same_device(fn, "bias", bias, hidden)
+  if chunk_size is not None:
+    chunk_size = _checks.check_int(fn, "chunk_size", chunk_size, allow_none=True)
+    if chunk_size < 1:
+      raise ValueError(f"{fn}: chunk_size must be None or >= 1, got {chunk_size}")
+  alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
+      _checks.check_softmax_hypers(fn, v, alpha=alpha, gamma=gamma,
+                                   label_smoothing=label_smoothing, reduction=reduction,
+                                   ignore_index=ignore_index,
+                                   background_class=background_class,
+                                   process_group=process_group))
+  expected = hidden.shape[:-1]
+  what = "hidden's shape without its last axis"
+  _checks.check_labels(fn, labels, expected, what, hidden, integer=True)
+  _checks.check_no_grad(fn, "labels", labels)
+  where = _checks.check_where(fn, where, expected, what, hidden)
+  valid, bad, safe = _checks.softmax_masks(fn, labels, where, v, ignore_index)
+
+  h2 = hidden.reshape(-1, h)
+  n = h2.shape[0]
+  cdt = _softmax.compute_dtype(hidden.dtype)
+  t = safe.reshape(n, 1)
+  rows = chunk_size or default_chunk_rows(n, v)
+  summed = reduction != "none"
+  out = LinearSoftmaxFocalFunction.apply(
+      h2, weight, bias, t, valid.reshape(n, 1), None if bad is None else bad.reshape(n, 1),
+      _softmax.per_row(alpha, t, cdt), _softmax.per_row(gamma, t, cdt), eps, max(1, rows),
+      summed)
+  if not summed:
+    return out.reshape(labels.shape).to(hidden.dtype)
+  positive = valid & (labels != background_class) if reduction == "mean_positive" else None
+  return _reduce.finish(out, reduction, count=n, valid=valid, positive=positive,
+                        process_group=process_group, out_dtype=hidden.dtype)
