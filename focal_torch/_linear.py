@@ -7,13 +7,17 @@ float buffer; the per-row math is the softmax focal loss's (``_softmax.exp_other
 (``exp(z_c - lse_o) = buffer_c / S``: no second exponential), then multiplied into the
 gradients of ``hidden``, ``weight`` and ``bias``.
 
-Two schedules, chosen by measurement (see the package notes):
+Two schedules, chosen by measurement:
 
 - reductions to a scalar (``"sum"``, ``"mean"``, ``"mean_positive"``): the gradients are
   computed in the forward pass (3 matrix products per chunk, as many as the materialized
-  path) and the backward only scales them by the incoming scalar;
+  path) and the backward only scales them by the incoming scalar (none of this work is done
+  when no input needs a gradient);
 - ``"none"``: the backward gets one cotangent per row, so it recomputes each chunk's logits
   (4 matrix products in all).
+
+At (4096 x 512) @ (512 x 32768), float32, one CPU thread, forward + backward: materialized
+7.7-7.9 s, gradients-in-forward 6.3-7.0 s, recompute-in-backward 9.2-9.6 s.
 
 Peak memory: one ``(rows, V)`` buffer (two for half inputs), ``hidden``'s gradient and the
 ``weight``/``bias`` gradients (accumulated in float32 for half-precision weights).
@@ -107,7 +111,8 @@ class _Grads:
                needs: tuple[bool, bool, bool]) -> None:
     self.hidden, self.weight = hidden, weight
     cdt = _softmax.compute_dtype(hidden.dtype)
-    self.dh = torch.empty_like(hidden) if needs[0] else None
+    self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+               if needs[0] else None)
     # Half-precision weights: accumulate in float32 (many chunks would each round).
     self.dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if needs[1] else None
     self.db = (torch.zeros(weight.shape[0], dtype=cdt, device=weight.device)

@@ -205,3 +205,16 @@ def test_bad_arguments_raise_clear_errors(kw, error, message):
   with pytest.raises(error, match=re.escape(message)):
     focal_torch.linear_softmax_focal(args.pop("hidden"), args.pop("weight"), args.pop("labels"),
                                      **args)
+
+
+def test_non_contiguous_hidden_and_weight():
+  rng = np.random.default_rng(6)
+  hidden_t = torch.tensor(rng.normal(0, 1, (4, 9)), requires_grad=True)  # (H, N) storage
+  weight_t = torch.tensor(rng.normal(0, 0.5, (4, 6)), requires_grad=True)  # (H, V) storage
+  labels = torch.tensor(rng.integers(0, 6, 9))
+  fused = focal_torch.linear_softmax_focal(hidden_t.t(), weight_t.t(), labels, chunk_size=2)
+  materialized = focal_torch.softmax_focal(hidden_t.t() @ weight_t, labels)
+  torch.testing.assert_close(fused, materialized, rtol=1e-12, atol=1e-14)
+  for g_fused, g_mat in zip(_grads(fused, [hidden_t, weight_t]),
+                            _grads(materialized, [hidden_t, weight_t])):
+    torch.testing.assert_close(g_fused, g_mat, rtol=1e-11, atol=1e-13)
