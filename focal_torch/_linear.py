@@ -147,8 +147,8 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
   ``softmax_focal(hidden @ weight.T + bias)``, chunk by chunk; see the module docstring."""
 
   @staticmethod
-  def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps, rows,  # pylint: disable=W0221
-              summed):
+  def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps,  # pylint: disable=W0221
+              rows, summed):
     n = hidden.shape[0]
     v = weight.shape[0]
     chunker = _Chunker(hidden, weight, bias, rows)

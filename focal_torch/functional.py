@@ -122,9 +122,10 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
                      f"{_checks.shape_str(logits.shape)}")
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
       _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
-                           label_smoothing=label_smoothing, reduction=reduction,
-                           ignore_index=ignore_index, background_class=background_class,
-                           process_group=process_group))
+                                   label_smoothing=label_smoothing, reduction=reduction,
+                                   ignore_index=ignore_index,
+                                   background_class=background_class,
+                                   process_group=process_group))
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
   what = f"the logits' shape without dim {dim}"
   _checks.check_labels(fn, labels, expected, what, logits, integer=True)
@@ -139,8 +140,8 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
   loss = _softmax.SoftmaxFocalFunction.apply(
       z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
-      _softmax.per_row(alpha, t3, cdt),
-      _softmax.per_row(gamma, t3, cdt), eps, elements).reshape(labels.shape)
+      _softmax.per_row(alpha, t3, cdt), _softmax.per_row(gamma, t3, cdt), eps,
+      elements).reshape(labels.shape)
   positive = valid & (labels != background_class) if reduction == "mean_positive" else None
   return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
                              process_group=process_group,
