@@ -160,3 +160,13 @@ def test_small_chunks_match_reference(ref, monkeypatch, shape):
   want, want_grad = ref.categorical_focal(logits, targets, gamma=gamma, alpha=0.5)
   np.testing.assert_allclose(loss.item(), want, rtol=1e-12)
   np.testing.assert_allclose(_grad(loss, z).numpy(), want_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_hessian_finite_at_extreme_margins(gamma):
+  for margin in (30.0, 100.0, 1e4):
+    z = torch.tensor([[margin, 0.0, -margin], [-margin, margin, 0.0]], requires_grad=True)
+    y = torch.tensor([[0.9, 0.1, 0.0], [1.0, 0.0, 0.0]])
+    hess = torch.autograd.functional.hessian(
+        lambda z, y=y: focal_torch.categorical_focal(z, y, gamma=gamma), z)
+    assert torch.isfinite(hess).all()
