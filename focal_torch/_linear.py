@@ -19,8 +19,9 @@ Two schedules, chosen by measurement:
 At (4096 x 512) @ (512 x 32768), float32, one CPU thread, forward + backward: materialized
 7.7-7.9 s, gradients-in-forward 6.3-7.0 s, recompute-in-backward 9.2-9.6 s.
 
-Peak memory: one ``(rows, V)`` buffer (two for half inputs), ``hidden``'s gradient and the
-``weight``/``bias`` gradients (accumulated in float32 for half-precision weights).
+Peak memory: one ``(rows, V)`` buffer, ``hidden``'s gradient and the ``weight``/``bias``
+gradients. Half-precision inputs are multiplied and accumulated in float32 (as ``focal_jax``
+does), which adds a float32 copy of the weight and float32 gradient accumulators.
 """
 
 from __future__ import annotations
@@ -52,31 +53,25 @@ def _rows(x: Any, r: slice) -> Any:
 
 
 class _Chunker:
-  """Computes one chunk's logits into the float buffer and its logit gradient in place."""
+  """Computes one chunk's logits into the float buffer (its logit gradient is then formed in
+  place). Half-precision inputs are multiplied in float32, like ``focal_jax`` (its matmuls
+  use ``preferred_element_type=float32``): one float32 copy of the weight per pass."""
 
   def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                rows: int) -> None:
-    self.hidden, self.weight, self.bias = hidden, weight, bias
     self.cdt = _softmax.compute_dtype(hidden.dtype)
-    v = weight.shape[0]
-    self.buf = torch.empty(rows * v, dtype=self.cdt, device=hidden.device)
-    self.half = None if hidden.dtype == self.cdt else torch.empty(
-        rows * v, dtype=hidden.dtype, device=hidden.device)
+    self.hidden = hidden
+    self.weight = weight.to(self.cdt)
+    self.bias = None if bias is None else bias.to(self.cdt)
+    self.buf = torch.empty(rows * weight.shape[0], dtype=self.cdt, device=hidden.device)
 
   def logits(self, r: slice) -> torch.Tensor:
-    """``hidden[r] @ weight.T + bias`` in the input dtype (as the materialized path computes
-    it), as a compute-dtype view of the buffer."""
-    h = self.hidden[r]
-    shape = (h.shape[0], self.weight.shape[0])
-    out = self.buf[:shape[0] * shape[1]].view(shape)
-    target = out if self.half is None else self.half[:out.numel()].view(shape)
+    """``hidden[r] @ weight.T + bias`` in the compute dtype, a view of the buffer."""
+    h = self.hidden[r].to(self.cdt)
+    out = self.buf[:h.shape[0] * self.weight.shape[0]].view(h.shape[0], self.weight.shape[0])
     if self.bias is None:
-      torch.mm(h, self.weight.t(), out=target)
-    else:
-      torch.addmm(self.bias, h, self.weight.t(), out=target)
-    if self.half is not None:
-      out.copy_(target)
-    return out
+      return torch.mm(h, self.weight.t(), out=out)
+    return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
 
 def _chunk_terms(z: torch.Tensor, t: torch.Tensor, eps: float, num_classes: int, alpha: Any,
@@ -105,25 +100,25 @@ def _grad_in_place(e: torch.Tensor, t: torch.Tensor, s: torch.Tensor, a: torch.T
 
 
 class _Grads:
-  """Accumulates the gradients of hidden, weight and bias from chunks of dL/dlogits."""
+  """Accumulates the gradients of hidden, weight and bias from chunks of dL/dlogits, in the
+  compute dtype (float32 for half inputs: many chunks would each round)."""
 
-  def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+  def __init__(self, chunker: _Chunker, bias: torch.Tensor | None,
                needs: tuple[bool, bool, bool]) -> None:
-    self.hidden, self.weight = hidden, weight
-    cdt = _softmax.compute_dtype(hidden.dtype)
-    self.dh = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    self.chunker = chunker
+    hidden, weight = chunker.hidden, chunker.weight
+    self.dh = (torch.empty(hidden.shape, dtype=chunker.cdt, device=hidden.device)
                if needs[0] else None)
-    # Half-precision weights: accumulate in float32 (many chunks would each round).
-    self.dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if needs[1] else None
-    self.db = (torch.zeros(weight.shape[0], dtype=cdt, device=weight.device)
+    self.dw = (torch.zeros(weight.shape, dtype=chunker.cdt, device=weight.device)
+               if needs[1] else None)
+    self.db = (torch.zeros(weight.shape[0], dtype=chunker.cdt, device=weight.device)
                if bias is not None and needs[2] else None)
 
   def add(self, r: slice, dz: torch.Tensor) -> None:
     if self.dh is not None:
-      lhs = dz if dz.dtype == self.weight.dtype else dz.to(self.weight.dtype)
-      torch.mm(lhs, self.weight, out=self.dh[r])
+      torch.mm(dz, self.chunker.weight, out=self.dh[r])
     if self.dw is not None:
-      self.dw.addmm_(dz.t(), self.hidden[r].to(self.dw.dtype))
+      self.dw.addmm_(dz.t(), self.chunker.hidden[r].to(self.dw.dtype))
     if self.db is not None:
       self.db.add_(dz.sum(0))
 
@@ -154,7 +149,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     chunker = _Chunker(hidden, weight, bias, rows)
     loss = torch.empty((n, 1), dtype=chunker.cdt, device=hidden.device)
     needs = tuple(ctx.needs_input_grad[:3])
-    grads = _Grads(hidden, weight, bias, needs) if summed and any(needs) else None
+    grads = _Grads(chunker, bias, needs) if summed and any(needs) else None
     per_row = None if summed else [torch.empty((n, 1), dtype=chunker.cdt,
                                                device=hidden.device) for _ in range(3)]
     with_b = bool(eps)
@@ -192,7 +187,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     go = go.to(a.dtype)
     n = hidden.shape[0]
     chunker = _Chunker(hidden, weight, bias, ctx.rows)
-    grads = _Grads(hidden, weight, bias, tuple(ctx.needs_input_grad[:3]))
+    grads = _Grads(chunker, bias, tuple(ctx.needs_input_grad[:3]))
     for start in range(0, n, ctx.rows):
       r = slice(start, min(n, start + ctx.rows))
       z = chunker.logits(r)
