@@ -276,7 +276,7 @@ def markdown(doc: dict[str, Any], machine_text: str) -> str:
         r0 = next(r for r in records if problem_key(r["problem"]) == pk)
         parts += [f"### {Problem(**r0['problem']).label} {r0['problem']['dtype']}", "",
                   shape_table(records, pk), ""]
-    if mode != "linear":
+    if mode != "linear" and any(pk[0] == mode and not pk[5] for pk in pks):
       parts += ["### sweep", "", sweep_tables(records, mode), ""]
   return "\n".join(parts)
 
