@@ -105,8 +105,8 @@ def _problems(mode: str, s: dict[str, Any]) -> list[problems.Problem]:
     n, h, v = s["linear_shape"]
     return [problems.Problem("linear", n, v, h=h, dtype=s["dtype"], target=True)]
   if s["shapes"]:
-    return [problems.Problem(mode, n, c, dtype=s["dtype"], target=(n, c) in problems.TARGET_SHAPES)
-            for n, c in s["shapes"]]
+    return [problems.Problem(mode, n, c, dtype=s["dtype"],
+                             target=(n, c) in problems.TARGET_SHAPES) for n, c in s["shapes"]]
   return problems.sweep(mode, s["classes"], s["budget"], s["max_elements"], s["targets"],
                         s["dtype"])
 

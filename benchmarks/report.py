@@ -192,8 +192,8 @@ def shape_table(records: list[dict[str, Any]], pk: tuple) -> str:
                  f"{_x(rt.get('extra_peak_x_logits'))} ({mib}{less})", fresh,
                  _status(r)])
   return _table(["implementation", "fw", "time ms: median (min–max)", "time vs ref",
-                 "time vs copy floor", "faster than DeepSpeed", "extra peak / logits", "page faults / logits",
-                 "note"], rows)
+                 "time vs copy floor", "faster than DeepSpeed", "extra peak / logits",
+                 "page faults / logits", "note"], rows)
 
 
 def _page_size() -> int:
