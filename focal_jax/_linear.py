@@ -21,56 +21,35 @@ from focal_jax import _softmax
 # (chunk, V) buffers of a step stay well under the logits of any vocabulary-sized problem.
 _CHUNK_ELEMENTS = 1 << 22
 
+# The derivative works on (tile_rows, block) tiles of the logits and adds each tile's
+# (H, block) kernel gradient into its columns of the kernel gradient in place. A tile and that
+# product each hold about a quarter of a chunk's logits (chunk * V / 4 elements, 4 MiB in
+# float32 with the automatic chunk), and at least this many, for efficient matmuls.
+_MIN_TILE_ELEMENTS = 1 << 16
+
+
+def _floor_pow2(n: int) -> int:
+  return 1 << (max(int(n), 1).bit_length() - 1)
+
 
 def _auto_chunk(num_rows: int, vocab: int) -> int:
-  chunk = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-  chunk = 1 << (chunk.bit_length() - 1)  # a power of two
+  chunk = _floor_pow2(_CHUNK_ELEMENTS // max(vocab, 1))
   # Never more chunks than needed: at most the (8-aligned) number of rows.
   return max(1, min(chunk, -(-num_rows // 8) * 8))
+
+
+def _auto_tile(num_rows: int, vocab: int, size: int, chunk: int) -> tuple[int, int]:
+  """(tile_rows, block) of the derivative pass, for `num_rows` rows and a (size, vocab) kernel."""
+  budget = max(_MIN_TILE_ELEMENTS, chunk * vocab // 4)
+  block = min(vocab, _floor_pow2(max(128, budget // max(size, 1))))
+  tile_rows = min(num_rows, _floor_pow2(max(8, budget // block)))
+  return tile_rows, block
 
 
 def _logits(h, kernel, bias, cdtype):
   # Accumulate in the compute dtype (float32 at least), also for bf16 / fp16 inputs.
   z = jnp.matmul(h, kernel, preferred_element_type=cdtype)
   return z if bias is None else z + bias.astype(cdtype)[None, :]
-
-
-def _chunk_tangent(h_c, kernel, bias, t_c, st, valid_c, dh_c, dkernel, dbias, eps, cdtype):
-  """sum_v dloss/dz[r, v] * dz[r, v] for one chunk, with dz = dh W + h dW + db."""
-  z = _logits(h_c, kernel, bias, cdtype)
-  g = _softmax.grad_from_stats(z, t_c, st, valid_c, eps)
-  dz = None
-  if dh_c is not None:
-    dz = jnp.matmul(dh_c, kernel, preferred_element_type=cdtype)
-  if dkernel is not None:
-    term = jnp.matmul(h_c, dkernel, preferred_element_type=cdtype)
-    dz = term if dz is None else dz + term
-  if dbias is not None:
-    term = jnp.broadcast_to(dbias.astype(cdtype)[None, :], g.shape)
-    dz = term if dz is None else dz + term
-  return jnp.sum(g * dz, axis=-1)
-
-
-# Checkpointed: the (chunk, V) logits and gradient are recomputed in the backward pass from the
-# chunk of hidden rows, the kernel and per-row scalars, so reverse mode stores nothing of size
-# (N, V) -- only O(chunk * V) is ever alive.
-_chunk_tangent_remat = jax.checkpoint(_chunk_tangent, static_argnums=(9, 10))
-
-
-# A custom_jvp whose rule is a lax.scan over row chunks (not a custom_vjp): JAX linearizes and
-# transposes the scan itself, which keeps the parameter cotangents' types (dtype, and the
-# varying/replicated axes under shard_map) automatically, and accumulates the kernel and bias
-# gradients over chunks in the transposed scan's carry. The per-row math is softmax_focal's
-# (row_stats / grad_from_stats), so both compute the same numbers.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10))
-def _linear_rows(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype):
-  """Per-row losses of softmax_focal(h @ kernel + bias), h of shape (num_chunks * chunk, H)."""
-  def body(_, xs):
-    h_c, t_c, a_c, g_c, v_c, r_c = xs
-    z = _logits(h_c, kernel, bias, cdtype)
-    return None, _softmax.row_stats(z, t_c, a_c, g_c, v_c, r_c, eps).loss
-  xs = tuple(_chunked(x, chunk) for x in (h, t, alpha, gamma, valid, in_range))
-  return lax.scan(body, None, xs)[1].reshape(-1)
 
 
 def _chunked(x, chunk):
@@ -81,32 +60,117 @@ def _none_if_zero(x):
   return None if isinstance(x, SymbolicZero) else x
 
 
-def _linear_rows_jvp(eps, chunk, cdtype, primals, tangents):
+def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype):
+  """RowStats of every row (each field of shape (N,)), one (chunk, V) block of logits at a time."""
+  def body(_, xs):
+    h_c, t_c, a_c, g_c, v_c, r_c = xs
+    z = _logits(h_c, kernel, bias, cdtype)
+    return None, _softmax.row_stats(z, t_c, a_c, g_c, v_c, r_c, eps)
+  xs = tuple(_chunked(x, chunk) for x in (h, t, alpha, gamma, valid, in_range))
+  stats = lax.scan(body, None, xs)[1]
+  return _softmax.RowStats(*(x.reshape(-1) for x in stats))
+
+
+# The same function behind a custom_jvp whose rule is plain autodiff, for one reason: memory.
+# Reverse mode partially evaluates the rule of _linear_rows below, and JAX's partial evaluation
+# of a lax.scan hoists every loop-invariant value of the body out of the loop -- here the
+# (chunk, V) class iota and broadcast constants of row_stats, extra (chunk, V) buffers that
+# stay alive through the loop. A custom_jvp call whose inputs are all known is not partially
+# evaluated but called as it is, so the loop keeps them inside, where XLA fuses them away.
+_stats_pass = jax.custom_jvp(_stats_pass_plain, nondiff_argnums=(8, 9, 10))
+
+
+@_stats_pass.defjvp
+def _stats_pass_jvp(eps, chunk, cdtype, primals, tangents):
+  return jax.jvp(lambda *args: _stats_pass_plain(*args, eps, chunk, cdtype), primals, tangents)
+
+
+def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, tile, cdtype):
+  """Row sums of dloss/dz * dz over tile i of the logits, dz = dh W + h dW + db.
+
+  Tiles are (tile_rows, block); tile i covers block b = i // (tiles per column) of columns
+  and row tile c = i % (tiles per column), so consecutive tiles share kernel columns. A last
+  row or column tile that would run past the end starts at N - tile_rows or V - block instead
+  (where a dynamic slice clamps anyway) and masks the rows or columns the tile before it
+  already covered: no array is ever padded or copied to a multiple of the tile.
+  Returns the first row of the tile and its (tile_rows,) row sums.
+  """
+  tile_rows, block = tile
+  num_rows, vocab = h.shape[0], kernel.shape[1]
+  row_tiles = -(-num_rows // tile_rows)
+  b, c = i // row_tiles, i % row_tiles
+  row0 = jnp.minimum(c * tile_rows, num_rows - tile_rows)
+  col0 = jnp.minimum(b * block, vocab - block)
+
+  def rows(x):
+    return lax.dynamic_slice_in_dim(x, row0, tile_rows, axis=0)
+
+  def cols(x):
+    return lax.dynamic_slice_in_dim(x, col0, block, axis=x.ndim - 1)
+
+  h_c, kernel_b = rows(h), cols(kernel)
+  z = _logits(h_c, kernel_b, None if bias is None else cols(bias), cdtype)
+  new_rows = lax.iota(jnp.int32, tile_rows) + row0 >= c * tile_rows
+  new_cols = lax.iota(jnp.int32, block) + col0 >= b * block
+  g = _softmax.grad_from_stats(z, rows(t), _softmax.RowStats(*map(rows, st)),
+                               rows(valid) & new_rows, eps, first_class=col0,
+                               num_classes=vocab)
+  g = jnp.where(new_cols[None, :], g, 0.0)
+  dz = None
+  if dh is not None:
+    dz = jnp.matmul(rows(dh), kernel_b, preferred_element_type=cdtype)
+  if dkernel is not None:
+    term = jnp.matmul(h_c, cols(dkernel), preferred_element_type=cdtype)
+    dz = term if dz is None else dz + term
+  if dbias is not None:
+    term = jnp.broadcast_to(cols(dbias).astype(cdtype)[None, :], g.shape)
+    dz = term if dz is None else dz + term
+  return row0, jnp.sum(g * dz, axis=-1)
+
+
+# Checkpointed: reverse mode keeps no tile -- each tile's logits and gradient are recomputed in
+# the backward pass from the inputs and the per-row scalars, so only O(tile) is alive. The
+# transposed loop adds each tile's (H, block) kernel gradient into its columns in place.
+_tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10, 11, 12))
+
+
+# A custom_jvp (not a custom_vjp, which jax.hessian cannot forward-differentiate). Its rule is
+# a row-chunked scan for the per-row scalars, then a scan over (tile_rows, block) tiles for the
+# tangent, linear in (dh, dkernel, dbias). JAX linearizes and transposes that second scan for
+# reverse mode, which keeps the parameter cotangents' types (dtype, and the varying/replicated
+# axes under shard_map) automatically, and the transposed scan accumulates the hidden, kernel
+# and bias gradients tile by tile. The per-row math is softmax_focal's (row_stats /
+# grad_from_stats), so both compute the same numbers.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11))
+def _linear_rows(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, tile, cdtype):
+  """Per-row losses of softmax_focal(h @ kernel + bias), h of shape (num_chunks * chunk, H)."""
+  del tile  # only the derivative is tiled
+  return _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk,
+                           cdtype).loss
+
+
+def _linear_rows_jvp(eps, chunk, tile, cdtype, primals, tangents):
   h, kernel, bias, t, alpha, gamma, valid, in_range = primals
   dh, dkernel, dbias, _, dalpha, dgamma, _, _ = map(_none_if_zero, tangents)
   if bias is None:
     dbias = None
-  want_z = dh is not None or dkernel is not None or dbias is not None
+  st = _stats_pass(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype)
+  tangent = jnp.zeros_like(st.loss)
+  if dh is not None or dkernel is not None or dbias is not None:
+    num_tiles = -(-h.shape[0] // tile[0]) * -(-kernel.shape[1] // tile[1])
 
-  def body(_, xs):
-    h_c, t_c, a_c, g_c, v_c, r_c, dh_c = xs
-    z = _logits(h_c, kernel, bias, cdtype)
-    st = _softmax.row_stats(z, t_c, a_c, g_c, v_c, r_c, eps)
-    tangent = jnp.zeros_like(st.loss)
-    if want_z:
-      tangent = _chunk_tangent_remat(h_c, kernel, bias, t_c, st, v_c, dh_c, dkernel, dbias, eps,
-                                     cdtype)
-    return None, (st.loss, st.dloss_dalpha, st.dloss_dgamma, tangent)
-
-  xs = tuple(None if x is None else _chunked(x, chunk)
-             for x in (h, t, alpha, gamma, valid, in_range, dh))
-  _, (loss, dloss_dalpha, dloss_dgamma, tangent) = lax.scan(body, None, xs)
-  loss, tangent = loss.reshape(-1), tangent.reshape(-1)
+    def body(tangent, i):
+      row0, sums = _tile_tangent_remat(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps,
+                                       tile, cdtype)
+      # Added in place into the rows of the tile (its masked rows add 0).
+      total = lax.dynamic_slice_in_dim(tangent, row0, tile[0]) + sums
+      return lax.dynamic_update_slice_in_dim(tangent, total, row0, axis=0), None
+    tangent = lax.scan(body, tangent, jnp.arange(num_tiles, dtype=jnp.int32))[0]
   if dalpha is not None:
-    tangent = tangent + dloss_dalpha.reshape(-1) * dalpha
+    tangent = tangent + st.dloss_dalpha * dalpha
   if dgamma is not None:
-    tangent = tangent + dloss_dgamma.reshape(-1) * dgamma
-  return loss, tangent
+    tangent = tangent + st.dloss_dgamma * dgamma
+  return st.loss, tangent
 
 
 _linear_rows.defjvp(_linear_rows_jvp, symbolic_zeros=True)
@@ -134,7 +198,9 @@ def linear_softmax_focal(
   with respect to ``hidden``, ``kernel`` and ``bias`` (and ``alpha``, ``gamma``), but works on
   ``chunk_size`` rows at a time: the ``(N, V)`` logits and their gradient are never built.
   Forward and backward keep ``O(chunk_size * V)`` memory beyond the inputs and the parameter
-  gradients; the backward pass recomputes each chunk's logits (one extra matmul).
+  gradients: the forward pass keeps a few scalars per row, and the backward pass recomputes
+  the logits in tiles of about ``chunk_size * V / 4`` (one extra matmul) and adds each tile's
+  share of the ``kernel`` gradient into it in place.
 
   .. math::
     z = h W + b, \qquad
@@ -151,8 +217,9 @@ def linear_softmax_focal(
     labels: integers in ``[0, V)``, shape ``hidden.shape[:-1]``; an unmasked out-of-range
       label gives NaN for its entry (never wraps).
     bias: optional ``(V,)`` bias.
-    chunk_size: rows per chunk (a positive int). None picks one so that a chunk holds about
-      4M logits (16 MiB in float32), capped by the number of rows.
+    chunk_size: rows per chunk of the forward pass (a positive int); it also sizes the tiles
+      of the backward pass. None picks one so that a chunk holds about 4M logits (16 MiB in
+      float32), capped by the number of rows.
     alpha: None, a scalar, or a ``(V,)`` vector of class weights.
     gamma: a scalar ``>= 0`` or a ``(V,)`` vector.
     label_smoothing: :math:`\epsilon \in [0, 1]`, on the cross-entropy term only.
@@ -235,9 +302,11 @@ def linear_softmax_focal(
       x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
     return x
 
+  tile = _auto_tile(padded, vocab, size, chunk)
   loss = _linear_rows(
       rows(hidden, 0), kernel, bias, rows(prep.t, 0), rows(prep.alpha, 1), rows(prep.gamma, 0),
-      rows(prep.valid, False), rows(prep.in_range, True), prep.eps, chunk, prep.compute_dtype)
+      rows(prep.valid, False), rows(prep.in_range, True), prep.eps, chunk, tile,
+      prep.compute_dtype)
   loss = loss[:num_rows].reshape(row_shape)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
                              reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)

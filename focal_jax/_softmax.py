@@ -82,15 +82,20 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
 
 
 def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
-                    eps: float) -> jax.Array:
+                    eps: float, *, first_class: Any = 0,
+                    num_classes: int | None = None) -> jax.Array:
   """dloss/dz for each row: k1 * v + k2 * (onehot - 1/C), 0 on masked rows.
 
   v is -1 at the target and exp(z_c - m) / sum_{c' != t} exp(z_c' - m) elsewhere; exp(z - m)
   is the same expression as in the forward pass (XLA reuses it) and never overflows.
+  `z` may be a block of columns: `first_class` (a traced int is fine) is the class of its first
+  column and `num_classes` the whole class count C (default: z's last axis).
   """
-  num_classes = z.shape[-1]
+  if num_classes is None:
+    num_classes = z.shape[-1]
   z = z.astype(st.m.dtype)
-  is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
+  classes = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) + jnp.asarray(first_class, t.dtype)
+  is_t = classes == t[..., None]
   e_rest = jnp.where(is_t, 0.0, jnp.exp(z - st.m[..., None]))  # as in row_stats: shared by XLA
   g = jnp.where(is_t, -st.k1[..., None], e_rest * st.k1_rest[..., None])
   if eps > 0.0:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import focal_jax
+from focal_jax import _linear
 
 N, H, V = 13, 6, 11
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
@@ -121,6 +122,77 @@ def test_forward_mode_matches_materialized_path():
   got = jax.jit(lambda: jax.jvp(fused, (h, w), (dh, dw)))()
   want = jax.jit(lambda: jax.jvp(mat, (h, w), (dh, dw)))()
   np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (5, 3), (8, 4), (16, V)])
+def test_every_tiling_of_the_derivative_matches_materialized_path(monkeypatch, tile):
+  # The derivative works on (tile_rows, block) tiles of the logits; here on 16 rows (13 padded
+  # to chunks of 4) and V = 11 columns. Block 4 gives columns 0-3, 4-7 and a last block 7-10
+  # that starts at V - block and must skip column 7, already done; block 3 skips column 8.
+  # Row tiles of 5 give rows 0-4, 5-9, 10-14 and 11-15, which must skip rows 11-14.
+  monkeypatch.setattr(_linear, "_auto_tile", lambda rows, vocab, size, chunk: tile)
+  h, w, b, t = _data(seed=16)
+  t[:V] = np.arange(V)  # a target in every column, the shared ones included
+  kw = dict(alpha=np.linspace(0.1, 1.0, V), gamma=np.linspace(0.5, 3.0, V),
+            label_smoothing=0.1, reduction="mean_positive")
+  fused = lambda h, w, b: focal_jax.linear_softmax_focal(h, w, t, bias=b, chunk_size=4, **kw)
+  mat = lambda h, w, b: _materialized(h, w, t, bias=b, **kw)
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(h, w, b)
+  want = jax.jit(jax.value_and_grad(mat, argnums=(0, 1, 2)))(h, w, b)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
+  for name, g, wg in zip(("hidden", "kernel", "bias"), got[1], want[1]):
+    np.testing.assert_allclose(g, wg, rtol=1e-11, atol=1e-14, err_msg=name)
+  tangents = (np.full_like(h, 0.1), np.full_like(w, -0.2), np.full_like(b, 0.3))
+  got = jax.jit(lambda: jax.jvp(fused, (h, w, b), tangents))()
+  want = jax.jit(lambda: jax.jvp(mat, (h, w, b), tangents))()
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_second_derivatives_match_materialized_path(monkeypatch):
+  # jax.hessian is forward over reverse; the gradient of a gradient norm is reverse over
+  # reverse. Both go through the derivative's own loops, which must stay differentiable.
+  monkeypatch.setattr(_linear, "_auto_tile", lambda rows, vocab, size, chunk: (4, 4))
+  h, w, b, t = _data(seed=17)
+  kw = dict(gamma=1.5, label_smoothing=0.1, reduction="mean")
+  fused = lambda h, w: focal_jax.linear_softmax_focal(h, w, t, bias=b, chunk_size=5, **kw)
+  mat = lambda h, w: _materialized(h, w, t, bias=b, **kw)
+  got = jax.jit(jax.hessian(fused, argnums=(0, 1)))(h, w)
+  want = jax.jit(jax.hessian(mat, argnums=(0, 1)))(h, w)
+  for got_row, want_row in zip(got, want):
+    for g, wg in zip(got_row, want_row):
+      np.testing.assert_allclose(g, wg, rtol=1e-10, atol=1e-13)
+
+  def grad_norm(f):
+    return lambda h, w: sum(jnp.sum(g**2) for g in jax.grad(f, argnums=(0, 1))(h, w))
+  got = jax.jit(jax.grad(grad_norm(fused), argnums=(0, 1)))(h, w)
+  want = jax.jit(jax.grad(grad_norm(mat), argnums=(0, 1)))(h, w)
+  for g, wg in zip(got, want):
+    np.testing.assert_allclose(g, wg, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("size,chunk,limit", [
+    # A wide kernel and small chunks: the temporaries take about 2 MiB, and one more
+    # kernel-sized (H, V) buffer, 8 MiB, would exceed the limit on its own.
+    (256, 64, "kernel"),
+    # A narrow kernel and big chunks: one (chunk, V) block of logits, 8 MiB, is the largest;
+    # the loop-invariant (chunk, V) constants hoisted out of a partially evaluated scan would
+    # add two more.
+    (64, 256, "two chunks"),
+])
+def test_compiled_gradient_holds_no_kernel_sized_or_extra_chunk_sized_temporary(size, chunk,
+                                                                                limit):
+  # XLA's own buffer assignment of jit(value_and_grad), from shapes alone (nothing runs); the
+  # gradients are outputs, not temporaries. The logits would be 64 MiB.
+  rows, vocab = 2048, 8192
+  spec = jax.ShapeDtypeStruct
+  args = (spec((rows, size), jnp.float32), spec((size, vocab), jnp.float32),
+          spec((rows,), jnp.int32))
+  loss = lambda h, w, t: focal_jax.linear_softmax_focal(h, w, t, chunk_size=chunk,
+                                                        reduction="mean")
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  bound = size * vocab * 4 if limit == "kernel" else 2 * chunk * vocab * 4
+  assert temp < bound, f"{temp / 2**20:.1f} MiB of temporaries, limit {bound / 2**20:.0f} MiB"
 
 
 def test_out_of_range_label_gives_nan_for_its_row_only():
