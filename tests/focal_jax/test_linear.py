@@ -148,6 +148,23 @@ def test_every_tiling_of_the_derivative_matches_materialized_path(monkeypatch, t
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_vmap_of_value_and_grad_matches_materialized_path():
+  # Per-sequence losses and gradients over a batch of hidden states (shared kernel), and over
+  # a batch of kernels (shared hidden states): the loops and the custom_jvp batch.
+  h, w, _, t = _data(seed=18, shape=(3, N))
+  kernels = np.stack([w, -2.0 * w])
+  kw = dict(label_smoothing=0.1, reduction="mean")
+  fused = jax.value_and_grad(
+      lambda h, w, t: focal_jax.linear_softmax_focal(h, w, t, chunk_size=4, **kw),
+      argnums=(0, 1))
+  mat = jax.value_and_grad(lambda h, w, t: _materialized(h, w, t, **kw), argnums=(0, 1))
+  for in_axes, args in (((0, None, 0), (h, w, t)), ((None, 0, None), (h[1], kernels, t[1]))):
+    got = jax.jit(jax.vmap(fused, in_axes))(*args)
+    want = jax.jit(jax.vmap(mat, in_axes))(*args)
+    for g, wg in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, wg, rtol=1e-11, atol=1e-14)
+
+
 def test_second_derivatives_match_materialized_path(monkeypatch):
   # jax.hessian is forward over reverse; the gradient of a gradient norm is reverse over
   # reverse. Both go through the derivative's own loops, which must stay differentiable.
