@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--linear", action="store_true",
                  help="run only the linear mode: linear_softmax_focal against the materialized "
                       "path at (4096x512)@(512x32768)")
+  p.add_argument("--linear-shape", metavar="NxHxV",
+                 help="the linear mode's (N x H) @ (H x V) shape (default 4096x512x32768; "
+                      "issue 6's GPU shape: 8192x4096x128256 with --dtype bfloat16)")
   p.add_argument("--modes", nargs="+", choices=("softmax", "sigmoid", "linear"),
                  help="modes to run (default: softmax sigmoid; --quick: all three)")
   p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
@@ -75,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _linear_shape(text: str) -> tuple[int, int, int]:
+  try:
+    n, h, v = (int(d) for d in text.lower().split("x"))
+  except ValueError:
+    raise SystemExit(f"focal-bench: --linear-shape must be NxHxV (three positive integers, "
+                     f"e.g. 4096x512x32768), got {text!r}") from None
+  if min(n, h, v) < 1:
+    raise SystemExit(f"focal-bench: --linear-shape must be NxHxV with positive sizes, got {text!r}")
+  return n, h, v
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
   q = args.quick
   modes = args.modes or (["linear"] if args.linear else
@@ -95,7 +109,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
       "memory": not args.no_memory,
       "memory_isolation": args.memory_isolation or ("framework" if q else "impl"),
       "memory_repeats": max(1, args.memory_repeats),
-      "linear_shape": problems.QUICK_LINEAR_SHAPE if q else problems.LINEAR_SHAPE,
+      "linear_shape": (_linear_shape(args.linear_shape) if args.linear_shape else
+                       problems.QUICK_LINEAR_SHAPE if q else problems.LINEAR_SHAPE),
       "shapes": [tuple(int(d) for d in shape.lower().split("x")) for shape in args.shapes or ()],
   }
 

@@ -198,6 +198,37 @@ def _materialized_linear_ce(problem: P.Problem, x: dict) -> Runner:
                       (x["hidden"], x["weight"]), compiled=False)
 
 
+def _liger() -> Callable:
+  """Liger-Kernel's fused linear cross-entropy (Triton: CUDA only), or Unavailable."""
+  import torch
+  if not torch.cuda.is_available():
+    raise Unavailable("Liger-Kernel's fused linear cross-entropy runs on CUDA only")
+  try:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+  except ImportError as e:
+    raise Unavailable(f"liger_kernel does not import ({e}); pip install liger-kernel") from e
+  return LigerFusedLinearCrossEntropyLoss()
+
+
+def _liger_linear_ce(problem: P.Problem, x: dict) -> Runner:
+  loss_fn = _liger()
+
+  def loss(hidden, weight, y):
+    return loss_fn(weight, hidden, y)
+  return _grad_runner(loss, (x["hidden"], x["weight"], x["labels"]),
+                      (x["hidden"], x["weight"]), compiled=False)
+
+
+def _focal_linear_gamma0(problem: P.Problem, x: dict) -> Runner:
+  _liger()  # only measured beside Liger, which it is compared with
+  fn = _focal("linear_softmax_focal")
+
+  def loss(hidden, weight, y):
+    return fn(hidden, weight, y, gamma=0.0, reduction="mean")
+  return _grad_runner(loss, (x["hidden"], x["weight"], x["labels"]),
+                      (x["hidden"], x["weight"]), compiled=False)
+
+
 IMPLS: list[Impl] = [
     Impl("torch_focal", "focal_torch.softmax_focal", "torch", "softmax", PROJECT,
          _focal_softmax(compiled=False), ref="torch_ce", vs_deepspeed=True),
@@ -226,4 +257,9 @@ IMPLS: list[Impl] = [
          REFERENCE, _materialized_linear),
     Impl("torch_linear_materialized_ce", "F.cross_entropy(F.linear(hidden, weight))", "torch",
          "linear", PEER, _materialized_linear_ce, note="context: the materialized cross-entropy"),
+    Impl("torch_linear_focal_gamma0", "focal_torch.linear_softmax_focal, gamma 0", "torch",
+         "linear", PEER, _focal_linear_gamma0, ref="torch_linear_liger_ce",
+         note="gamma 0 is cross-entropy: the same loss as Liger's (CUDA only)"),
+    Impl("torch_linear_liger_ce", "Liger fused linear cross-entropy", "torch", "linear", PEER,
+         _liger_linear_ce, note="liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss"),
 ]

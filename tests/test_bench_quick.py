@@ -133,3 +133,25 @@ def test_targets_compare_ratios_with_design_limits():
   t = {x["id"]: x for x in report.targets(slow)}["torch_vs_deepspeed_eager"]
   assert t["measured"] == pytest.approx(0.5) and t["met"] is False
   assert "MISSED by 3.00x" in report.targets_table([t])
+
+
+def test_quick_liger_lines_say_why_they_did_not_run_without_cuda(quick_run):
+  # Liger-Kernel (Triton) and the gamma-0 line compared with it run on CUDA only; elsewhere
+  # their records must say so rather than vanish.
+  import torch
+  if torch.cuda.is_available():
+    pytest.skip("CUDA present: the Liger lines run")
+  _, doc, _ = quick_run
+  lines = {r["impl"]: r for r in doc["results"]
+           if r["impl"] in ("torch_linear_liger_ce", "torch_linear_focal_gamma0")}
+  assert set(lines) == {"torch_linear_liger_ce", "torch_linear_focal_gamma0"}
+  for r in lines.values():
+    assert r["time"]["status"] == "unavailable" and "CUDA" in r["time"]["reason"], r["time"]
+
+
+def test_linear_shape_option_parses_and_rejects_bad_shapes():
+  from benchmarks import cli
+  assert cli._linear_shape("8192x4096x128256") == (8192, 4096, 128256)
+  for bad in ("4096x512", "4096x0x8", "axbxc"):
+    with pytest.raises(SystemExit, match="--linear-shape must be NxHxV"):
+      cli._linear_shape(bad)
