@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
   plan = []
   for mode in s["modes"]:
     impls = registry.select(mode, s["frameworks"], s["compile"], tuple(args.only))
+    if not impls:  # e.g. --only naming implementations of other modes
+      continue
     for problem in _problems(mode, s):
       plan.append((problem, impls))
   total = sum(len(impls) for _, impls in plan)

@@ -38,6 +38,8 @@ def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
   (first touches of freshly mapped memory: a fresh output buffer faults once per page).
   """
   keys = list(runners)
+  if not keys:  # every implementation failed to build: nothing to time
+    return {}, {}
   per_round = sum(estimates.get(k, 0.0) for k in keys)
   reps = min_reps if per_round <= 0 else int(budget_s / per_round)
   reps = max(min_reps, min(max_reps, reps))

@@ -155,3 +155,20 @@ def test_linear_shape_option_parses_and_rejects_bad_shapes():
   for bad in ("4096x512", "4096x0x8", "axbxc"):
     with pytest.raises(SystemExit, match="--linear-shape must be NxHxV"):
       cli._linear_shape(bad)
+
+
+def test_only_keys_of_one_mode_run_that_mode_alone(tmp_path):
+  # --only with the keys of one mode: the other modes have nothing to run and are skipped
+  # (they used to reach the timer with no implementation and divide by zero).
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=4", "").strip()
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--no-memory",
+       "--only", "jax_copy", "--json", str(tmp_path / "bench.json")],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads((tmp_path / "bench.json").read_text())
+  assert {r["impl"] for r in doc["results"]} == {"jax_copy"}
+  from benchmarks import timing
+  assert timing.time_interleaved({}, {}, min_reps=3, max_reps=5, budget_s=1.0) == ({}, {})
