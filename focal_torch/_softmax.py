@@ -113,9 +113,16 @@ def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
   """``(z_t, lse_o, sum_c z_c)`` per row of the rows view ``z3``, chunk by chunk.
 
-  The only temporary is one chunk buffer, never a full ``(N, C)`` tensor.
+  The only temporary is one chunk buffer, never a full ``(N, C)`` tensor. Under
+  torch.compile the whole-tensor formulas instead: inductor fuses them into row reductions
+  that read the logits and write nothing of their size, where the chunk buffer's in-place
+  ops would make it materialize a full ``(N, C)`` scratch tensor (measured: a 6x slower
+  compiled forward at (2048, 30522)).
   """
   cdt = compute_dtype(z3.dtype)
+  if torch.compiler.is_compiling():
+    zt, lse_o, sum_z, _ = row_stats_autodiff(z3.to(cdt), t3, with_sum)
+    return zt, lse_o, sum_z
   zt = z3.gather(1, t3).to(cdt)
   rows = _chunking.row_shape(z3.shape)
   lse_o = torch.empty(rows, dtype=cdt, device=z3.device)
@@ -135,7 +142,9 @@ def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
   """:func:`row_stats` from differentiable whole-tensor ops (for double backward); also
   returns the logits with the target masked to -inf."""
   zt = zf.gather(1, t3)
-  masked = zf.scatter(1, t3, float("-inf"))
+  # A select against the class index, not a scatter: elementwise, so it fuses when compiled.
+  classes = torch.arange(zf.shape[1], device=zf.device).view(_chunking.class_shape(zf.shape))
+  masked = torch.where(classes == t3, float("-inf"), zf)
   lse_o = torch.logsumexp(masked, 1, keepdim=True).clamp_min(torch.finfo(zf.dtype).min)
   sum_z = zf.sum(1, keepdim=True) if with_sum else None
   return zt, lse_o, sum_z, masked

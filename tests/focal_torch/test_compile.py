@@ -47,6 +47,29 @@ def test_compiled_losses_match_references_in_one_graph(ref):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
+def test_compiled_softmax_focal_on_a_class_axis_in_the_middle_and_at_large_margins(ref):
+  # Compiled, the per-row statistics come from whole-tensor formulas (not the eager chunk
+  # loop): check them on an (N, C, d) view, where the class mask broadcasts over the inner
+  # axis, and at margins where p rounds to 1 in float32 (log(1 - p) from the other classes).
+  torch._dynamo.reset()  # pylint: disable=protected-access
+  rng = np.random.default_rng(1)
+  logits = rng.normal(0, 2, (3, 5, 4))
+  labels = rng.integers(0, 5, (3, 4))
+  logits[0, :, 0] = -10.0
+  logits[0, labels[0, 0], 0] = 10.0  # margin 20: p = 1 in float32, not in float64
+  compiled = torch.compile(
+      lambda z, t: focal_torch.softmax_focal(z, t, gamma=0.5, label_smoothing=0.1, dim=1,
+                                             reduction="none"), fullgraph=True)
+  z = torch.tensor(logits, dtype=torch.float32, requires_grad=True)
+  out = compiled(z, torch.tensor(labels))
+  want, want_grad = ref.softmax_focal(logits, labels, gamma=0.5, label_smoothing=0.1, dim=1,
+                                      reduction="none")
+  np.testing.assert_allclose(out.detach().numpy(), want, rtol=2e-5, atol=1e-30)
+  grad, = torch.autograd.grad(out.sum(), z)
+  np.testing.assert_allclose(grad.numpy(), want_grad, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
 def test_compiled_linear_softmax_focal_matches_materialized_reference(ref):
   torch._dynamo.reset()  # pylint: disable=protected-access
   rng = np.random.default_rng(1)
