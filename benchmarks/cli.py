@@ -85,7 +85,8 @@ def _linear_shape(text: str) -> tuple[int, int, int]:
     raise SystemExit(f"focal-bench: --linear-shape must be NxHxV (three positive integers, "
                      f"e.g. 4096x512x32768), got {text!r}") from None
   if min(n, h, v) < 1:
-    raise SystemExit(f"focal-bench: --linear-shape must be NxHxV with positive sizes, got {text!r}")
+    raise SystemExit(
+        f"focal-bench: --linear-shape must be NxHxV with positive sizes, got {text!r}")
   return n, h, v
 
 
