@@ -148,6 +148,28 @@ def test_every_tiling_of_the_derivative_matches_materialized_path(monkeypatch, t
   np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_automatic_tiles_on_an_odd_shape_match_materialized_path():
+  # No monkeypatching: 200 rows, V = 5000 and chunk_size 8 give automatic tiles of 64 rows by
+  # 1024 columns, so both the last row tile and the last column block overlap the ones before.
+  rows, size, vocab, chunk = 200, 64, 5000, 8
+  assert _linear._auto_tile(rows, vocab, size, chunk) == (64, 1024)
+  rng = np.random.default_rng(19)
+  h = rng.normal(size=(rows, size))
+  w = rng.normal(size=(size, vocab)) / np.sqrt(size) * 3
+  b = rng.normal(size=(vocab,))
+  t = rng.integers(0, vocab, rows)
+  t[:5] = [0, 1023, 1024, 3976, vocab - 1]  # targets at the block edges
+  kw = dict(gamma=2.0, label_smoothing=0.05, reduction="mean")
+  fused = lambda h, w, b: focal_jax.linear_softmax_focal(h, w, t, bias=b, chunk_size=chunk,
+                                                         **kw)
+  mat = lambda h, w, b: _materialized(h, w, t, bias=b, **kw)
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(h, w, b)
+  want = jax.jit(jax.value_and_grad(mat, argnums=(0, 1, 2)))(h, w, b)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
+  for name, g, wg in zip(("hidden", "kernel", "bias"), got[1], want[1]):
+    np.testing.assert_allclose(g, wg, rtol=1e-10, atol=1e-15 * np.abs(wg).max(), err_msg=name)
+
+
 def test_vmap_of_value_and_grad_matches_materialized_path():
   # Per-sequence losses and gradients over a batch of hidden states (shared kernel), and over
   # a batch of kernels (shared hidden states): the loops and the custom_jvp batch.
