@@ -15,6 +15,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 F64 = np.float64
 
@@ -148,12 +149,25 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# Tolerances of the loss tests against the float64 references, per input dtype.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
+       torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -8),
+       torch.float16: dict(rtol=2 ** -10, atol=2 ** -11)}
+
+
+def grad(loss: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+  """d(loss)/dx, summing a non-scalar loss first."""
+  out = loss if loss.ndim == 0 else loss.sum()
+  return torch.autograd.grad(out, x, create_graph=create_graph)[0]
+
+
 @pytest.fixture(scope="session")
 def ref():
   """The NumPy references: ``ref.softmax_focal``, ``ref.sigmoid_focal``,
-  ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``.
+  ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``; and two test helpers,
+  ``ref.TOL`` (tolerances per dtype) and ``ref.grad``.
   """
   return types.SimpleNamespace(
       softmax_focal=softmax_focal, sigmoid_focal=sigmoid_focal,
       categorical_focal=categorical_focal, log_softmax=log_softmax,
-      free_port=free_port)
+      free_port=free_port, TOL=TOL, grad=grad)

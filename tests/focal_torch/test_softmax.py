@@ -14,20 +14,12 @@ import focal_torch
 from focal_torch import _chunking
 
 REDUCTIONS = ["none", "sum", "mean", "mean_positive"]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
-       torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -8),
-       torch.float16: dict(rtol=2 ** -10, atol=2 ** -11)}
-
-
-def _grad(loss: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-  out = loss if loss.ndim == 0 else loss.sum()
-  return torch.autograd.grad(out, x, create_graph=create_graph)[0]
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("spatial", [False, True])
-def test_gamma_zero_equals_cross_entropy(reduction, label_smoothing, spatial):
+def test_gamma_zero_equals_cross_entropy(ref, reduction, label_smoothing, spatial):
   g = torch.Generator().manual_seed(0)
   shape = (5, 4, 3, 2) if spatial else (7, 6)
   z = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
@@ -37,17 +29,17 @@ def test_gamma_zero_equals_cross_entropy(reduction, label_smoothing, spatial):
                                    reduction=reduction)
   theirs = F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction=reduction)
   torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-  torch.testing.assert_close(_grad(ours, z), _grad(theirs, z), rtol=1e-12, atol=1e-12)
+  torch.testing.assert_close(ref.grad(ours, z), ref.grad(theirs, z), rtol=1e-12, atol=1e-12)
 
 
-def test_gamma_zero_equals_cross_entropy_float32_large_classes():
+def test_gamma_zero_equals_cross_entropy_float32_large_classes(ref):
   g = torch.Generator().manual_seed(1)
   z = (4 * torch.randn(64, 1000, generator=g)).requires_grad_()
   labels = torch.randint(0, 1000, (64,), generator=g)
   ours = focal_torch.softmax_focal(z, labels, gamma=0.0, label_smoothing=0.05)
   theirs = F.cross_entropy(z, labels, label_smoothing=0.05)
   torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-6)
-  torch.testing.assert_close(_grad(ours, z), _grad(theirs, z), rtol=1e-5, atol=1e-9)
+  torch.testing.assert_close(ref.grad(ours, z), ref.grad(theirs, z), rtol=1e-5, atol=1e-9)
 
 
 @st.composite
@@ -101,8 +93,8 @@ def test_matches_numpy_reference(ref, case):
   want, want_grad = ref.softmax_focal(z.detach().double().numpy(), case["labels"], **kw)
   assert loss.dtype == dtype
   assert loss.shape == (labels.shape if case["reduction"] == "none" else ())
-  np.testing.assert_allclose(loss.detach().double().numpy(), want, **TOL[dtype])
-  np.testing.assert_allclose(_grad(loss, z).double().numpy(), want_grad, **TOL[dtype])
+  np.testing.assert_allclose(loss.detach().double().numpy(), want, **ref.TOL[dtype])
+  np.testing.assert_allclose(ref.grad(loss, z).double().numpy(), want_grad, **ref.TOL[dtype])
 
 
 @pytest.mark.parametrize("elements", [1, 7, 40])
@@ -121,7 +113,7 @@ def test_small_chunks_match_numpy_reference(ref, monkeypatch, elements, shape):
       loss = focal_torch.softmax_focal(z, torch.tensor(labels), **tkw)
       want, want_grad = ref.softmax_focal(z.detach().double().numpy(), labels, **kw)
       np.testing.assert_allclose(loss.double().item(), want, rtol=tol)
-      np.testing.assert_allclose(_grad(loss, z).double().numpy(), want_grad, rtol=tol,
+      np.testing.assert_allclose(ref.grad(loss, z).double().numpy(), want_grad, rtol=tol,
                                  atol=tol * 1e-2)
 
 
@@ -161,7 +153,7 @@ def test_create_graph_gradient_matches_numpy_reference(ref):
   logits, labels = rng.normal(0, 3, (8, 5)), rng.integers(0, 5, 8)
   z = torch.tensor(logits, requires_grad=True)
   kw = dict(gamma=0.5, label_smoothing=0.2, alpha=0.7)
-  grad = _grad(focal_torch.softmax_focal(z, torch.tensor(labels), **kw), z, create_graph=True)
+  grad = ref.grad(focal_torch.softmax_focal(z, torch.tensor(labels), **kw), z, create_graph=True)
   assert grad.requires_grad
   np.testing.assert_allclose(grad.detach().numpy(), ref.softmax_focal(logits, labels, **kw)[1],
                              rtol=1e-10, atol=1e-14)
@@ -188,7 +180,7 @@ MARGINS = [30.0, 100.0, 1e4]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_finite_and_accurate_at_extreme_margins(dtype, gamma, margin):
+def test_finite_and_accurate_at_extreme_margins(ref, dtype, gamma, margin):
   finfo_max = torch.finfo(dtype).max
   m = min(margin, finfo_max / 4)  # float16 cannot hold 1e4 twice over; stay representable
   # Right by +m, wrong by m, and a three-way tie broken by m, each with and without smoothing.
@@ -197,7 +189,7 @@ def test_finite_and_accurate_at_extreme_margins(dtype, gamma, margin):
   for eps in (0.0, 0.1):
     zz = z.clone().requires_grad_()
     loss = focal_torch.softmax_focal(zz, t, gamma=gamma, label_smoothing=eps, reduction="none")
-    grad = _grad(loss, zz)
+    grad = ref.grad(loss, zz)
     assert loss.dtype == dtype and grad.dtype == dtype
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     truth = _mp_truth(z.double().numpy(), t.numpy(), gamma, eps)
@@ -218,18 +210,18 @@ def test_hessian_finite_at_extreme_margins(gamma, margin):
   assert torch.isfinite(hess).all()
 
 
-def test_tiny_probability_of_error_is_exact_not_rounded():
+def test_tiny_probability_of_error_is_exact_not_rounded(ref):
   # p rounds to 1 in float32 at margin 30; the loss is still the float64 value, not 0.
   z = torch.tensor([[30.0, 0.0]], requires_grad=True)
   loss = focal_torch.softmax_focal(z, torch.tensor([0]), gamma=0.5)
   q = np.exp(-30.0) / (1 + np.exp(-30.0))
   truth = q ** 0.5 * -np.log1p(-q)
   np.testing.assert_allclose(loss.item(), truth, rtol=1e-5)
-  grad = _grad(loss, z).numpy()
+  grad = ref.grad(loss, z).numpy()
   assert grad[0, 0] < 0 < grad[0, 1]
 
 
-def test_masked_entries_have_zero_grad():
+def test_masked_entries_have_zero_grad(ref):
   g = torch.Generator().manual_seed(7)
   z = torch.randn(6, 4, generator=g, requires_grad=True)
   labels = torch.tensor([0, -100, 2, 3, 1, -100])
@@ -237,19 +229,19 @@ def test_masked_entries_have_zero_grad():
   loss = focal_torch.softmax_focal(z, labels, where=where, reduction="none")
   masked = torch.tensor([False, True, True, False, False, True])
   assert (loss[masked] == 0).all() and (loss[~masked] > 0).all()
-  grad = _grad(loss, z)
+  grad = ref.grad(loss, z)
   assert (grad[masked] == 0).all() and (grad[~masked] != 0).any(1).all()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "mean_positive", "sum"])
-def test_all_masked_batch_gives_zero_not_nan(reduction):
+def test_all_masked_batch_gives_zero_not_nan(ref, reduction):
   z = torch.randn(3, 4, requires_grad=True)
   loss = focal_torch.softmax_focal(z, torch.full((3,), -100), reduction=reduction)
   assert loss.item() == 0.0
-  assert (_grad(loss, z) == 0).all()
+  assert (ref.grad(loss, z) == 0).all()
   empty = torch.zeros(0, 4, requires_grad=True)
   loss = focal_torch.softmax_focal(empty, torch.zeros(0, dtype=torch.long), reduction=reduction)
-  assert loss.item() == 0.0 and _grad(loss, empty).shape == (0, 4)
+  assert loss.item() == 0.0 and ref.grad(loss, empty).shape == (0, 4)
 
 
 def test_mean_positive_divides_by_non_background_count(ref):
@@ -278,13 +270,13 @@ def test_out_of_range_label_raises_naming_label_and_classes():
     focal_torch.softmax_focal(z, torch.tensor([0, -100, 1]), ignore_index=None)
 
 
-def test_value_checks_off_gives_nan_for_bad_label_only():
+def test_value_checks_off_gives_nan_for_bad_label_only(ref):
   z = torch.randn(3, 5, requires_grad=True)
   labels = torch.tensor([0, 9, 1])
   with focal_torch.value_checks(False):
     loss = focal_torch.softmax_focal(z, labels, reduction="none")
   assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
-  grad = _grad(loss[[0, 2]].sum() + 0 * loss[1].nan_to_num(), z)
+  grad = ref.grad(loss[[0, 2]].sum() + 0 * loss[1].nan_to_num(), z)
   assert torch.isfinite(grad[[0, 2]]).all()
   # The switch is restored on exit, and can be set for the thread.
   with pytest.raises(ValueError):
@@ -298,8 +290,8 @@ def test_value_checks_off_gives_nan_for_bad_label_only():
     focal_torch.softmax_focal(z, labels)
 
 
-def test_single_class_gives_zero():
+def test_single_class_gives_zero(ref):
   z = torch.randn(4, 1, requires_grad=True)
   loss = focal_torch.softmax_focal(z, torch.zeros(4, dtype=torch.long), gamma=0.5,
                                    label_smoothing=0.1)
-  assert loss.item() == 0.0 and (_grad(loss, z) == 0).all()
+  assert loss.item() == 0.0 and (ref.grad(loss, z) == 0).all()
