@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import memory, report
+from focal_bench import memory, report
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,7 +22,7 @@ def quick_run(tmp_path_factory):
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=4", "").strip()
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks", "--quick", "--no-progress",
+      [sys.executable, "-m", "focal_bench", "--quick", "--no-progress",
        "--json", str(out / "bench.json"), "--out", str(out)],
       env=env, capture_output=True, text=True, timeout=600)
   doc = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else None
@@ -150,7 +150,7 @@ def test_quick_liger_lines_say_why_they_did_not_run_without_cuda(quick_run):
 
 
 def test_linear_shape_option_parses_and_rejects_bad_shapes():
-  from benchmarks import cli
+  from focal_bench import cli
   assert cli._linear_shape("8192x4096x128256") == (8192, 4096, 128256)
   for bad in ("4096x512", "4096x0x8", "axbxc"):
     with pytest.raises(SystemExit, match="--linear-shape must be NxHxV"):
@@ -164,11 +164,11 @@ def test_only_keys_of_one_mode_run_that_mode_alone(tmp_path):
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=4", "").strip()
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks", "--quick", "--no-progress", "--no-memory",
+      [sys.executable, "-m", "focal_bench", "--quick", "--no-progress", "--no-memory",
        "--only", "jax_copy", "--json", str(tmp_path / "bench.json")],
       env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   doc = json.loads((tmp_path / "bench.json").read_text())
   assert {r["impl"] for r in doc["results"]} == {"jax_copy"}
-  from benchmarks import timing
+  from focal_bench import timing
   assert timing.time_interleaved({}, {}, min_reps=3, max_reps=5, budget_s=1.0) == ({}, {})

@@ -15,7 +15,7 @@ returns counts, so a fused gradient costs at least 1.0x the logits. How it is re
   reset, so each (implementation, shape) gets its own process and the baseline is taken before
   the first call (the warm-up calls are the same step as the measured one).
 
-Run as ``python -m benchmarks.memory`` by the harness; it prints one JSON line after a marker.
+Run as ``python -m focal_bench.memory`` by the harness; it prints one JSON line after a marker.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import subprocess
 import sys
 from typing import Any, Callable, Iterable
 
-from benchmarks.problems import Problem, make_data
-from benchmarks.registry import Impl, Unavailable, by_key
-from benchmarks.timing import warm_up
+from focal_bench.problems import Problem, make_data
+from focal_bench.registry import Impl, Unavailable, by_key
+from focal_bench.timing import warm_up
 
 MARKER = "FOCAL_BENCH_MEMORY_JSON:"
 MMAP_THRESHOLD = 65536
@@ -124,7 +124,7 @@ def _measure_one(impl: Impl, problem: Problem, inputs: dict[str, Any], repeats: 
 def probe(jobs: Iterable[tuple[Problem, list[str]]], repeats: int, warmup: int,
           on_done: Callable[[], None] | None = None) -> list[dict[str, Any]]:
   """Measure each (problem, implementations) job in this process; one record per pair."""
-  from benchmarks import impls_jax, impls_torch
+  from focal_bench import impls_jax, impls_torch
   impls = by_key()
   prepare = {"jax": impls_jax.prepare, "torch": impls_torch.prepare}
   records = []
@@ -160,7 +160,7 @@ def run_probes(groups: list[list[tuple[Problem, list[str]]]], repeats: int, warm
   records: list[dict[str, Any]] = []
   for jobs in groups:
     spec = [{"problem": p.as_dict(), "impls": keys} for p, keys in jobs]
-    cmd = [sys.executable, "-m", "benchmarks.memory", "--repeats", str(repeats),
+    cmd = [sys.executable, "-m", "focal_bench.memory", "--repeats", str(repeats),
            "--warmup", str(warmup), "--jobs", json.dumps(spec)]
     n_pairs = sum(len(keys) for _, keys in jobs)
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.problems import TARGET_SHAPES, Problem
-from benchmarks.registry import PROJECT
+from focal_bench.problems import TARGET_SHAPES, Problem
+from focal_bench.registry import PROJECT
 
 DEEPSPEED_KEY = "torch_deepspeed"
 FLOOR_KEYS = {"jax": "jax_copy", "torch": "torch_copy"}

@@ -1,7 +1,7 @@
 """Where the time of one forward + backward step goes: XLA's optimized HLO (JAX) and the
 torch profiler's operator table (torch).
 
-``python -m benchmarks.profile --n 2048 --c 30522`` prints, for each JAX implementation, the
+``python -m focal_bench.profile --n 2048 --c 30522`` prints, for each JAX implementation, the
 top-level (ENTRY) instructions of the compiled step that read or write an array of the
 logits' shape, i.e. the passes over (N, C) memory that XLA did not fuse away; and for each
 torch implementation the operators by self CPU time. A fused focal gradient needs one read of
@@ -14,8 +14,8 @@ import argparse
 import re
 from typing import Any
 
-from benchmarks.problems import Problem, make_data
-from benchmarks.registry import by_key
+from focal_bench.problems import Problem, make_data
+from focal_bench.registry import by_key
 
 _SKIP_OPS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(\(.*?\)|[a-z0-9]+\[[0-9,]*\])\S*\s+"
@@ -55,7 +55,7 @@ def entry_traffic(hlo_text: str, shape: tuple[int, ...]) -> dict[str, Any]:
 
 def jax_step_hlo(key: str, problem: Problem) -> str:
   """The optimized HLO text of the jitted step of JAX implementation ``key``."""
-  from benchmarks import impls_jax
+  from focal_bench import impls_jax
   runner = by_key()[key].build(problem, impls_jax.prepare(problem, make_data(problem)))
   step, args = runner.jitted
   return step.lower(*args).compile().as_text()
@@ -64,8 +64,8 @@ def jax_step_hlo(key: str, problem: Problem) -> str:
 def torch_op_table(key: str, problem: Problem, rows: int = 12) -> str:
   """The torch profiler's operator table (self CPU time) of two steps of ``key``."""
   import torch.profiler
-  from benchmarks import impls_torch
-  from benchmarks.timing import warm_up
+  from focal_bench import impls_torch
+  from focal_bench.timing import warm_up
   impl = by_key()[key]
   runner = impl.build(problem, impls_torch.prepare(problem, make_data(problem)))
   warm_up(runner, 2)

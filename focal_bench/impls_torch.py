@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks import problems as P
-from benchmarks.registry import DEEPSPEED, FLOOR, PEER, PROJECT, REFERENCE, Impl, Runner, \
+from focal_bench import problems as P
+from focal_bench.registry import DEEPSPEED, FLOOR, PEER, PROJECT, REFERENCE, Impl, Runner, \
     Unavailable
 
 

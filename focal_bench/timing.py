@@ -8,7 +8,7 @@ import resource
 import time
 from typing import Callable
 
-from benchmarks.registry import Runner
+from focal_bench.registry import Runner
 
 
 def warm_up(runner: Runner, calls: int) -> float:

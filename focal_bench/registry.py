@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from benchmarks.problems import Problem
+from focal_bench.problems import Problem
 
 # Roles: what a line in a table is.
 PROJECT = "project"      # focal_jax / focal_torch
@@ -55,7 +55,7 @@ class Impl:
 
 def all_impls() -> list[Impl]:
   """Every implementation of both frameworks, in table order."""
-  from benchmarks import impls_jax, impls_torch
+  from focal_bench import impls_jax, impls_torch
   return impls_jax.IMPLS + impls_torch.IMPLS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from benchmarks.registry import DEEPSPEED, FLOOR, PROJECT, REFERENCE
+from focal_bench.registry import DEEPSPEED, FLOOR, PROJECT, REFERENCE
 
 _STYLE = {PROJECT: "-", REFERENCE: "--", DEEPSPEED: ":", FLOOR: "-."}
 

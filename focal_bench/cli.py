@@ -4,7 +4,7 @@ Times one forward + backward step (float32, gamma 2, reduction mean, gradient wi
 the logits) of every implementation over a sweep of class counts C = 2 .. 131072 (N * C held
 near a budget) and at the shapes named by DESIGN.md's targets, interleaving the
 implementations round by round; then measures each one's extra peak memory in fresh
-subprocesses (see ``benchmarks.memory``). Prints the machine, Markdown tables, the ratios and
+subprocesses (see ``focal_bench.memory``). Prints the machine, Markdown tables, the ratios and
 the targets; writes JSON (``--json``) and PNG plots plus ``report.md`` (``--out``).
 """
 
@@ -19,14 +19,14 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import machine, memory, plots, problems, registry, report, timing
+from focal_bench import machine, memory, plots, problems, registry, report, timing
 
 _PREPARE = {}
 
 
 def _prepare(framework: str):
   if not _PREPARE:
-    from benchmarks import impls_jax, impls_torch
+    from focal_bench import impls_jax, impls_torch
     _PREPARE.update(jax=impls_jax.prepare, torch=impls_torch.prepare)
   return _PREPARE[framework]
 

@@ -1,5 +1,0 @@
-"""Speed and memory harness for focal_jax and focal_torch against their peers.
-
-Run ``focal-bench`` (or ``python -m benchmarks``); ``focal-bench --help`` lists the options.
-Results of a recorded run are in ``BENCHMARKS.md`` and ``benchmarks/results/``.
-"""
