@@ -22,6 +22,10 @@ from typing import Any
 from focal_bench import machine, memory, plots, problems, registry, report, timing
 
 _PREPARE = {}
+# Subcommands, each its own module with a main(argv): `focal-bench aot --target tpu|h100`
+# (compiled HBM bytes and temporaries for accelerators, no device needed) and `focal-bench gpu`
+# (the prepared run for a machine with a GPU; `--dry` on CPU).
+_SUBCOMMANDS = {"aot": "focal_bench.aot", "gpu": "focal_bench.gpu_check"}
 
 
 def _prepare(framework: str):
@@ -34,6 +38,9 @@ def _prepare(framework: str):
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="focal-bench", description=__doc__.split("\n\n")[0],
+      epilog="subcommands: 'focal-bench aot --target tpu|h100' (compiled HBM bytes and "
+             "temporaries for a TPU v5e or an H100, no device needed) and 'focal-bench gpu' "
+             "(the prepared GPU run; --dry on CPU); each has its own --help",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--quick", action="store_true",
                  help="tiny sweep, few repetitions, all modes, no torch.compile (a smoke run)")
@@ -199,6 +206,9 @@ def _memory_groups(recs: list[dict[str, Any]], isolation: str, jax_per_problem: 
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in _SUBCOMMANDS:  # focal-bench aot ... / focal-bench gpu ...
+    import importlib
+    return importlib.import_module(_SUBCOMMANDS[argv[0]]).main(argv[1:])
   args = _parser().parse_args(argv)
   if args.list:
     for impl in registry.all_impls():

@@ -1,0 +1,494 @@
+"""``focal-bench aot``: what XLA compiles the losses' training step to on a TPU v5e or an H100,
+without either device.
+
+JAX compiles ahead of time for an accelerator that is not attached (a TPU topology from
+libtpu; a CUDA target description for the GPU plugin), and the compiled program states its
+temporary buffers (``memory_analysis``) and its estimated memory traffic (``cost_analysis``).
+For each loss, dtype and shape this compiles one ``jit(grad(loss with reduction="mean"))`` step
+at gamma 2, and optax's cross-entropy beside it, and reports the HBM bytes accessed and the
+temporaries in units of the logits' size, against the floor (one read of the logits and one
+write of the gradient: 2x; 3x when (N, C) targets are read too) and against optax.
+
+The figures are compile-time estimates, not timings: deterministic (good for budgets in tests)
+but blind to caches, overlap and clock rates; XLA's cost model counts a custom call (cuBLAS,
+a Pallas kernel) poorly, and a deviceless GPU compile has no autotuning.
+
+The process that parses the command line never imports JAX: the compiles run in a subprocess
+(``python -m focal_bench.aot --worker``) of an interpreter that has the target's plugin
+(``--python``, default this one), with ``JAX_PLATFORMS=cpu``. TPU needs ``jax[tpu]`` (libtpu);
+H100 needs ``jax[cuda12]`` and XLA's H100 target description (``--gpu-spec``).
+
+Usage::
+
+  focal-bench aot --target tpu --python /work/aot/tpu/bin/python --json tpu.json --md tpu.md
+  focal-bench aot --target h100 --python /work/aot/cuda/bin/python --gpu-spec h100_sxm.txtpb
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Iterable
+
+GAMMA = 2.0
+TARGETS = ("tpu", "h100")
+LOSSES = ("softmax", "categorical", "sigmoid")
+DTYPES = ("float32", "bfloat16")
+# Issue 11's shapes: vocabularies (BERT, Llama 3), ImageNet, a detection head, 16 classes, binary.
+SHAPES: tuple[tuple[int, int], ...] = ((2048, 30522), (2048, 128256), (4096, 1000), (16384, 91),
+                                       (131072, 16), (65536, 2))
+# linear_softmax_focal: (N x H) @ (H x V), bfloat16 (a Llama-3 head).
+LINEAR_SHAPE: tuple[int, int, int] = (8192, 4096, 128256)
+# Class counts from here up are judged against the floor, below it against optax.
+LARGE_C = 1000
+TEMP_LIMIT = 0.1  # temporaries, in units of the logits, for every loss
+FLOOR_FACTOR = 1.5  # softmax / categorical at C >= LARGE_C: bytes <= 1.5x the floor
+OPTAX_FACTOR = 1.25  # C < LARGE_C: bytes <= 1.25x optax's cross-entropy
+SIGMOID_FACTOR = 1.02  # sigmoid: at its floor (a little slack for the per-row scalars)
+LINEAR_TEMP_LIMIT = 0.125  # linear: temporaries beyond the kernel gradient, x the bf16 logits
+TPU_TOPOLOGY = "v5e:2x2"
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SPEC_CANDIDATES = (os.path.join(_HERE, "..", "..", "shared", "aot", "h100_sxm.txtpb"),
+                    os.path.join(_HERE, "..", "shared", "aot", "h100_sxm.txtpb"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One compiled step: ``impl`` "focal" (focal_jax) or "optax" (its cross-entropy).
+
+  ``loss`` is softmax, categorical, sigmoid or linear; optax's peer of softmax and sigmoid is
+  the cross-entropy with integer labels ("optax_int"), of categorical the one with probability
+  targets ("optax_prob"); linear's is the cross-entropy of the materialized ``hidden @ kernel``.
+  """
+
+  loss: str
+  impl: str
+  n: int
+  c: int
+  dtype: str
+  h: int = 0
+
+  @property
+  def key(self) -> str:
+    shape = f"{self.n}x{self.h}x{self.c}" if self.loss == "linear" else f"{self.n}x{self.c}"
+    return f"{self.loss}/{self.impl}/{shape}/{self.dtype}"
+
+  @property
+  def logits_bytes(self) -> int:
+    return self.n * self.c * _ITEMSIZE[self.dtype]
+
+
+def peer_of(loss: str) -> str:
+  """The optax line a loss is compared with."""
+  return {"softmax": "optax_int", "sigmoid": "optax_int", "categorical": "optax_prob",
+          "linear": "optax_linear"}[loss]
+
+
+def floor_x(loss: str) -> float:
+  """The floor of the step's HBM traffic in units of the logits (targets in the logits' dtype)."""
+  return 3.0 if loss in ("categorical", "sigmoid") else 2.0
+
+
+def plan(losses: Iterable[str] = LOSSES, dtypes: Iterable[str] = DTYPES,
+         shapes: Iterable[tuple[int, int]] = SHAPES, linear: bool = True,
+         linear_shape: tuple[int, int, int] = LINEAR_SHAPE) -> list[Case]:
+  """Every case to compile: each loss, dtype and shape, its optax peer once, and linear."""
+  cases: list[Case] = []
+  for n, c in shapes:
+    for dtype in dtypes:
+      for loss in losses:
+        cases.append(Case(loss, "focal", n, c, dtype))
+      peers = sorted({peer_of(loss) for loss in losses})
+      for peer in peers:
+        cases.append(Case(peer, "optax", n, c, dtype))
+  if linear:
+    n, h, v = linear_shape
+    cases.append(Case("linear", "focal", n, v, "bfloat16", h=h))
+    cases.append(Case("optax_linear", "optax", n, v, "bfloat16", h=h))
+  return cases
+
+
+# --- the worker: runs in the interpreter that has the target's plugin ------------------------
+
+def _loss_fn(case: Case):
+  import jax.numpy as jnp
+  import optax
+  import focal_jax
+  if case.loss == "softmax":
+    return lambda z, y: focal_jax.softmax_focal(z, y, gamma=GAMMA, reduction="mean")
+  if case.loss == "categorical":
+    return lambda z, y: focal_jax.categorical_focal(z, y, gamma=GAMMA, reduction="mean")
+  if case.loss == "sigmoid":
+    return lambda z, y: focal_jax.sigmoid_focal(z, y, gamma=GAMMA, reduction="mean")
+  if case.loss == "optax_int":
+    return lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+  if case.loss == "optax_prob":
+    return lambda z, y: optax.softmax_cross_entropy(z, y).mean()
+  if case.loss == "linear":
+    return lambda h, k, y: focal_jax.linear_softmax_focal(h, k, y, gamma=GAMMA,
+                                                          reduction="mean")
+  if case.loss == "optax_linear":
+    return lambda h, k, y: optax.softmax_cross_entropy_with_integer_labels(
+        jnp.dot(h, k, preferred_element_type=jnp.float32), y).mean()
+  raise ValueError(f"focal-bench aot: unknown loss {case.loss!r}")
+
+
+def _arg_specs(case: Case, sharding) -> tuple[tuple, tuple[int, ...]]:
+  """Abstract arguments of the step and the argnums it differentiates."""
+  import jax
+  import jax.numpy as jnp
+  dt = jnp.dtype(case.dtype)
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  if case.loss in ("linear", "optax_linear"):
+    return (spec((case.n, case.h), dt), spec((case.h, case.c), dt),
+            spec((case.n,), jnp.int32)), (0, 1)
+  z = spec((case.n, case.c), dt)
+  if case.loss in ("softmax", "optax_int"):
+    return (z, spec((case.n,), jnp.int32)), (0,)
+  return (z, spec((case.n, case.c), dt)), (0,)  # (N, C) targets in the logits' dtype
+
+
+def _entry_big_buffers(hlo: str, case: Case) -> list[str]:
+  """The ENTRY computation's instructions whose result is a logits-sized array or larger
+  (each one is written to HBM): "name dtype[dims]"."""
+  big = case.n * case.c
+  out, in_entry = [], False
+  for line in hlo.splitlines():
+    if line.startswith("ENTRY"):
+      in_entry = True
+      continue
+    if in_entry and line.startswith("}"):
+      break
+    if not in_entry:
+      continue
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(?[a-z0-9]+\[[\d,]*\][^ ]*)", line)
+    if not m:
+      continue
+    for dt, dims in re.findall(r"([a-z]+\d*)\[([\d,]+)\]", m.group(2)):
+      size = 1
+      for d in dims.split(","):
+        size *= int(d)
+      if size >= big:
+        out.append(f"{m.group(1)} {dt}[{dims}]")
+  return out
+
+
+def _topology(target: str, gpu_spec: str | None):
+  """The compile target's sharding for one device, and a description of it."""
+  import numpy as np
+  import jax
+  from jax.experimental import topologies
+  if target == "tpu":
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=TPU_TOPOLOGY)
+    dev = topo.devices[0]
+    return NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec()), {
+        "platform": "tpu", "topology": TPU_TOPOLOGY, "device_kind": dev.device_kind}
+  with open(gpu_spec) as f:
+    spec = f.read()
+  topo = topologies.get_topology_desc(platform="cuda", target_config=spec, topology="1x1x1")
+  dev = topo.devices[0]
+  return jax.sharding.SingleDeviceSharding(dev), {
+      "platform": "cuda", "target_config": os.path.basename(gpu_spec),
+      "device_kind": getattr(dev, "device_kind", "")}
+
+
+def _bytes_accessed(target: str, compiled) -> float:
+  if target == "tpu":
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    return float(cost["bytes accessed"])
+  # A deviceless GPU compile has no cost analysis: XLA's generic one on the optimized module.
+  from jax._src import xla_bridge as xb
+  from jax._src.lib import _jax
+  module = compiled.runtime_executable().hlo_modules()[0]
+  return float(_jax.hlo_module_cost_analysis(xb.get_backend("cpu"), module)["bytes accessed"])
+
+
+def compile_case(case: Case, target: str, sharding, with_hlo: bool = False) -> dict[str, Any]:
+  """Compile one case for ``target``; its byte and memory figures (the worker's record)."""
+  import jax
+  args, argnums = _arg_specs(case, sharding)
+  step = jax.jit(jax.grad(_loss_fn(case), argnums=argnums))
+  t0 = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  rec = {
+      "key": case.key, "case": dataclasses.asdict(case),
+      "compile_s": round(time.perf_counter() - t0, 2),
+      "bytes_accessed": _bytes_accessed(target, compiled),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "logits_bytes": case.logits_bytes,
+      "big_buffers": _entry_big_buffers(hlo, case),
+  }
+  if with_hlo:
+    rec["hlo"] = hlo
+  return rec
+
+
+def versions(target: str) -> dict[str, str | None]:
+  import importlib.metadata as md
+  names = ["jax", "jaxlib", "optax", "focal"] + (
+      ["libtpu", "libtpu-nightly"] if target == "tpu" else
+      ["jax-cuda12-plugin", "jax-cuda12-pjrt"])
+  out = {}
+  for name in names:
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      if name != "libtpu-nightly":
+        out[name] = None
+  return out
+
+
+def worker(target: str, cases: list[Case], gpu_spec: str | None, out=sys.stdout) -> None:
+  """Compile each case; one JSON line each (errors included), after a header line."""
+  sharding, device = _topology(target, gpu_spec)
+  print(json.dumps({"header": True, "target": target, "device": device,
+                    "versions": versions(target)}), file=out, flush=True)
+  for case in cases:
+    try:
+      rec = compile_case(case, target, sharding)
+    except Exception as e:  # one failing compile must not lose the others
+      rec = {"key": case.key, "case": dataclasses.asdict(case),
+             "error": f"{type(e).__name__}: {e}"[:1000]}
+    print(json.dumps(rec), file=out, flush=True)
+
+
+# --- the parent: runs the worker, judges, writes tables --------------------------------------
+
+def find_gpu_spec(path: str | None) -> str | None:
+  """``path``, else $FOCAL_AOT_GPU_SPEC, else an ``h100_sxm.txtpb`` in ``shared/aot``."""
+  for p in (path, os.environ.get("FOCAL_AOT_GPU_SPEC"), *_SPEC_CANDIDATES):
+    if p and os.path.exists(p):
+      return os.path.abspath(p)
+  return None
+
+
+def worker_env() -> dict[str, str]:
+  env = dict(os.environ)
+  # libtpu and the CUDA plugin make JAX probe for their device when it starts; the compiles
+  # need no device: JAX runs on the CPU and compiles for the topology.
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TPU_SKIP_MDS_QUERY"] = "1"
+  root = os.path.dirname(_HERE)
+  env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+  return env
+
+
+def run_worker(target: str, cases: list[Case], python: str | None = None,
+               gpu_spec: str | None = None, timeout_s: float = 3600,
+               log=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Compile ``cases`` for ``target`` in a subprocess; (header, records)."""
+  cmd = [python or sys.executable, "-m", "focal_bench.aot", "--worker", "--target", target]
+  if gpu_spec:
+    cmd += ["--gpu-spec", gpu_spec]
+  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=worker_env())
+  stdout, stderr = proc.communicate(json.dumps([dataclasses.asdict(c) for c in cases]),
+                                    timeout=timeout_s)
+  header, records = None, []
+  for line in stdout.splitlines():
+    if not line.startswith("{"):
+      continue
+    rec = json.loads(line)
+    if rec.get("header"):
+      header = rec
+    else:
+      records.append(rec)
+  if header is None or proc.returncode != 0:
+    tail = "\n".join(stderr.strip().splitlines()[-15:])
+    raise RuntimeError(f"focal-bench aot: the {target} worker failed (exit {proc.returncode})"
+                       f":\n{tail}")
+  if log is not None:
+    for rec in records:
+      print(f"  {rec['key']}: " + (rec.get("error") or f"{rec['compile_s']} s"), file=log)
+  return header, records
+
+
+def judge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per focal case: ratios to the logits, the floor and optax, the target and verdict."""
+  idx = {r["key"]: r for r in records}
+  rows = []
+  for r in records:
+    c = Case(**r["case"])
+    if c.impl != "focal":
+      continue
+    row: dict[str, Any] = {"key": c.key, "loss": c.loss, "n": c.n, "c": c.c, "h": c.h,
+                           "dtype": c.dtype}
+    peer = idx.get(Case(peer_of(c.loss), "optax", c.n, c.c, c.dtype, c.h).key)
+    if peer is not None and "error" not in peer:
+      row["optax_bytes_x"] = peer["bytes_accessed"] / peer["logits_bytes"]
+      row["optax_temp_x"] = peer["temp_bytes"] / peer["logits_bytes"]
+    if "error" in r:
+      row.update(error=r["error"], verdict="error")
+      rows.append(row)
+      continue
+    lb = r["logits_bytes"]
+    row["bytes_x"] = r["bytes_accessed"] / lb
+    row["temp_x"] = r["temp_bytes"] / lb
+    row["big_buffers"] = r["big_buffers"]
+    if c.loss == "linear":
+      # The kernel gradient in float32 (an accumulator over row chunks) is not counted.
+      kernel_grad = c.h * c.c * 4
+      row["temp_beyond_kernel_grad_x"] = max(0, r["temp_bytes"] - kernel_grad) / lb
+      row["target"] = f"temp beyond the f32 kernel gradient <= {LINEAR_TEMP_LIMIT}x"
+      row["held"] = row["temp_beyond_kernel_grad_x"] <= LINEAR_TEMP_LIMIT
+    else:
+      fl = floor_x(c.loss)
+      row["floor_x"] = fl
+      row["bytes_x_floor"] = row["bytes_x"] / fl
+      if "optax_bytes_x" in row:
+        row["bytes_x_optax"] = row["bytes_x"] / row["optax_bytes_x"]
+      if c.loss == "sigmoid":
+        limit, row["target"] = fl * SIGMOID_FACTOR, f"bytes <= {fl * SIGMOID_FACTOR:.2f}x (floor)"
+      elif c.c >= LARGE_C:
+        limit = fl * FLOOR_FACTOR
+        row["target"] = f"bytes <= {limit:.1f}x ({FLOOR_FACTOR}x floor)"
+      elif "optax_bytes_x" in row:
+        limit = OPTAX_FACTOR * row["optax_bytes_x"]
+        row["target"] = f"bytes <= {limit:.2f}x ({OPTAX_FACTOR}x optax)"
+      else:
+        limit, row["target"] = float("nan"), "optax missing"
+      row["target"] += f", temp <= {TEMP_LIMIT}x"
+      row["bytes_limit_x"] = limit
+      row["held"] = bool(row["bytes_x"] <= limit and row["temp_x"] <= TEMP_LIMIT)
+    row["verdict"] = "held" if row["held"] else "MISSED"
+    rows.append(row)
+  return rows
+
+
+def _shape(row: dict[str, Any]) -> str:
+  if row["loss"] == "linear":
+    return f"({row['n']}x{row['h']})@({row['h']}x{row['c']})"
+  return f"{row['n']}x{row['c']}"
+
+
+def _x(v: Any, digits: int = 2) -> str:
+  return "—" if v is None else f"{v:.{digits}f}x"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+  """The table of one target's run, with its device and versions."""
+  h = doc["header"]
+  v = ", ".join(f"{k} {val}" for k, val in h["versions"].items() if val)
+  dev = h["device"]
+  lines = [
+      f"**{doc['target']}** ({dev.get('device_kind') or dev['platform']}, "
+      f"{dev.get('topology') or dev.get('target_config')}; {v})", "",
+      "| loss | shape | dtype | bytes / logits | temp / logits | floor | bytes / floor | "
+      "optax bytes (temp) | bytes / optax | target | verdict |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in doc["rows"]:
+    if r.get("error"):
+      lines.append(f"| {r['loss']} | {_shape(r)} | {r['dtype']} | error: {r['error'][:80]} "
+                   f"| | | | | | | error |")
+      continue
+    optax = ("—" if "optax_bytes_x" not in r else
+             f"{r['optax_bytes_x']:.2f}x ({r['optax_temp_x']:.2f}x)")
+    temp = _x(r["temp_x"])
+    if r["loss"] == "linear":
+      temp += f" ({r['temp_beyond_kernel_grad_x']:.2f}x beyond the f32 kernel gradient)"
+    lines.append(
+        f"| {r['loss']} | {_shape(r)} | {r['dtype']} | {_x(r['bytes_x'])} | {temp} | "
+        f"{_x(r.get('floor_x'), 0)} | {_x(r.get('bytes_x_floor'))} | {optax} | "
+        f"{_x(r.get('bytes_x_optax'))} | {r['target']} | {r['verdict']} |")
+  held = sum(1 for r in doc["rows"] if r.get("held"))
+  lines += ["", f"{held} of {len(doc['rows'])} targets held."]
+  return "\n".join(lines)
+
+
+def measure(target: str, cases: list[Case], python: str | None = None,
+            gpu_spec: str | None = None, log=None) -> dict[str, Any]:
+  """Compile every case for ``target`` and judge it; the JSON document of the run."""
+  if target == "h100":
+    gpu_spec = find_gpu_spec(gpu_spec)
+    if gpu_spec is None:
+      raise SystemExit("focal-bench aot: --target h100 needs XLA's H100 target description "
+                       "(--gpu-spec PATH or $FOCAL_AOT_GPU_SPEC; see BENCHMARKS.md)")
+  started = time.time()
+  header, records = run_worker(target, cases, python, gpu_spec, log=log)
+  return {"schema": "focal-bench-aot/1", "target": target, "header": header,
+          "gamma": GAMMA, "elapsed_s": round(time.time() - started, 1),
+          "records": records, "rows": judge(records)}
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="focal-bench aot", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--target", choices=TARGETS, action="append",
+                 help="compile for a TPU v5e (libtpu) or an H100 (CUDA plugin); repeatable "
+                      "(default: tpu)")
+  p.add_argument("--python", action="append", metavar="[TARGET=]PATH",
+                 help="the interpreter that has the target's plugin (jax[tpu] / jax[cuda12]); "
+                      "TARGET= when several targets run (default: this interpreter)")
+  p.add_argument("--gpu-spec", help="XLA's H100 target description (.txtpb; default "
+                 "$FOCAL_AOT_GPU_SPEC or shared/aot/h100_sxm.txtpb beside the checkout)")
+  p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+  p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+  p.add_argument("--shapes", nargs="+", metavar="NxC",
+                 default=[f"{n}x{c}" for n, c in SHAPES])
+  p.add_argument("--no-linear", action="store_true",
+                 help="leave out linear_softmax_focal at (8192x4096)@(4096x128256) bf16")
+  p.add_argument("--json", metavar="PATH", help="write the records and rows here")
+  p.add_argument("--md", metavar="PATH", help="write the Markdown tables here")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  return p
+
+
+def _pythons(values: list[str] | None) -> dict[str | None, str]:
+  out: dict[str | None, str] = {}
+  for v in values or ():
+    name, sep, path = v.partition("=")
+    if sep and name in TARGETS:
+      out[name] = path
+    else:
+      out[None] = v
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  targets = args.target or ["tpu"]
+  if args.worker:
+    cases = [Case(**c) for c in json.loads(sys.stdin.read())]
+    worker(targets[0], cases, args.gpu_spec)
+    return 0
+  shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes]
+  cases = plan(args.losses, args.dtypes, shapes, linear=not args.no_linear)
+  pythons = _pythons(args.python)
+  docs, texts = [], []
+  for target in targets:
+    print(f"focal-bench aot: compiling {len(cases)} steps for {target}", file=sys.stderr,
+          flush=True)
+    doc = measure(target, cases, pythons.get(target, pythons.get(None)), args.gpu_spec,
+                  log=sys.stderr)
+    doc["command"] = "focal-bench aot " + " ".join(argv if argv is not None else sys.argv[1:])
+    docs.append(doc)
+    texts.append(markdown(doc))
+    print(texts[-1] + "\n", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(docs[0] if len(docs) == 1 else docs, f, indent=1)
+  if args.md:
+    with open(args.md, "w") as f:
+      f.write("\n\n".join(texts) + "\n")
+  return 1 if any(r.get("error") for d in docs for r in d["records"]) else 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
