@@ -28,8 +28,17 @@ def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
   return torch.where(pos, q_safe ** gamma, at_zero)
 
 
+def _weighted_log(weight: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+  """``weight * log s`` with 0 where the weight is 0 (no target mass): a class with a logit
+  of -inf and no target mass is a masked class, not ``0 * -inf``. A NaN weight (NaN logits)
+  stays NaN."""
+  return torch.where(weight == 0, torch.zeros((), dtype=log_s.dtype, device=log_s.device),
+                     weight * log_s)
+
+
 def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
-          differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+          differentiable: bool = False, with_loss: bool = True
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
   """Per-row loss (class axis kept, size 1) and (optionally) dL/dz from a chunk's
   log-softmax.
 
@@ -41,16 +50,18 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
   y = y.to(log_s.dtype)
   weight = y if alpha is None else alpha * y
   plain = isinstance(gamma, float) and gamma == 0.0
+  finfo = torch.finfo(log_s.dtype)
   if not plain:
     if differentiable:
       # 1 - s as -expm1(log s): exact near s = 1.
       em1 = torch.expm1(log_s)
       weight = weight * safe_pow(-em1, gamma)
     else:
-      log_c = log_s.clamp_max(-torch.finfo(log_s.dtype).tiny)
+      # Clamped below too: r = l / expm1(l) stays finite (s r = 0) where l = -inf.
+      log_c = log_s.clamp(min=finfo.min, max=-finfo.tiny)
       em1 = torch.expm1(log_c)
       weight = weight * torch.exp2(torch.log2(-em1).mul_(gamma))
-  loss = -(weight * log_s).sum(1, keepdim=True)
+  loss = -_weighted_log(weight, log_s).sum(1, keepdim=True) if with_loss else None
   if not with_grad:
     return loss, None
   s = torch.exp(log_s) if differentiable else _softmax.exp_(log_s.clone())
@@ -59,7 +70,8 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
   elif differentiable:
     # r = l / expm1(l) -> 1 as l -> 0 (s -> 1); the where keeps 0/0 out of value and grad.
     at_one = log_s == 0
-    l_safe = torch.where(at_one, -torch.ones((), dtype=s.dtype, device=s.device), log_s)
+    l_safe = torch.where(at_one, -torch.ones((), dtype=s.dtype, device=s.device),
+                         log_s.clamp_min(finfo.min))
     r = torch.where(at_one, torch.ones((), dtype=s.dtype, device=s.device),
                     l_safe / torch.expm1(l_safe))
     w = weight * (1.0 + gamma * s * r)
@@ -112,11 +124,12 @@ class CategoricalFocalFunction(torch.autograd.Function):
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
       _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True,
-                      differentiable=True)
-      return (grad * go).to(z3.dtype), None, None, None, None, None
+                      differentiable=True, with_loss=False)
+      return _mask(grad * go, valid).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, ctx.elements):
       _, part = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
-                      with_grad=True)
-      out[idx] = part * go[idx]
+                      with_grad=True, with_loss=False)
+      # Masked rows are exactly 0, whatever their logits (NaN * 0 is NaN).
+      out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
     return out, None, None, None, None, None

@@ -12,10 +12,14 @@ import numbers
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
-SIGMOID_ALPHA_HINT = " or None (torchvision's alpha < 0 means no weighting: pass alpha=None)"
+SIGMOID_ALPHA_HINT = " (alpha=None means no weighting)"
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Values shown in full in a message up to this many entries (a larger tensor: the bad one).
+_SHOW = 64
 
 _state = threading.local()
 
@@ -76,13 +80,17 @@ def shape_str(shape: Any) -> str:
   return _shape(tuple(shape))
 
 
-def check_floating(fn: str, name: str, x: Any) -> torch.Tensor:
-  """``x`` must be a floating-point tensor with at least one dimension."""
+def floating_array(fn: str, name: str, x: Any, *, scalar_ok: bool = False) -> torch.Tensor:
+  """``x`` must be a float16/bfloat16/float32/float64 tensor (with at least one dimension
+  unless ``scalar_ok``)."""
   if not isinstance(x, torch.Tensor):
     raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
   if not x.is_floating_point():
     raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
-  if x.ndim == 0:
+  if x.dtype not in FLOATING:
+    raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got dtype "
+                    f"{x.dtype}")
+  if x.ndim == 0 and not scalar_ok:
     raise ValueError(f"{fn}: {name} must have at least one dimension, got shape ()")
   return x
 
@@ -98,15 +106,15 @@ def normalize_dim(fn: str, dim: Any, ndim: int) -> int:
   return int(dim) % ndim
 
 
-def check_reduction(fn: str, reduction: Any) -> str:
-  if reduction not in REDUCTIONS:
+def reduction(fn: str, value: Any) -> str:
+  if not isinstance(value, str) or value not in REDUCTIONS:
     raise ValueError(
         f"{fn}: reduction must be one of {', '.join(repr(r) for r in REDUCTIONS)}, "
-        f"got {reduction!r}")
-  return reduction
+        f"got {value!r}")
+  return value
 
 
-def check_label_smoothing(fn: str, eps: Any) -> float:
+def label_smoothing(fn: str, eps: Any) -> float:
   if isinstance(eps, torch.Tensor):
     if eps.numel() != 1:
       raise ValueError(
@@ -122,57 +130,13 @@ def check_label_smoothing(fn: str, eps: Any) -> float:
   return eps
 
 
-def check_int(fn: str, name: str, value: Any, allow_none: bool = False) -> int | None:
+def optional_int(fn: str, name: str, value: Any, allow_none: bool = False) -> int | None:
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     kind = "an int or None" if allow_none else "an int"
     raise TypeError(f"{fn}: {name} must be {kind}, got {type(value).__name__}")
   return int(value)
-
-
-def check_hyper(fn: str, name: str, value: Any, num_classes: int | None, *,
-                low: float | None = 0.0, high: float | None = None,
-                allow_none: bool = True, hint: str = "") -> float | torch.Tensor | None:
-  """A hyperparameter: None, a Python number, a 0-d tensor or a ``(C,)`` tensor.
-
-  Python numbers come back as ``float``; tensors as they are (never copied). ``low`` and
-  ``high`` bound the values (numbers always; tensors while value checks are on).
-  ``num_classes`` None (module construction) accepts any 1-D length. ``hint`` is added to
-  the out-of-range message.
-  """
-  bounds = _bounds_str(low, high) + hint
-  if value is None:
-    if allow_none:
-      return None
-    raise TypeError(f"{fn}: {name} must be a number or a tensor, got None")
-  if isinstance(value, bool):
-    raise TypeError(f"{fn}: {name} must be a number or a tensor, got bool")
-  if isinstance(value, numbers.Real):
-    v = float(value)
-    if math.isnan(v) or (low is not None and v < low) or (high is not None and v > high):
-      raise ValueError(f"{fn}: {name} must be {bounds}, got {value}")
-    return v
-  if not isinstance(value, torch.Tensor):
-    raise TypeError(
-        f"{fn}: {name} must be None, a number or a torch.Tensor, got {type(value).__name__}")
-  if not value.is_floating_point():
-    raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {value.dtype}")
-  if value.requires_grad:
-    raise ValueError(
-        f"{fn}: {name} gets no gradient from this loss; pass {name}.detach(), got a tensor "
-        "that requires grad")
-  expected = "a scalar or shape (C,)" if num_classes is None else (
-      f"a scalar or shape ({num_classes},)")
-  if value.ndim > 1 or (value.ndim == 1 and num_classes is not None
-                        and value.shape[0] != num_classes):
-    raise ValueError(f"{fn}: {name} must be {expected}, got shape {shape_str(value.shape)}")
-  if checks_enabled() and (low is not None or high is not None) and value.numel():
-    lo, hi = value.min().item(), value.max().item()
-    if (low is not None and lo < low) or (high is not None and hi > high) or math.isnan(lo):
-      bad = lo if (low is not None and lo < low) or math.isnan(lo) else hi
-      raise ValueError(f"{fn}: {name} must be {bounds}, got a value {bad}")
-  return value
 
 
 def _bounds_str(low: float | None, high: float | None) -> str:
@@ -183,6 +147,95 @@ def _bounds_str(low: float | None, high: float | None) -> str:
   if high is not None:
     return f"<= {high:g}"
   return "a number"
+
+
+def _shown(values: Any) -> str:
+  """Values for a message: a float, or the list of a small array."""
+  arr = np.asarray(values, dtype=np.float64)
+  return str(arr.item() if arr.ndim == 0 else arr.tolist())
+
+
+def _check_values(fn: str, name: str, lo: float, hi: float, low: float | None,
+                  high: float | None, hint: str, shown: Any) -> None:
+  """Raises for non-finite values or values outside [low, high]; ``lo``/``hi`` are the
+  smallest and largest value (NaN when there is one); ``shown()`` the values to print."""
+  if not (lo > -math.inf and hi < math.inf):  # NaN fails both comparisons
+    raise ValueError(f"{fn}: {name} must be finite, got {shown()}")
+  if (low is not None and lo < low) or (high is not None and hi > high):
+    raise ValueError(f"{fn}: {name} must be {_bounds_str(low, high)}{hint}, got {shown()}")
+
+
+def _tensor_shown(t: torch.Tensor) -> Any:
+  def shown():
+    if t.numel() <= _SHOW:
+      return _shown(t.detach().to("cpu", torch.float64).numpy())
+    return f"a tensor of shape {shape_str(t.shape)}"
+  return shown
+
+
+def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
+                low: float | None = 0.0, high: float | None = None, allow_none: bool = True,
+                hint: str = "", what_classes: str = "",
+                device: torch.device | None = None) -> float | torch.Tensor | None:
+  """A hyperparameter: None, a Python number, a list / tuple / NumPy array, or a 0-d or
+  ``(C,)`` tensor.
+
+  Python numbers come back as ``float``; lists, tuples and NumPy arrays as float64 CPU
+  tensors; tensors as they are (never copied). Values must be finite and within
+  ``[low, high]``: checked for numbers, lists and NumPy arrays always, for tensors while the
+  value checks are on. ``num_classes`` None (module construction) accepts any 1-D length.
+  ``device`` (the logits' device at call; None at construction) refuses a tensor on the meta
+  device when the logits are not there.
+  """
+  if value is None:
+    if allow_none:
+      return None
+    raise TypeError(f"{fn}: {name} must be a number or a tensor, got None")
+  expected = f"a scalar or shape ({'C' if num_classes is None else num_classes},)"
+  if isinstance(value, bool) or isinstance(value, np.bool_):
+    raise TypeError(f"{fn}: {name} must be a number or a tensor, got bool")
+  if isinstance(value, numbers.Real):
+    v = float(value)
+    _check_values(fn, name, v, v, low, high, hint, lambda: str(v))
+    return v
+  if isinstance(value, (list, tuple, np.ndarray)):
+    try:
+      arr = np.asarray(value)
+    except ValueError as e:
+      raise ValueError(f"{fn}: {name} must be {expected}, got a ragged sequence") from e
+    if arr.dtype.kind not in "iuf":
+      raise TypeError(f"{fn}: {name} must be a real scalar or a {expected} tensor, got dtype "
+                      f"{arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.ndim > 1 or (arr.ndim == 1 and num_classes is not None
+                        and arr.shape[0] != num_classes):
+      raise ValueError(f"{fn}: {name} must be {expected}{what_classes}, got shape "
+                       f"{shape_str(arr.shape)}")
+    if arr.size:
+      with np.errstate(invalid="ignore"):
+        _check_values(fn, name, float(np.min(arr)), float(np.max(arr)), low, high, hint,
+                      lambda: _shown(arr))
+    return torch.from_numpy(arr)
+  if not isinstance(value, torch.Tensor):
+    raise TypeError(
+        f"{fn}: {name} must be None, a number or a torch.Tensor, got {type(value).__name__}")
+  if not value.is_floating_point():
+    raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {value.dtype}")
+  if value.requires_grad:
+    raise ValueError(
+        f"{fn}: {name} gets no gradient from this loss; pass {name}.detach(), got a tensor "
+        "that requires grad")
+  if device is not None and value.is_meta and device.type != "meta":
+    raise ValueError(f"{fn}: {name} must be on the logits' device {device} (or the CPU), got "
+                     "meta")
+  if value.ndim > 1 or (value.ndim == 1 and num_classes is not None
+                        and value.shape[0] != num_classes):
+    raise ValueError(f"{fn}: {name} must be {expected}{what_classes}, got shape "
+                     f"{shape_str(value.shape)}")
+  if checks_enabled() and value.numel() and not value.is_meta:
+    lo, hi = torch.stack([value.min(), value.max()]).tolist()  # one synchronization
+    _check_values(fn, name, lo, hi, low, high, hint, _tensor_shown(value))
+  return value
 
 
 def check_same_device(fn: str, name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
@@ -206,30 +259,135 @@ def check_labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: st
   return labels
 
 
-def check_where(fn: str, where: Any, expected_shape: tuple[int, ...], what: str,
-                logits: torch.Tensor) -> torch.Tensor | None:
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  try:
+    return tuple(torch.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
+  except RuntimeError:
+    return False
+
+
+def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: str,
+               logits: torch.Tensor) -> torch.Tensor | None:
+  """``where`` as a bool tensor of ``shape`` (a broadcast view); it may come in any shape
+  that broadcasts to it, and as a list, tuple or NumPy array."""
   if where is None:
     return None
-  if not isinstance(where, torch.Tensor):
-    raise TypeError(f"{fn}: where must be None or a bool torch.Tensor, got "
+  if isinstance(where, (list, tuple, np.ndarray, np.bool_)):
+    arr = np.asarray(where)
+    if arr.dtype != np.bool_:
+      raise TypeError(f"{fn}: where must be a boolean tensor, got dtype {arr.dtype}")
+    where = torch.from_numpy(np.ascontiguousarray(arr)).to(logits.device)
+  elif not isinstance(where, torch.Tensor):
+    raise TypeError(f"{fn}: where must be None or a boolean tensor, got "
                     f"{type(where).__name__}")
   if where.dtype != torch.bool:
-    raise TypeError(f"{fn}: where must be a bool tensor, got dtype {where.dtype}")
-  if tuple(where.shape) != tuple(expected_shape):
-    raise ValueError(f"{fn}: where must have shape {shape_str(expected_shape)} ({what}), got "
-                     f"{shape_str(where.shape)}")
+    raise TypeError(f"{fn}: where must be a boolean tensor, got dtype {where.dtype}")
+  if not _broadcasts_to(where.shape, shape):
+    raise ValueError(f"{fn}: where must have shape {shape_str(shape)} ({what}) or broadcast "
+                     f"to it, got shape {shape_str(where.shape)}")
   check_same_device(fn, "where", where, logits)
-  return where
+  return where if tuple(where.shape) == tuple(shape) else where.expand(shape)
 
 
-def check_label_range(fn: str, labels: torch.Tensor, valid: torch.Tensor,
+def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Tensor,
+                  cdt: torch.dtype) -> float | torch.Tensor | None:
+  """Per-entry weights: None, a finite number >= 0, or a bool / integer / float tensor (or
+  list, tuple, NumPy array) that broadcasts to ``shape``; returned as a float or a detached
+  tensor of the compute dtype ``cdt`` on the logits' device (not expanded). Values are
+  checked for numbers, lists and NumPy arrays always, for tensors while the value checks
+  are on."""
+  name = "sample_weight"
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)):
+    return float(value)
+  if isinstance(value, numbers.Real):
+    v = float(value)
+    _check_values(fn, name, v, v, 0.0, None, "", lambda: str(v))
+    return v
+  if isinstance(value, (list, tuple, np.ndarray)):
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+      raise TypeError(f"{fn}: {name} must be None, a real scalar or a tensor, got dtype "
+                      f"{arr.dtype}")
+    if not _broadcasts_to(arr.shape, shape):
+      raise ValueError(f"{fn}: {name} must be a scalar or broadcast to shape "
+                       f"{shape_str(shape)}, got shape {shape_str(arr.shape)}")
+    arr = arr.astype(np.float64)
+    if arr.size:
+      with np.errstate(invalid="ignore"):
+        _check_values(fn, name, float(np.min(arr)), float(np.max(arr)), 0.0, None, "",
+                      lambda: _shown(arr))
+    return torch.from_numpy(arr).to(device=logits.device, dtype=cdt)
+  if not isinstance(value, torch.Tensor):
+    raise TypeError(f"{fn}: {name} must be None, a real scalar or a tensor, got "
+                    f"{type(value).__name__}")
+  if value.is_complex():
+    raise TypeError(f"{fn}: {name} must be a real (bool, integer or floating) tensor, got "
+                    f"dtype {value.dtype}")
+  if not _broadcasts_to(value.shape, shape):
+    raise ValueError(f"{fn}: {name} must be a scalar or broadcast to shape "
+                     f"{shape_str(shape)}, got shape {shape_str(value.shape)}")
+  if value.ndim and value.device != logits.device:
+    check_same_device(fn, name, value, logits)
+  w = value.detach().to(device=logits.device, dtype=cdt)
+  if checks_enabled() and w.numel():
+    lo, hi = torch.stack([w.min(), w.max()]).tolist()  # one synchronization
+    _check_values(fn, name, lo, hi, 0.0, None, "", _tensor_shown(w))
+  return w
+
+
+def weigh(loss: torch.Tensor, weight: float | torch.Tensor | None,
+          valid: torch.Tensor | None) -> torch.Tensor:
+  """``loss * weight`` with masked entries exactly 0 (the loss of a masked entry is already
+  0; the weight is masked too, so that a non-finite weight there cannot make it NaN)."""
+  if weight is None:
+    return loss
+  if isinstance(weight, torch.Tensor) and valid is not None:
+    weight = torch.where(valid, weight, torch.zeros((), dtype=weight.dtype,
+                                                   device=weight.device))
+  return loss * weight
+
+
+class LabelValues:
+  """Integer labels of any dtype, compared with Python ints without wrapping.
+
+  ``values`` is an int64 tensor holding every label exactly, except uint64 labels of
+  2**63 or more, which it holds as ``label - 2**64`` (negative: out of range, as they are).
+  """
+
+  def __init__(self, labels: torch.Tensor) -> None:
+    self.dtype = labels.dtype
+    if labels.dtype == torch.int64:
+      self.values = labels
+    elif labels.dtype == torch.uint64:
+      self.values = labels.view(torch.int64)
+    else:
+      self.values = labels.to(torch.int64)
+
+  def equals(self, value: int) -> torch.Tensor | None:
+    """``labels == value`` without wrapping; None where no label can equal it."""
+    info = torch.iinfo(self.dtype)
+    if not info.min <= value <= info.max:
+      return None
+    if self.dtype == torch.uint64 and value >= 2 ** 63:
+      value -= 2 ** 64
+    return self.values == value
+
+  def shown(self, value: int) -> int:
+    """A label as the user wrote it (uint64 labels of 2**63 or more are stored negative)."""
+    return value + 2 ** 64 if self.dtype == torch.uint64 and value < 0 else value
+
+
+def check_label_range(fn: str, labels: LabelValues, valid: torch.Tensor,
                       num_classes: int, ignore_index: int | None) -> None:
   """Every valid label must lie in ``[0, C)`` (reads values: call while checks are on)."""
-  if labels.numel() == 0:
+  values = labels.values
+  if values.numel() == 0:
     return
-  bad = valid & ((labels < 0) | (labels >= num_classes))
+  bad = valid & ((values < 0) | (values >= num_classes))
   if bool(bad.any()):
-    label = int(labels[bad].reshape(-1)[0])
+    label = labels.shown(int(values[bad].reshape(-1)[0]))
     allowed = f"[0, {num_classes})"
     if ignore_index is not None:
       allowed += f" or ignore_index={ignore_index}"
@@ -253,17 +411,37 @@ def check_unit_interval(fn: str, name: str, x: torch.Tensor,
     raise ValueError(f"{fn}: {name} must be in [0, 1], got {value}")
 
 
-def check_process_group(fn: str, group: Any) -> Any:
+WORLD = "world"
+
+
+def process_group(fn: str, group: Any, *, at_call: bool = True) -> Any:
+  """None, ``"world"`` (the default group, resolved at each call: a module built before
+  ``init_process_group`` still works) or a ``torch.distributed.ProcessGroup``.
+
+  At module construction (``at_call=False``) ``"world"`` is kept as it is."""
   if group is None:
     return None
   import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+  if isinstance(group, str):
+    if group != WORLD:
+      raise ValueError(f"{fn}: process_group must be None, 'world' or a "
+                       f"torch.distributed.ProcessGroup, got {group!r}")
+    if not at_call:
+      return WORLD
+    if not dist.is_available() or not dist.is_initialized():
+      raise ValueError(f"{fn}: process_group='world' needs torch.distributed to be "
+                       "initialized when the loss is called; call "
+                       "torch.distributed.init_process_group first or pass "
+                       "process_group=None")
+    return dist.group.WORLD
   if not dist.is_available() or not dist.is_initialized():
     raise ValueError(f"{fn}: process_group was given but torch.distributed is not "
-                     "initialized; call torch.distributed.init_process_group first or pass "
-                     "process_group=None")
+                     "initialized; call torch.distributed.init_process_group first, pass "
+                     "process_group='world' (resolved at each call) or process_group=None")
   if not isinstance(group, dist.ProcessGroup):
-    raise TypeError(f"{fn}: process_group must be None or a torch.distributed.ProcessGroup "
-                    f"(e.g. torch.distributed.group.WORLD), got {type(group).__name__}")
+    raise TypeError(f"{fn}: process_group must be None, 'world' or a "
+                    "torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD), "
+                    f"got {type(group).__name__}")
   return group
 
 
@@ -273,35 +451,58 @@ def check_no_grad(fn: str, name: str, x: torch.Tensor) -> None:
                      "got a tensor that requires grad")
 
 
+# The checks under names that the keyword arguments below do not shadow.
+_reduction = reduction
+_label_smoothing = label_smoothing
+_process_group = process_group
+
+SOFTMAX_ALPHA = " (one weight per class)"
+SOFTMAX_GAMMA = " (one exponent per class)"
+
+
 def check_softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
                          label_smoothing: Any, reduction: Any, ignore_index: Any,
-                         background_class: Any, process_group: Any
+                         background_class: Any, process_group: Any,
+                         device: torch.device | None = None, at_call: bool = True
                          ) -> tuple[Any, Any, float, str, int | None, int, Any]:
   """Checks the softmax hyperparameters; returns them normalized."""
-  reduction = check_reduction(fn, reduction)
-  eps = check_label_smoothing(fn, label_smoothing)
-  ignore_index = check_int(fn, "ignore_index", ignore_index, allow_none=True)
-  background_class = check_int(fn, "background_class", background_class)
-  alpha = check_hyper(fn, "alpha", alpha, num_classes, low=None)
-  gamma = check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
-  process_group = check_process_group(fn, process_group)
-  return alpha, gamma, eps, reduction, ignore_index, background_class, process_group
+  reduction_ = _reduction(fn, reduction)
+  eps = _label_smoothing(fn, label_smoothing)
+  ignore_index = optional_int(fn, "ignore_index", ignore_index, allow_none=True)
+  background_class = optional_int(fn, "background_class", background_class)
+  alpha = class_param(fn, "alpha", alpha, num_classes, what_classes=SOFTMAX_ALPHA,
+                      device=device)
+  gamma = class_param(fn, "gamma", gamma, num_classes, allow_none=False,
+                      what_classes=SOFTMAX_GAMMA, device=device)
+  group = _process_group(fn, process_group, at_call=at_call)
+  return alpha, gamma, eps, reduction_, ignore_index, background_class, group
 
 
 def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
-                  num_classes: int, ignore_index: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-  """``(valid, bad, safe_labels)``: the entries that count; with the value checks off, the
-  valid labels outside ``[0, C)`` (their loss is NaN; with the checks on they raise and
-  ``bad`` is None); and labels that are safe to index with."""
+                  num_classes: int, ignore_index: int | None, background_class: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                             torch.Tensor | None]:
+  """``(valid, bad, safe_labels, positive)``: the entries that count; with the value checks
+  off, the valid labels outside ``[0, C)`` (their loss is NaN; with the checks on they raise
+  and ``bad`` is None); int64 labels that are safe to index with; and the valid labels not
+  equal to ``background_class`` (None if it is None). Labels of any integer dtype are
+  compared with ``ignore_index``, ``background_class`` and ``C`` without wrapping."""
+  lab = LabelValues(labels)
+  values = lab.values
   valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
   if ignore_index is not None:
-    valid = labels != ignore_index
+    ignored = lab.equals(ignore_index)
+    if ignored is not None:
+      valid = ~ignored
   if where is not None:
     valid = valid & where
-  zero = torch.zeros((), dtype=labels.dtype, device=labels.device)
+  positive = None
+  if background_class is not None:
+    background = lab.equals(background_class)
+    positive = valid if background is None else valid & ~background
+  zero = torch.zeros((), dtype=torch.int64, device=labels.device)
   if checks_enabled():
-    check_label_range(fn, labels, valid, num_classes, ignore_index)
-    return valid, None, torch.where(valid, labels, zero).to(torch.int64)
-  bad = valid & ((labels < 0) | (labels >= num_classes))
-  return valid, bad, torch.where(valid & ~bad, labels, zero).to(torch.int64)
+    check_label_range(fn, lab, valid, num_classes, ignore_index)
+    return valid, None, torch.where(valid, values, zero), positive
+  bad = valid & ((values < 0) | (values >= num_classes))
+  return valid, bad, torch.where(valid & ~bad, values, zero), positive

@@ -89,11 +89,18 @@ def _chunk_terms(z: torch.Tensor, t: torch.Tensor, eps: float, num_classes: int,
 
 
 def _grad_in_place(e: torch.Tensor, t: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
-                   b: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+                   b: torch.Tensor | None, g: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
   """Turns ``e = exp(z - m)`` (0 at the target) into dL/dz: ``A e / S - B`` off the target,
-  ``G`` at it."""
+  ``G`` at it; rows not ``valid`` exactly 0 (whatever their logits)."""
   # S >= 1 unless no other class is finite; then A = 0 and the clamp keeps 0 / 0 out.
-  e.mul_(a / s.clamp_min(torch.finfo(s.dtype).tiny))
+  scale = a / s.clamp_min(torch.finfo(s.dtype).tiny)
+  if valid is not None:
+    scale = torch.where(valid, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
+    fix = _softmax.masked_rows(valid, s)
+    if fix is not None:
+      e.masked_fill_(fix, 0.0)
+  e.mul_(scale)
   if b is not None:
     e.sub_(b)
   return e.scatter_(1, t, g)
@@ -126,15 +133,50 @@ class _Grads:
     return self.dh, self.dw, self.db
 
 
+def _keep_graph() -> bool:
+  """Whether the running backward keeps the graph (``retain_graph=True``): then the saved
+  gradients are read again and must not be scaled in place. True when unknown."""
+  if torch.compiler.is_compiling():
+    return True
+  try:
+    return bool(torch._C._autograd._get_current_graph_task_keep_graph())  # pylint: disable=protected-access
+  except (AttributeError, RuntimeError):
+    return True
+
+
 def _finish(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | None, ...],
-            scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-  """The gradients, scaled in place by the incoming scalar, in their parameters' dtypes."""
+            scale: torch.Tensor | None = None, in_place: bool = False
+            ) -> tuple[torch.Tensor | None, ...]:
+  """The gradients, scaled by the incoming scalar (in place only when the saved gradients
+  are never read again), in their parameters' dtypes."""
   out = []
   for grad, dtype in zip(grads, dtypes):
     if grad is not None and scale is not None:
-      grad = grad.mul_(scale.to(grad.dtype))
+      factor = scale.to(grad.dtype)
+      grad = grad.mul_(factor) if in_place else grad * factor
     out.append(None if grad is None else grad.to(dtype))
   return tuple(out)
+
+
+def _double_backward(ctx, go: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+  """The gradients from differentiable whole-tensor ops (``create_graph=True``): they
+  materialize the ``(N, V)`` logits, and have gradients themselves (double backward)."""
+  hidden, weight, bias, t, valid, bad, alpha_t, gamma_t, sw = ctx.saved_tensors[:9]
+  alpha = alpha_t if alpha_t is not None else ctx.floats[0]
+  gamma = gamma_t if gamma_t is not None else ctx.floats[1]
+  cdt = _softmax.compute_dtype(hidden.dtype)
+  h, w = hidden.to(cdt), weight.to(cdt)
+  z = h @ w.t()
+  if bias is not None:
+    z = z + bias.to(cdt)
+  go = go.to(cdt)
+  if sw is not None:
+    go = go * sw
+  dz = _softmax.grad_autodiff(z, t, valid, bad, alpha, gamma, ctx.eps, go)
+  needs = ctx.needs_input_grad
+  grads = (dz @ w if needs[0] else None, dz.t() @ h if needs[1] else None,
+           dz.sum(0) if bias is not None and needs[2] else None)
+  return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
 
 
 class LinearSoftmaxFocalFunction(torch.autograd.Function):
@@ -143,7 +185,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
 
   @staticmethod
   def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps,  # pylint: disable=W0221
-              rows, summed):
+              rows, summed, sw):
     n = hidden.shape[0]
     v = weight.shape[0]
     chunker = _Chunker(hidden, weight, bias, rows)
@@ -156,10 +198,15 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     for start in range(0, n, rows):
       r = slice(start, min(n, start + rows))
       z = chunker.logits(r)
-      loss[r], s, a, b, g = _chunk_terms(z, t[r], eps, v, _rows(alpha, r), _rows(gamma, r),
-                                         valid[r], None if bad is None else bad[r])
+      lr, s, a, b, g = _chunk_terms(z, t[r], eps, v, _rows(alpha, r), _rows(gamma, r),
+                                    valid[r], None if bad is None else bad[r])
+      if sw is not None:  # per-row weights scale the loss and its gradient
+        wr = sw[r]
+        lr, a, g = lr * wr, a * wr, g * wr
+        b = None if b is None else b * wr
+      loss[r] = lr
       if grads is not None:
-        grads.add(r, _grad_in_place(z, t[r], s, a, b, g))
+        grads.add(r, _grad_in_place(z, t[r], s, a, b, g, valid[r]))
       elif per_row is not None:
         per_row[0][r], per_row[2][r] = a, g
         if with_b:
@@ -168,22 +215,34 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     ctx.rows = rows
     ctx.with_b = with_b
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.eps = eps
+    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
+    # The inputs (no copies) for the double backward, then the schedule's own tensors.
+    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
+    core = (hidden, weight, bias, t, valid, bad, *hyper, sw)
     if summed:
       # The gradients for a unit cotangent; backward scales them by the incoming scalar.
-      ctx.save_for_backward(*(grads.tensors() if grads is not None else (None,) * 3))
+      ctx.save_for_backward(*core,
+                            *(grads.tensors() if grads is not None else (None,) * 3))
       return loss.sum()
     if not with_b:
       per_row[1] = None
-    ctx.save_for_backward(hidden, weight, bias, t, *per_row)
+    ctx.save_for_backward(*core, *per_row)
     return loss
 
   @staticmethod
-  @torch.autograd.function.once_differentiable
   def backward(ctx, go):  # pylint: disable=W0221
-    nones = (None,) * 8
+    nones = (None,) * 9
+    if torch.is_grad_enabled():
+      # create_graph=True: differentiable formulas, so that the gradients have gradients.
+      return _double_backward(ctx, go) + nones
+    saved = ctx.saved_tensors
     if ctx.summed:
-      return _finish(ctx.saved_tensors, ctx.dtypes, scale=go) + nones
-    hidden, weight, bias, t, a, b, g = ctx.saved_tensors
+      # In place only when this backward is the last (retain_graph=False): a second
+      # backward reads the saved gradients again.
+      return _finish(saved[9:], ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
+    hidden, weight, bias, t, valid = saved[:5]
+    a, b, g = saved[9:]
     go = go.to(a.dtype)
     n = hidden.shape[0]
     chunker = _Chunker(hidden, weight, bias, ctx.rows)
@@ -193,7 +252,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
       z = chunker.logits(r)
       _, s = _softmax.exp_others_(z, t[r])
       dz = _grad_in_place(z, t[r], s, a[r] * go[r], b[r] * go[r] if ctx.with_b else None,
-                          g[r] * go[r])
+                          g[r] * go[r], valid[r])
       grads.add(r, dz)
     return _finish(grads.tensors(), ctx.dtypes) + nones
 
@@ -213,6 +272,7 @@ def linear_softmax_focal(
     ignore_index: int | None = -100,
     background_class: int = 0,
     process_group: Any = None,
+    sample_weight: Any = None,
 ) -> torch.Tensor:
   r"""Softmax focal loss of a linear layer's output, without materializing the logits.
 
@@ -254,8 +314,8 @@ def linear_softmax_focal(
     >>> loss = focal_torch.linear_softmax_focal(hidden, head.weight, labels, bias=head.bias)
   """
   fn = "linear_softmax_focal"
-  _checks.check_floating(fn, "hidden", hidden)
-  _checks.check_floating(fn, "weight", weight)
+  _checks.floating_array(fn, "hidden", hidden)
+  _checks.floating_array(fn, "weight", weight)
   h = hidden.shape[-1]
   if weight.ndim != 2 or weight.shape[1] != h:
     raise ValueError(
@@ -278,7 +338,7 @@ def linear_softmax_focal(
       raise TypeError(f"{fn}: bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     _checks.check_same_device(fn, "bias", bias, hidden)
   if chunk_size is not None:
-    chunk_size = _checks.check_int(fn, "chunk_size", chunk_size, allow_none=True)
+    chunk_size = _checks.optional_int(fn, "chunk_size", chunk_size, allow_none=True)
     if chunk_size < 1:
       raise ValueError(f"{fn}: chunk_size must be None or >= 1, got {chunk_size}")
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
@@ -286,26 +346,34 @@ def linear_softmax_focal(
                                    label_smoothing=label_smoothing, reduction=reduction,
                                    ignore_index=ignore_index,
                                    background_class=background_class,
-                                   process_group=process_group))
+                                   process_group=process_group, device=hidden.device))
   expected = hidden.shape[:-1]
   what = "hidden's shape without its last axis"
   _checks.check_labels(fn, labels, expected, what, hidden, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
-  where = _checks.check_where(fn, where, expected, what, hidden)
-  valid, bad, safe = _checks.softmax_masks(fn, labels, where, v, ignore_index)
+  where = _checks.where_mask(fn, where, expected, "the shape of labels", hidden)
+  cdt = _softmax.compute_dtype(hidden.dtype)
+  weights = _checks.sample_weight(fn, sample_weight, expected, hidden, cdt)
+  valid, bad, safe, positive = _checks.softmax_masks(
+      fn, labels, where, v, ignore_index,
+      background_class if reduction == "mean_positive" else None)
 
   h2 = hidden.reshape(-1, h)
   n = h2.shape[0]
-  cdt = _softmax.compute_dtype(hidden.dtype)
   t = safe.reshape(n, 1)
+  valid2 = valid.reshape(n, 1)
+  sw = None
+  if weights is not None:  # per-row weights, 0 on masked rows
+    sw = torch.as_tensor(weights, dtype=cdt, device=hidden.device).expand(expected)
+    sw = torch.where(valid2, sw.reshape(n, 1), torch.zeros((), dtype=cdt,
+                                                           device=hidden.device))
   rows = chunk_size or default_chunk_rows(n, v)
   summed = reduction != "none"
   out = LinearSoftmaxFocalFunction.apply(
-      h2, weight, bias, t, valid.reshape(n, 1), None if bad is None else bad.reshape(n, 1),
+      h2, weight, bias, t, valid2, None if bad is None else bad.reshape(n, 1),
       _softmax.per_row(alpha, t, cdt), _softmax.per_row(gamma, t, cdt), eps, max(1, rows),
-      summed)
+      summed, sw)
   if not summed:
     return out.reshape(labels.shape).to(hidden.dtype)
-  positive = valid & (labels != background_class) if reduction == "mean_positive" else None
   return _reduce.finish(out, reduction, count=n, valid=valid, positive=positive,
                         process_group=process_group, out_dtype=hidden.dtype)

@@ -167,8 +167,10 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   p = torch.exp(log_p)
   q = torch.exp(log_q)
   if eps:
-    # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c).
-    ce = (1.0 - eps) * (-log_p) + eps * (zt + softplus(d) - sum_z / num_classes)
+    # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c). The
+    # log-sum-exp from the larger of z_t and lse_o: no inf - inf when z_t = -inf.
+    lse = torch.where(d > 0, lse_o + softplus(-d), zt + softplus(d))
+    ce = (1.0 - eps) * (-log_p) + eps * (lse - sum_z / num_classes)
   else:
     ce = -log_p
   if isinstance(gamma, float) and gamma == 0.0:
@@ -177,7 +179,9 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   else:
     # (1 - p)^gamma in log space: 0^0 = 1 and no inf * 0 in the derivative.
     focal = torch.exp(gamma * log_q)
-    h = q + gamma * p * ce
+    # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf, p = 0).
+    pce = p * ce
+    h = q + gamma * torch.where(p > 0, pce, torch.zeros((), dtype=d.dtype, device=d.device))
   weight = focal if alpha is None else alpha * focal
   loss = weight * ce
   a = weight * h
@@ -193,15 +197,29 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   return mask(loss), mask(a), (None if b is None else mask(b)), mask(g)
 
 
+def masked_rows(valid: torch.Tensor, lse_o: torch.Tensor) -> torch.Tensor | None:
+  """The rows whose gradient must be forced to 0: masked rows, when some of them have
+  non-finite logits (``A = B = G = 0`` there, but ``0 * exp(nan - nan)`` is NaN). On the
+  CPU, None unless such a row exists (a cheap per-row test); elsewhere, and under
+  torch.compile, every masked row (no device synchronization)."""
+  if torch.compiler.is_compiling() or lse_o.device.type != "cpu":
+    return ~valid
+  fix = ~valid & ~torch.isfinite(lse_o)
+  return fix if bool(fix.any()) else None
+
+
 def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
                b: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
-               buf: torch.Tensor | None) -> None:
+               buf: torch.Tensor | None, fix: torch.Tensor | None = None) -> None:
   """Writes ``A exp(w - lse_o) - B`` off the target and ``G`` at it into ``out`` (a chunk
   of the gradient). Computes in place in ``out`` when it has ``lse_o``'s dtype, else in
-  ``buf`` (half-precision gradients: the math stays in float32)."""
+  ``buf`` (half-precision gradients: the math stays in float32). Rows of ``fix`` get 0
+  (masked rows, whatever their logits)."""
   e = out if buf is None else buf[:w.numel()].view(w.shape)
   # w - lse_o <= 0 off the target: exp never overflows; the target entry is overwritten.
   torch.sub(w, lse_o, out=e)
+  if fix is not None:
+    e.masked_fill_(fix, float("-inf"))  # exp(-inf) = 0, and A = B = G = 0 on these rows
   exp_(e)
   e.mul_(a)
   if b is not None:
@@ -212,15 +230,17 @@ def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.T
 
 
 def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
-                 b: torch.Tensor | None, g: torch.Tensor, elements: int) -> torch.Tensor:
+                 b: torch.Tensor | None, g: torch.Tensor, elements: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
   """The gradient, chunk by chunk: no temporary beyond it (half inputs: one float32
-  chunk)."""
+  chunk). Rows not ``valid`` are exactly 0."""
   out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
   cdt = compute_dtype(z3.dtype)
   buf = None if z3.dtype == cdt else chunk_buffer(z3.shape, elements, cdt, z3.device)
+  fix = None if valid is None else masked_rows(valid, lse_o)
   for idx in _chunking.chunks(z3.shape, elements):
     chunk_grad(z3[idx], t3[idx], lse_o[idx], a[idx], None if b is None else b[idx], g[idx],
-               out[idx], buf)
+               out[idx], buf, None if fix is None else fix[idx])
   return out
 
 
@@ -236,6 +256,7 @@ def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
   if b is not None:
     grad = grad - b * go
   grad = grad.scatter(1, t3, g * go)
+  grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
   return grad.to(z3.dtype)
 
 
@@ -270,5 +291,5 @@ class SoftmaxFocalFunction(torch.autograd.Function):
       grad = grad_autodiff(z3, t3, valid, bad, alpha, gamma, ctx.eps, go)
     else:
       grad = grad_chunked(z3, t3, lse_o, a * go, None if b is None else b * go, g * go,
-                          ctx.elements)
+                          ctx.elements, valid)
     return grad, None, None, None, None, None, None, None

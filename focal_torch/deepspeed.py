@@ -79,7 +79,7 @@ class FocalLoss(nn.Module):
       if tuple(alpha.shape) not in ((class_num, 1), (class_num,)):
         raise ValueError(f"{fn}: alpha must have shape ({class_num}, 1) or ({class_num},) "
                          f"(class_num={class_num}), got {_checks.shape_str(alpha.shape)}")
-    gamma = _checks.check_hyper(fn, "gamma", gamma, None, low=0.0, allow_none=False)
+    gamma = _checks.class_param(fn, "gamma", gamma, None, allow_none=False)
     if not isinstance(gamma, float):
       raise TypeError(f"{fn}: gamma must be a number, got a tensor")
     if not isinstance(size_average, bool):
@@ -91,7 +91,7 @@ class FocalLoss(nn.Module):
 
   def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     fn = "FocalLoss"
-    _checks.check_floating(fn, "inputs", inputs)
+    _checks.floating_array(fn, "inputs", inputs)
     if inputs.ndim != 2 or inputs.shape[1] != self.class_num:
       raise ValueError(
           f"{fn}: inputs must have shape (N, class_num) = (N, {self.class_num}), got "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from focal_torch import _categorical
@@ -28,15 +29,16 @@ def softmax_focal(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    alpha: float | torch.Tensor | None = None,
-    gamma: float | torch.Tensor = 2.0,
+    alpha: Any = None,
+    gamma: Any = 2.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    where: torch.Tensor | None = None,
+    where: Any = None,
     ignore_index: int | None = -100,
     background_class: int = 0,
     dim: int = 1,
     process_group: Any = None,
+    sample_weight: Any = None,
 ) -> torch.Tensor:
   r"""Softmax focal loss for integer class labels.
 
@@ -104,17 +106,18 @@ def softmax_focal(
       "softmax_focal", logits, labels, alpha=alpha, gamma=gamma,
       label_smoothing=label_smoothing, reduction=reduction, where=where,
       ignore_index=ignore_index, background_class=background_class, dim=dim,
-      process_group=process_group)
+      process_group=process_group, sample_weight=sample_weight)
 
 
 def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, alpha: Any,
                        gamma: Any, label_smoothing: Any, reduction: Any, where: Any,
                        ignore_index: Any, background_class: Any, dim: Any,
-                       process_group: Any, out_dtype: torch.dtype | None = None,
+                       process_group: Any, sample_weight: Any = None,
+                       out_dtype: torch.dtype | None = None,
                        chunk_elements: int | None = None) -> torch.Tensor:
   """:func:`softmax_focal` with the name used in messages and the output dtype as options
   (the DeepSpeed drop-in returns float32 for half inputs, as DeepSpeed does)."""
-  _checks.check_floating(fn, "logits", logits)
+  _checks.floating_array(fn, "logits", logits)
   dim = _checks.normalize_dim(fn, dim, logits.ndim)
   num_classes = logits.shape[dim]
   if num_classes == 0:
@@ -125,24 +128,27 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
                                    label_smoothing=label_smoothing, reduction=reduction,
                                    ignore_index=ignore_index,
                                    background_class=background_class,
-                                   process_group=process_group))
+                                   process_group=process_group, device=logits.device))
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
   what = f"the logits' shape without dim {dim}"
   _checks.check_labels(fn, labels, expected, what, logits, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
-  where = _checks.check_where(fn, where, expected, what, logits)
-  valid, bad, safe = _checks.softmax_masks(fn, labels, where, num_classes, ignore_index)
+  where = _checks.where_mask(fn, where, expected, "the shape of labels", logits)
+  cdt = _softmax.compute_dtype(logits.dtype)
+  weight = _checks.sample_weight(fn, sample_weight, expected, logits, cdt)
+  valid, bad, safe, positive = _checks.softmax_masks(
+      fn, labels, where, num_classes, ignore_index,
+      background_class if reduction == "mean_positive" else None)
 
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)
-  cdt = _softmax.compute_dtype(logits.dtype)
   t3 = safe.reshape(rows)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
   loss = _softmax.SoftmaxFocalFunction.apply(
       z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
       _softmax.per_row(alpha, t3, cdt), _softmax.per_row(gamma, t3, cdt), eps,
       elements).reshape(labels.shape)
-  positive = valid & (labels != background_class) if reduction == "mean_positive" else None
+  loss = _checks.weigh(loss, weight, valid)
   return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
                              process_group=process_group,
                              out_dtype=out_dtype or logits.dtype)
@@ -163,13 +169,14 @@ def sigmoid_focal(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    alpha: float | torch.Tensor | None = None,
-    gamma: float | torch.Tensor = 2.0,
+    alpha: Any = None,
+    gamma: Any = 2.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    where: torch.Tensor | None = None,
-    dim: int = 1,
+    where: Any = None,
+    dim: int = -1,
     process_group: Any = None,
+    sample_weight: Any = None,
 ) -> torch.Tensor:
   r"""Sigmoid focal loss for binary and multi-label problems, hard or soft labels.
 
@@ -217,31 +224,36 @@ def sigmoid_focal(
     Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
   """
   fn = "sigmoid_focal"
-  _checks.check_floating(fn, "logits", logits)
-  reduction = _checks.check_reduction(fn, reduction)
-  eps = _checks.check_label_smoothing(fn, label_smoothing)
-  process_group = _checks.check_process_group(fn, process_group)
-  vector = any(isinstance(v, torch.Tensor) and v.ndim == 1 for v in (alpha, gamma))
-  if vector:
+  _checks.floating_array(fn, "logits", logits, scalar_ok=True)
+  reduction = _checks.reduction(fn, reduction)
+  eps = _checks.label_smoothing(fn, label_smoothing)
+  process_group = _checks.process_group(fn, process_group)
+  if logits.ndim and any(_ndim(v) == 1 for v in (alpha, gamma)):
     dim = _checks.normalize_dim(fn, dim, logits.ndim)
     num_classes = logits.shape[dim]
+    what = (" (one per entry of the last axis of logits)" if dim == logits.ndim - 1
+            else f" (one per entry of dim {dim} of logits)")
   else:
-    _checks.check_int(fn, "dim", dim)
-    dim, num_classes = None, None
-  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=0.0, high=1.0,
-                              hint=_checks.SIGMOID_ALPHA_HINT)
-  gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
-  what = "the logits' shape"
+    _checks.optional_int(fn, "dim", dim)
+    dim, num_classes, what = None, 1, " (one per entry of the last axis of logits)"
+  alpha = _checks.class_param(fn, "alpha", alpha, num_classes, low=0.0, high=1.0,
+                              hint=_checks.SIGMOID_ALPHA_HINT, what_classes=what,
+                              device=logits.device)
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, allow_none=False,
+                              what_classes=what, device=logits.device)
   if not isinstance(labels, torch.Tensor):
     raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
   if labels.is_complex():
     raise TypeError(f"{fn}: labels must be real numbers in [0, 1], got dtype {labels.dtype}")
-  _checks.check_labels(fn, labels, logits.shape, what, logits, integer=False)
+  _checks.check_labels(fn, labels, logits.shape, "the logits' shape", logits, integer=False)
   _checks.check_no_grad(fn, "labels", labels)
-  where = _checks.check_where(fn, where, logits.shape, what, logits)
+  cdt = _softmax.compute_dtype(logits.dtype)
+  if labels.dtype in _WIDE_UNSIGNED:  # torch has no comparisons for these
+    labels = labels.to(cdt)
+  where = _checks.where_mask(fn, where, logits.shape, "the shape of labels", logits)
+  weight = _checks.sample_weight(fn, sample_weight, logits.shape, logits, cdt)
   _checks.check_unit_interval(fn, "labels", labels, where)
 
-  cdt = _softmax.compute_dtype(logits.dtype)
   if dim is None:
     x3 = logits.reshape(-1, 1)
   else:
@@ -253,6 +265,7 @@ def sigmoid_focal(
       x3, y3, valid3, _class_vector(alpha, cdt, logits.device, x3.shape),
       _class_vector(gamma, cdt, logits.device, x3.shape), eps,
       elements).reshape(logits.shape)
+  loss = _checks.weigh(loss, weight, where)
   positive = None
   if reduction == "mean_positive":
     positive = labels > 0 if where is None else (labels > 0) & where
@@ -260,17 +273,36 @@ def sigmoid_focal(
                              process_group=process_group, out_dtype=logits.dtype)
 
 
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _ndim(value: Any) -> int:
+  """The number of dimensions of a hyperparameter (numbers: 0; ragged lists: 1)."""
+  if isinstance(value, torch.Tensor):
+    return value.ndim
+  if isinstance(value, (list, tuple, np.ndarray)):
+    try:
+      return np.ndim(value)
+    except ValueError:
+      return 1
+  return 0
+
+
+_PER_CLASS = " (one per class)"
+
+
 def categorical_focal(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    alpha: float | torch.Tensor | None = None,
-    gamma: float | torch.Tensor = 2.0,
+    alpha: Any = None,
+    gamma: Any = 2.0,
     reduction: str = "mean",
-    where: torch.Tensor | None = None,
+    where: Any = None,
     background_class: int = 0,
     dim: int = 1,
     process_group: Any = None,
+    sample_weight: Any = None,
 ) -> torch.Tensor:
   r"""Softmax focal loss for probability targets (smoothed one-hot, mixup, distillation).
 
@@ -314,17 +346,19 @@ def categorical_focal(
     tensor(0.1666)
   """
   fn = "categorical_focal"
-  _checks.check_floating(fn, "logits", logits)
+  _checks.floating_array(fn, "logits", logits)
   dim = _checks.normalize_dim(fn, dim, logits.ndim)
   num_classes = logits.shape[dim]
   if num_classes == 0:
     raise ValueError(f"{fn}: logits must have at least one class along dim={dim}, got shape "
                      f"{_checks.shape_str(logits.shape)}")
-  reduction = _checks.check_reduction(fn, reduction)
-  background_class = _checks.check_int(fn, "background_class", background_class)
-  alpha = _checks.check_hyper(fn, "alpha", alpha, num_classes, low=None)
-  gamma = _checks.check_hyper(fn, "gamma", gamma, num_classes, low=0.0, allow_none=False)
-  process_group = _checks.check_process_group(fn, process_group)
+  reduction = _checks.reduction(fn, reduction)
+  background_class = _checks.optional_int(fn, "background_class", background_class)
+  alpha = _checks.class_param(fn, "alpha", alpha, num_classes, what_classes=_PER_CLASS,
+                              device=logits.device)
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, allow_none=False,
+                              what_classes=_PER_CLASS, device=logits.device)
+  process_group = _checks.process_group(fn, process_group)
   if not isinstance(targets, torch.Tensor):
     raise TypeError(f"{fn}: targets must be a torch.Tensor, got {type(targets).__name__}")
   if not targets.is_floating_point():
@@ -337,10 +371,12 @@ def categorical_focal(
   _checks.check_same_device(fn, "targets", targets, logits)
   _checks.check_no_grad(fn, "targets", targets)
   row_shape = logits.shape[:dim] + logits.shape[dim + 1:]
-  where = _checks.check_where(fn, where, row_shape, f"the logits' shape without dim {dim}",
-                              logits)
-
+  where = _checks.where_mask(
+      fn, where, row_shape,
+      f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}", logits)
   cdt = _softmax.compute_dtype(logits.dtype)
+  weight = _checks.sample_weight(fn, sample_weight, row_shape, logits, cdt)
+
   z3 = _chunking.as_rows(logits, dim)
   y3 = _chunking.as_rows(targets, dim)
   valid3 = None if where is None else where.reshape(_chunking.row_shape(z3.shape))
@@ -349,6 +385,7 @@ def categorical_focal(
       z3, y3, valid3, _class_vector(alpha, cdt, logits.device, z3.shape),
       _class_vector(gamma, cdt, logits.device, z3.shape), elements
   ).reshape(row_shape)
+  loss = _checks.weigh(loss, weight, where)
   positive = None
   if reduction == "mean_positive":
     positive = targets.argmax(dim) != background_class

@@ -75,8 +75,7 @@ class SoftmaxFocalLoss(_FocalBase):
     >>> loss = loss_fn(torch.randn(8, 3), torch.randint(0, 3, (8,)))
   """
 
-  def __init__(self, *, alpha: float | torch.Tensor | None = None,
-               gamma: float | torch.Tensor = 2.0, label_smoothing: float = 0.0,
+  def __init__(self, *, alpha: Any = None, gamma: Any = 2.0, label_smoothing: float = 0.0,
                reduction: str = "mean", ignore_index: int | None = -100,
                background_class: int = 0, dim: int = 1, process_group: Any = None) -> None:
     super().__init__()
@@ -85,22 +84,22 @@ class SoftmaxFocalLoss(_FocalBase):
         _checks.check_softmax_hypers(
             fn, None, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing,
             reduction=reduction, ignore_index=ignore_index,
-            background_class=background_class, process_group=process_group))
+            background_class=background_class, process_group=process_group, at_call=False))
     self._set_hypers(alpha, gamma)
     self.label_smoothing = eps
     self.reduction = reduction
     self.ignore_index = ignore_index
     self.background_class = background_class
-    self.dim = _checks.check_int(fn, "dim", dim)
+    self.dim = _checks.optional_int(fn, "dim", dim)
     self.process_group = process_group
 
-  def forward(self, logits: torch.Tensor, labels: torch.Tensor,
-              where: torch.Tensor | None = None) -> torch.Tensor:
+  def forward(self, logits: torch.Tensor, labels: torch.Tensor, where: Any = None, *,
+              sample_weight: Any = None) -> torch.Tensor:
     return functional.softmax_focal(
         logits, labels, alpha=self.alpha, gamma=self.gamma,
         label_smoothing=self.label_smoothing, reduction=self.reduction, where=where,
         ignore_index=self.ignore_index, background_class=self.background_class, dim=self.dim,
-        process_group=self.process_group)
+        process_group=self.process_group, sample_weight=sample_weight)
 
 
 class SigmoidFocalLoss(_FocalBase):
@@ -126,26 +125,25 @@ class SigmoidFocalLoss(_FocalBase):
     >>> loss = loss_fn(torch.randn(8, 4), torch.randint(0, 2, (8, 4)).float())
   """
 
-  def __init__(self, *, alpha: float | torch.Tensor | None = None,
-               gamma: float | torch.Tensor = 2.0, label_smoothing: float = 0.0,
-               reduction: str = "mean", dim: int = 1, process_group: Any = None) -> None:
+  def __init__(self, *, alpha: Any = None, gamma: Any = 2.0, label_smoothing: float = 0.0,
+               reduction: str = "mean", dim: int = -1, process_group: Any = None) -> None:
     super().__init__()
     fn = type(self).__name__
-    alpha = _checks.check_hyper(fn, "alpha", alpha, None, low=0.0, high=1.0,
+    alpha = _checks.class_param(fn, "alpha", alpha, None, low=0.0, high=1.0,
                                 hint=_checks.SIGMOID_ALPHA_HINT)
-    gamma = _checks.check_hyper(fn, "gamma", gamma, None, low=0.0, allow_none=False)
+    gamma = _checks.class_param(fn, "gamma", gamma, None, allow_none=False)
     self._set_hypers(alpha, gamma)
-    self.label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
-    self.reduction = _checks.check_reduction(fn, reduction)
-    self.dim = _checks.check_int(fn, "dim", dim)
-    self.process_group = _checks.check_process_group(fn, process_group)
+    self.label_smoothing = _checks.label_smoothing(fn, label_smoothing)
+    self.reduction = _checks.reduction(fn, reduction)
+    self.dim = _checks.optional_int(fn, "dim", dim)
+    self.process_group = _checks.process_group(fn, process_group, at_call=False)
 
-  def forward(self, logits: torch.Tensor, labels: torch.Tensor,
-              where: torch.Tensor | None = None) -> torch.Tensor:
+  def forward(self, logits: torch.Tensor, labels: torch.Tensor, where: Any = None, *,
+              sample_weight: Any = None) -> torch.Tensor:
     return functional.sigmoid_focal(
         logits, labels, alpha=self.alpha, gamma=self.gamma,
         label_smoothing=self.label_smoothing, reduction=self.reduction, where=where,
-        dim=self.dim, process_group=self.process_group)
+        dim=self.dim, process_group=self.process_group, sample_weight=sample_weight)
 
 
 class CategoricalFocalLoss(_FocalBase):
@@ -171,22 +169,21 @@ class CategoricalFocalLoss(_FocalBase):
     >>> loss = loss_fn(torch.randn(8, 3), torch.softmax(torch.randn(8, 3), dim=1))
   """
 
-  def __init__(self, *, alpha: float | torch.Tensor | None = None,
-               gamma: float | torch.Tensor = 2.0, reduction: str = "mean",
+  def __init__(self, *, alpha: Any = None, gamma: Any = 2.0, reduction: str = "mean",
                background_class: int = 0, dim: int = 1, process_group: Any = None) -> None:
     super().__init__()
     fn = type(self).__name__
-    alpha = _checks.check_hyper(fn, "alpha", alpha, None, low=None)
-    gamma = _checks.check_hyper(fn, "gamma", gamma, None, low=0.0, allow_none=False)
+    alpha = _checks.class_param(fn, "alpha", alpha, None)
+    gamma = _checks.class_param(fn, "gamma", gamma, None, allow_none=False)
     self._set_hypers(alpha, gamma)
-    self.reduction = _checks.check_reduction(fn, reduction)
-    self.background_class = _checks.check_int(fn, "background_class", background_class)
-    self.dim = _checks.check_int(fn, "dim", dim)
-    self.process_group = _checks.check_process_group(fn, process_group)
+    self.reduction = _checks.reduction(fn, reduction)
+    self.background_class = _checks.optional_int(fn, "background_class", background_class)
+    self.dim = _checks.optional_int(fn, "dim", dim)
+    self.process_group = _checks.process_group(fn, process_group, at_call=False)
 
-  def forward(self, logits: torch.Tensor, targets: torch.Tensor,
-              where: torch.Tensor | None = None) -> torch.Tensor:
+  def forward(self, logits: torch.Tensor, targets: torch.Tensor, where: Any = None, *,
+              sample_weight: Any = None) -> torch.Tensor:
     return functional.categorical_focal(
         logits, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction,
         where=where, background_class=self.background_class, dim=self.dim,
-        process_group=self.process_group)
+        process_group=self.process_group, sample_weight=sample_weight)

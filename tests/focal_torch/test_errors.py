@@ -44,14 +44,17 @@ SOFTMAX_ERRORS = [
      "softmax_focal: logits must have at least one class along dim=1, got shape (4, 0)"),
     (dict(gamma=-0.5), ValueError, "softmax_focal: gamma must be >= 0, got -0.5"),
     (dict(gamma=torch.tensor([1.0, -1.0, 2.0])), ValueError,
-     "softmax_focal: gamma must be >= 0, got a value -1.0"),
+     "softmax_focal: gamma must be >= 0, got [1.0, -1.0, 2.0]"),
     (dict(gamma=torch.ones(4)), ValueError,
-     "softmax_focal: gamma must be a scalar or shape (3,), got shape (4,)"),
+     "softmax_focal: gamma must be a scalar or shape (3,) (one exponent per class), got shape "
+     "(4,)"),
     (dict(gamma=None), TypeError, "softmax_focal: gamma must be a number or a tensor, got None"),
     (dict(alpha=torch.ones(8)), ValueError,
-     "softmax_focal: alpha must be a scalar or shape (3,), got shape (8,)"),
+     "softmax_focal: alpha must be a scalar or shape (3,) (one weight per class), got shape "
+     "(8,)"),
     (dict(alpha=torch.ones(3, 1)), ValueError,
-     "softmax_focal: alpha must be a scalar or shape (3,), got shape (3, 1)"),
+     "softmax_focal: alpha must be a scalar or shape (3,) (one weight per class), got shape "
+     "(3, 1)"),
     (dict(alpha=torch.ones(3, dtype=torch.long)), TypeError,
      "softmax_focal: alpha must be a floating-point tensor, got dtype torch.int64"),
     (dict(alpha=torch.ones(3, requires_grad=True)), ValueError,
@@ -78,9 +81,10 @@ SOFTMAX_ERRORS = [
     (dict(labels=[0, 1, 2, 0]), TypeError,
      "softmax_focal: labels must be a torch.Tensor, got list"),
     (dict(where=torch.ones(4)), TypeError,
-     "softmax_focal: where must be a bool tensor, got dtype torch.float32"),
+     "softmax_focal: where must be a boolean tensor, got dtype torch.float32"),
     (dict(where=torch.ones(3, dtype=torch.bool)), ValueError,
-     "softmax_focal: where must have shape (4,) (the logits' shape without dim 1), got (3,)"),
+     "softmax_focal: where must have shape (4,) (the shape of labels) or broadcast to it, got "
+     "shape (3,)"),
     (dict(dim=2), ValueError,
      "softmax_focal: dim must be in [-2, 2) for logits with 2 dimension(s), got dim=2"),
     (dict(dim=1.0), TypeError, "softmax_focal: dim must be an int, got float"),
@@ -115,11 +119,11 @@ SIGMOID_ERRORS = [
     (dict(logits=Z.int()), TypeError,
      "sigmoid_focal: logits must be a floating-point tensor, got dtype torch.int32"),
     (dict(alpha=-1), ValueError,
-     "sigmoid_focal: alpha must be in [0, 1] or None (torchvision's alpha < 0 means no "
-     "weighting: pass alpha=None), got -1"),
+     "sigmoid_focal: alpha must be in [0, 1] (alpha=None means no weighting), got -1.0"),
     (dict(alpha=1.5), ValueError, "sigmoid_focal: alpha must be in [0, 1]"),
     (dict(alpha=torch.ones(4)), ValueError,
-     "sigmoid_focal: alpha must be a scalar or shape (3,), got shape (4,)"),
+     "sigmoid_focal: alpha must be a scalar or shape (3,) (one per entry of the last axis of "
+     "logits), got shape (4,)"),
     (dict(gamma=-2.0), ValueError, "sigmoid_focal: gamma must be >= 0, got -2.0"),
     (dict(reduction="mean_negative"), ValueError, "sigmoid_focal: reduction must be one of"),
     (dict(label_smoothing=2.0), ValueError,
@@ -129,7 +133,8 @@ SIGMOID_ERRORS = [
     (dict(labels=torch.ones(4, 3, dtype=torch.complex64)), TypeError,
      "sigmoid_focal: labels must be real numbers in [0, 1], got dtype torch.complex64"),
     (dict(where=torch.ones(4, dtype=torch.bool)), ValueError,
-     "sigmoid_focal: where must have shape (4, 3) (the logits' shape), got (4,)"),
+     "sigmoid_focal: where must have shape (4, 3) (the shape of labels) or broadcast to it, got "
+     "shape (4,)"),
     (dict(alpha=torch.ones(3) / 2, dim=3), ValueError,
      "sigmoid_focal: dim must be in [-2, 2) for logits with 2 dimension(s), got dim=3"),
     (dict(labels=-Y), ValueError, "sigmoid_focal: labels must be in [0, 1], got -"),
@@ -153,11 +158,11 @@ CATEGORICAL_ERRORS = [
      "categorical_focal: targets must have the logits' shape (4, 3), got (3, 3)"),
     (dict(gamma=-1.0), ValueError, "categorical_focal: gamma must be >= 0, got -1.0"),
     (dict(alpha=torch.ones(2)), ValueError,
-     "categorical_focal: alpha must be a scalar or shape (3,), got shape (2,)"),
+     "categorical_focal: alpha must be a scalar or shape (3,) (one per class), got shape (2,)"),
     (dict(reduction=None), ValueError, "categorical_focal: reduction must be one of"),
     (dict(where=torch.ones(4, 3, dtype=torch.bool)), ValueError,
-     "categorical_focal: where must have shape (4,) (the logits' shape without dim 1), got "
-     "(4, 3)"),
+     "categorical_focal: where must have shape (4,) (the shape of logits (4, 3) without dim 1) "
+     "or broadcast to it, got shape (4, 3)"),
     (dict(dim=-3), ValueError,
      "categorical_focal: dim must be in [-2, 2) for logits with 2 dimension(s), got dim=-3"),
 ]
@@ -174,7 +179,8 @@ MODULE_ERRORS = [
     (focal_torch.SoftmaxFocalLoss, dict(gamma=-1), ValueError,
      "SoftmaxFocalLoss: gamma must be >= 0, got -1"),
     (focal_torch.SoftmaxFocalLoss, dict(alpha=torch.ones(2, 2)), ValueError,
-     "SoftmaxFocalLoss: alpha must be a scalar or shape (C,), got shape (2, 2)"),
+     "SoftmaxFocalLoss: alpha must be a scalar or shape (C,) (one weight per class), got shape "
+     "(2, 2)"),
     (focal_torch.SoftmaxFocalLoss, dict(reduction="batchmean"), ValueError,
      "SoftmaxFocalLoss: reduction must be one of"),
     (focal_torch.SoftmaxFocalLoss, dict(label_smoothing=1.01), ValueError,
@@ -186,11 +192,11 @@ MODULE_ERRORS = [
     (focal_torch.SigmoidFocalLoss, dict(alpha=2.0), ValueError,
      "SigmoidFocalLoss: alpha must be in [0, 1]"),
     (focal_torch.SigmoidFocalLoss, dict(gamma=torch.tensor(-1.0)), ValueError,
-     "SigmoidFocalLoss: gamma must be >= 0, got a value -1.0"),
+     "SigmoidFocalLoss: gamma must be >= 0, got -1.0"),
     (focal_torch.SigmoidFocalLoss, dict(reduction="elementwise"), ValueError,
      "SigmoidFocalLoss: reduction must be one of"),
     (focal_torch.CategoricalFocalLoss, dict(gamma=torch.tensor([1.0, -2.0])), ValueError,
-     "CategoricalFocalLoss: gamma must be >= 0, got a value -2.0"),
+     "CategoricalFocalLoss: gamma must be >= 0, got [1.0, -2.0]"),
     (focal_torch.CategoricalFocalLoss, dict(background_class=1.5), TypeError,
      "CategoricalFocalLoss: background_class must be an int, got float"),
 ]
@@ -206,7 +212,8 @@ def test_modules_check_hyperparameters_at_construction(cls, kw, error, message):
 def test_modules_check_shapes_at_call():
   loss_fn = focal_torch.SoftmaxFocalLoss(alpha=torch.ones(5))
   with pytest.raises(ValueError, match=re.escape(
-      "softmax_focal: alpha must be a scalar or shape (3,), got shape (5,)")):
+      "softmax_focal: alpha must be a scalar or shape (3,) (one weight per class), got shape "
+      "(5,)")):
     loss_fn(Z, T)
 
 

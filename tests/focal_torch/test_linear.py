@@ -191,7 +191,8 @@ ERRORS = [
      "linear_softmax_focal: where must have shape (4,)"),
     (dict(gamma=-1.0), ValueError, "linear_softmax_focal: gamma must be >= 0, got -1.0"),
     (dict(alpha=torch.ones(4)), ValueError,
-     "linear_softmax_focal: alpha must be a scalar or shape (5,), got shape (4,)"),
+     "linear_softmax_focal: alpha must be a scalar or shape (5,) (one weight per class), got "
+     "shape (4,)"),
     (dict(reduction="avg"), ValueError, "linear_softmax_focal: reduction must be one of"),
     (dict(label_smoothing=2.0), ValueError,
      "linear_softmax_focal: label_smoothing must be in [0, 1], got 2.0"),
@@ -218,3 +219,41 @@ def test_non_contiguous_hidden_and_weight():
   for g_fused, g_mat in zip(_grads(fused, [hidden_t, weight_t]),
                             _grads(materialized, [hidden_t, weight_t])):
     torch.testing.assert_close(g_fused, g_mat, rtol=1e-11, atol=1e-13)
+
+
+def test_second_backward_with_retained_graph_and_double_backward():
+  # Issue 12, case 9: the backward must not scale saved tensors in place (a second backward
+  # through a retained graph gave wrong or failing results), and create_graph=True must give
+  # a gradient that has a gradient (a gradient penalty), checked by finite differences.
+  rng = np.random.default_rng(21)
+  hidden, weight, bias = _setup(rng, (5,), 3, 4, torch.float64)
+  labels = torch.tensor([0, 3, -100, 1, 2])
+  params = (hidden, weight, bias)
+  for reduction in ("mean", "none"):
+    loss = focal_torch.linear_softmax_focal(hidden, weight, labels, bias=bias, chunk_size=2,
+                                            gamma=0.5, label_smoothing=0.1,
+                                            reduction=reduction)
+    out = loss if loss.ndim == 0 else loss.sum()
+    first = torch.autograd.grad(out, params, retain_graph=True)
+    second = torch.autograd.grad(out, params, retain_graph=True)
+    third = torch.autograd.grad(2.0 * out, params)
+    for a, b, c in zip(first, second, third):
+      torch.testing.assert_close(a, b, rtol=0, atol=0)
+      torch.testing.assert_close(c, 2 * a, rtol=1e-14, atol=1e-15)
+    loss = focal_torch.linear_softmax_focal(hidden, weight, labels, bias=bias, chunk_size=2,
+                                            gamma=0.5, label_smoothing=0.1,
+                                            reduction=reduction)
+    out = loss if loss.ndim == 0 else loss.sum()
+    g = torch.autograd.grad(out, params, create_graph=True)
+    assert all(x.requires_grad for x in g)
+    penalty = sum((x ** 2).sum() for x in g)
+    assert all(x is not None for x in torch.autograd.grad(penalty, params))
+
+  def fn(h, w, b):
+    return focal_torch.linear_softmax_focal(h, w, labels, bias=b, chunk_size=2, gamma=0.5,
+                                            alpha=0.7, label_smoothing=0.1,
+                                            reduction="mean")
+  assert torch.autograd.gradgradcheck(fn, params)
+  assert torch.autograd.gradgradcheck(
+      lambda h, w: focal_torch.linear_softmax_focal(h, w, labels, gamma=2.0, chunk_size=3,
+                                                    reduction="none"), (hidden, weight))

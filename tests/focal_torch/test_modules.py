@@ -61,7 +61,7 @@ def test_sigmoid_module_matches_reference(ref):
   logits, labels = rng.normal(0, 2, (4, 3, 5)), (rng.random((4, 3, 5)) < 0.3).astype(float)
   where = rng.random((4, 3, 5)) < 0.9
   loss_fn = focal_torch.SigmoidFocalLoss(alpha=0.25, gamma=torch.tensor([0.0, 1.0, 2.0]),
-                                         reduction="mean_positive").double()
+                                         reduction="mean_positive", dim=1).double()
   z = torch.tensor(logits, requires_grad=True)
   loss = loss_fn(z, torch.tensor(labels), where=torch.tensor(where))
   loss.backward()

@@ -180,7 +180,7 @@ def test_small_chunks_match_reference(ref, monkeypatch, shape):
   alpha = rng.uniform(0, 1, shape[1])
   x = torch.tensor(logits, requires_grad=True)
   loss = focal_torch.sigmoid_focal(x, torch.tensor(labels), alpha=torch.tensor(alpha),
-                                   gamma=0.5, label_smoothing=0.1)
+                                   gamma=0.5, label_smoothing=0.1, dim=1)
   want, want_grad = ref.sigmoid_focal(logits, labels, alpha=alpha, gamma=0.5,
                                       label_smoothing=0.1)
   np.testing.assert_allclose(loss.item(), want, rtol=1e-12)
