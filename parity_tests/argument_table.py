@@ -523,10 +523,10 @@ def _torch_value(v: Any, transpose: bool = False) -> Any:
   if v.dtype == "bfloat16":
     x = np.asarray(v.numpy(), np.float32)
     x = x.T if transpose else x
-    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(x, order="C")).to(torch.bfloat16)
   x = v.numpy()
   x = x.T if transpose else x
-  return torch.from_numpy(np.ascontiguousarray(x))
+  return torch.from_numpy(np.array(x, order="C"))
 
 
 def _kwargs(row: Row, framework: str, extra: dict | None = None) -> dict:
@@ -622,8 +622,10 @@ def _close(a: np.ndarray, b: np.ndarray, dtype: str) -> str | None:
   if a.shape != b.shape:
     return f"shapes differ: {a.shape} vs {b.shape}"
   if not np.allclose(a, b, rtol=RTOL[dtype], atol=ATOL[dtype], equal_nan=True):
-    err = np.abs(a - b) / np.maximum(np.abs(b), 1e-300)
-    return f"values differ (max rel err {np.nanmax(err):.3g}): {a} vs {b}"
+    with np.errstate(invalid="ignore"):
+      err = np.abs(a - b) / np.maximum(np.abs(b), 1e-300)
+    worst = np.max(np.where(np.isnan(err), np.inf, err))
+    return f"values differ (max rel err {worst:.3g}): {a} vs {b}"
   return None
 
 
@@ -701,16 +703,22 @@ def status_markdown(rows: list[Row] | None = None) -> str:
   rows = TABLE if rows is None else rows
   lines = ["| row | expect | holds | focal_jax | focal_torch |", "|---|---|---|---|---|"]
   passed = 0
+  failing: dict[tuple[str, str], list[str]] = {}
   for row in rows:
     j, t = call_jax(row), call_torch(row)
     problems = check_row(row, j, t)
     passed += not problems
+    if problems:
+      failing.setdefault((row.fn, row.arg), []).append(row.case)
     expect = row.expect if isinstance(row.expect, str) else row.expect.__name__
     cell = lambda o: str(o).replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
     lines.append(f"| {row.id} | {expect} | {'yes' if not problems else 'NO'} | {cell(j)} | "
                  f"{cell(t)} |")
-  head = f"{passed} of {len(rows)} rows hold.\n\n"
-  return head + "\n".join(lines) + "\n"
+  head = [f"{passed} of {len(rows)} rows hold.", "", "Rows that do not hold, by function and "
+          "argument:", ""]
+  head += [f"- {fn} `{arg}` ({len(cases)}): {', '.join(cases)}"
+           for (fn, arg), cases in failing.items()]
+  return "\n".join(head) + "\n\n" + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
