@@ -14,6 +14,9 @@ splits the computation. Checked here:
   (rows, H) sum of the gradient w.r.t. ``hidden`` over the class shards (as Megatron's
   column-parallel layer) and, on the 2 x 2 mesh, the data-parallel sum of the kernel and bias
   gradient shards. A loss that all-gathers today is an xfail(strict) naming the HLO line;
+  logits gathered on purpose show that both checks can fail;
+- sigmoid_focal inside shard_map with its entries split over both axes of a 2 x 2 mesh needs
+  only `axis_name=("d", "v")`;
 - the README snippet of "Classes split across devices" runs and gives the reference numbers.
 """
 
@@ -513,6 +516,24 @@ def test_hlo_parser_reads_collectives():
       ("all-reduce", [(), (5,)], [[0, 1], [2, 3]]),
       ("all-gather", [(10, 4)], [[0, 2], [1, 3]]),
   ]
+
+
+def test_hlo_checks_catch_gathered_logits():
+  """The checks can fail: logits gathered on purpose (replicated before the loss) show up."""
+  case = CASES[1]
+  mesh = _mesh("v")
+  replicated = NamedSharding(mesh, P())
+
+  def loss(z, t):
+    z = jax.lax.with_sharding_constraint(z, replicated)
+    return focal_jax.softmax_focal(z, t, reduction="mean")
+
+  z = jax.device_put(_data()["z"], NamedSharding(mesh, P(None, "v")))
+  t = jax.device_put(np.where(_data()["t"] < 0, 1, _data()["t"]), replicated)
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(z, t).compile().as_text()
+  found = collectives(hlo)
+  assert any(_squeeze(s) in _class_sized(case) for _, shapes, _, _ in found for s in shapes)
+  assert not all(_allowed(case, k, s, g) for k, shapes, g, _ in found for s in shapes)
 
 
 # --------------------------------------------------------------------------------- README
