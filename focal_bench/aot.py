@@ -33,6 +33,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Iterable
 
@@ -241,7 +242,7 @@ def compile_case(case: Case, target: str, sharding, with_hlo: bool = False) -> d
 
 def versions(target: str) -> dict[str, str | None]:
   import importlib.metadata as md
-  names = ["jax", "jaxlib", "optax", "focal"] + (
+  names = ["jax", "jaxlib", "optax", "focal-losses"] + (
       ["libtpu", "libtpu-nightly"] if target == "tpu" else
       ["jax-cuda12-plugin", "jax-cuda12-pjrt"])
   out = {}
@@ -296,26 +297,34 @@ def run_worker(target: str, cases: list[Case], python: str | None = None,
   cmd = [python or sys.executable, "-m", "focal_bench.aot", "--worker", "--target", target]
   if gpu_spec:
     cmd += ["--gpu-spec", gpu_spec]
-  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=worker_env())
-  stdout, stderr = proc.communicate(json.dumps([dataclasses.asdict(c) for c in cases]),
-                                    timeout=timeout_s)
-  header, records = None, []
-  for line in stdout.splitlines():
-    if not line.startswith("{"):
-      continue
-    rec = json.loads(line)
-    if rec.get("header"):
-      header = rec
-    else:
+  with tempfile.TemporaryFile("w+") as err:
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                            text=True, env=worker_env())
+    proc.stdin.write(json.dumps([dataclasses.asdict(c) for c in cases]))
+    proc.stdin.close()
+    header, records = None, []
+    deadline = time.time() + timeout_s
+    for line in proc.stdout:  # one record per compile, as it finishes
+      if time.time() > deadline:
+        proc.kill()
+        break
+      if not line.startswith("{"):
+        continue
+      rec = json.loads(line)
+      if rec.get("header"):
+        header = rec
+        continue
       records.append(rec)
+      if log is not None:
+        print(f"  {rec['key']}: " + (rec.get("error") or f"{rec['compile_s']} s"), file=log,
+              flush=True)
+    proc.wait()
+    err.seek(0)
+    stderr = err.read()
   if header is None or proc.returncode != 0:
     tail = "\n".join(stderr.strip().splitlines()[-15:])
     raise RuntimeError(f"focal-bench aot: the {target} worker failed (exit {proc.returncode})"
                        f":\n{tail}")
-  if log is not None:
-    for rec in records:
-      print(f"  {rec['key']}: " + (rec.get("error") or f"{rec['compile_s']} s"), file=log)
   return header, records
 
 
