@@ -34,6 +34,8 @@ class _Elems(NamedTuple):
   focal: jax.Array  # (1 - s)**gamma
   s: jax.Array
   w: jax.Array  # alpha y (1 - s)**gamma (1 + gamma s r), r = -log s / (1 - s)
+  log_s_fin: jax.Array  # log_s, 0 where s = 0 exactly (a logit of -inf)
+  no_mass: jax.Array  # s = 0 exactly
 
 
 def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
@@ -45,6 +47,10 @@ def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
   log_norm = jnp.log1p(s_rest)  # log sum_c exp(z_c - m); exp(z_top - m) = 1 exactly
   log_s = z - m[..., None] - log_norm[..., None]
   s = jnp.exp(log_s)
+  # A logit of -inf: s = 0 exactly, log s = -inf. Where needed below it is replaced by 0 (the
+  # terms it enters are 0 there: s log s, y log s with y = 0), keeping 0 * inf out.
+  no_mass = log_s == -jnp.inf
+  log_s_fin = jnp.where(no_mass, 0.0, log_s)
   # log(1 - s): log1p(-s) where s <= 1/2 (every class but the top one); at the top class the
   # non-top mass over the total, log(s_rest) - log(1 + s_rest), exact as s -> 1. Double wheres
   # keep log1p(-1) and log(0) out of the unselected branches (no NaN in derivatives).
@@ -55,9 +61,17 @@ def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
   focal = jnp.exp(gamma * log_1m_s)
   # r = -log s / (1 - s) -> 1 as s -> 1: at the top class log1p(s_rest) (1 + s_rest) / s_rest.
   r_top = jnp.where(has_rest, log_norm * (1.0 + s_rest_safe) / s_rest_safe, 1.0)
-  r = jnp.where(is_top, r_top[..., None], -log_s * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
+  r = jnp.where(is_top, r_top[..., None],
+                -log_s_fin * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
   w = alpha * y * focal * (1.0 + gamma * s * r)
-  return _Elems(log_s, log_1m_s, focal, s, w)
+  return _Elems(log_s, log_1m_s, focal, s, w, log_s_fin, no_mass)
+
+
+def _y_log_s(coef, el: _Elems) -> jax.Array:
+  """coef * log s, with 0 (not NaN) where coef = 0 and s = 0: a -inf logit without target mass
+  is a masked class. coef > 0 at such a class gives +inf loss (its true value)."""
+  at_no_mass = lax.stop_gradient(jnp.where(coef == 0.0, 0.0, coef * -jnp.inf))
+  return jnp.where(el.no_mass, at_no_mass, coef * el.log_s_fin)
 
 
 def _rows(z, y, alpha, gamma, valid) -> _Rows:
@@ -67,10 +81,13 @@ def _rows(z, y, alpha, gamma, valid) -> _Rows:
   # m = z_top itself, not a stop_gradient copy: log(1 + s_rest) below relies on
   # exp(z_top - m) = 1 identically, also in the derivatives of this rule (Hessian).
   m = jnp.take_along_axis(z, top[..., None], axis=-1)[..., 0]
+  # A NaN logit (argmax points at it) or no finite logit (m = -inf): no defined loss, NaN.
+  bad = jnp.isnan(m) | (m == -jnp.inf)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   s_rest = jnp.sum(jnp.where(is_top, 0.0, jnp.exp(z - m[..., None])), axis=-1)
   el = _elems(z, y, alpha, gamma, top, m, s_rest)
-  loss = -jnp.sum(alpha * y * el.focal * el.log_s, axis=-1)
+  loss = -jnp.sum(_y_log_s(alpha * y * el.focal, el), axis=-1)
+  loss = jnp.where(bad, jnp.nan, loss)
   w_sum = jnp.sum(el.w, axis=-1)
   w_rest = jnp.sum(jnp.where(is_top, 0.0, el.w), axis=-1)
   return _Rows(top, m, s_rest, jnp.where(valid, loss, 0.0), w_sum, w_rest)
@@ -118,7 +135,7 @@ def _focal_rows_jvp(primals, tangents):
     terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, dz, dy))
   if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
     el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
-    per_class = jnp.where(valid[..., None], -y * el.focal * el.log_s, 0.0)  # dloss/dalpha_c
+    per_class = jnp.where(valid[..., None], -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
     hyper = jnp.zeros_like(rows.loss)
     if not isinstance(dalpha, SymbolicZero):
       hyper = hyper + jnp.sum(per_class * dalpha, axis=-1)
@@ -142,6 +159,7 @@ def categorical_focal(
     reduction: str = "none",
     background_class: int = 0,
     axis_name: Any = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Categorical focal loss: softmax focal loss with probability targets.
 
@@ -162,8 +180,9 @@ def categorical_focal(
   Args:
     logits: floating-point logits, class axis at ``axis``.
     targets: probabilities, same shape as ``logits`` (not checked to sum to 1).
-    alpha: None (no weighting), a scalar, or a ``(C,)`` vector of class weights.
-    gamma: focusing exponent, a scalar ``>= 0`` or a ``(C,)`` vector (one per class).
+    alpha: None (no weighting), a scalar, or a ``(C,)`` vector of class weights, finite and
+      ``>= 0`` (a list, tuple or NumPy array is fine).
+    gamma: focusing exponent, a finite scalar ``>= 0`` or a ``(C,)`` vector (one per class).
     axis: the class axis.
     where: optional boolean mask, shape of ``logits`` without ``axis`` (or broadcastable to
       it); False rows give 0 loss and 0 gradient and are left out of every denominator.
@@ -174,16 +193,27 @@ def categorical_focal(
     background_class: the class that ``"mean_positive"`` does not count as positive.
     axis_name: optional named axis (pmap, shard_map): denominators are summed over it and
       each shard returns ``n * local_sum / global_denominator`` (see ``softmax_focal``).
+    sample_weight: optional non-negative per-row weights, a scalar or an array broadcastable
+      to the shape of ``logits`` without ``axis``. Each row's loss and gradient are
+      multiplied by its weight before the reduction; denominators are unchanged. Never
+      differentiated; masked rows stay exactly 0.
+
+  A logit of ``-inf`` on a class without target mass is a masked class (the loss of the
+  remaining classes, 0 gradient there; e.g. ``log 2`` for logits ``[-inf, 0, 0]`` and targets
+  ``[0, .5, .5]`` at ``gamma=0``); target mass on a ``-inf`` logit gives ``+inf`` with a
+  finite gradient. An unmasked row with a NaN logit, or with no finite logit, gives NaN.
 
   Returns:
     The losses in the dtype of ``logits``: shape of ``logits`` without ``axis`` for
     ``reduction="none"``, else a scalar.
 
   Raises:
-    TypeError: ``logits`` or ``targets`` not floating point; a keyword of the wrong type.
-    ValueError: ``targets`` or ``where`` of the wrong shape; ``gamma < 0``; ``alpha`` or
-      ``gamma`` not scalar or ``(C,)``; an unknown ``reduction``; ``axis`` out of range.
-      All raised at trace time.
+    TypeError: ``logits`` or ``targets`` not floating point; ``sample_weight`` not numeric; a
+      keyword of the wrong type.
+    ValueError: ``logits`` with no class (``C = 0``); ``targets``, ``where`` or
+      ``sample_weight`` of the wrong shape; ``gamma`` or ``alpha`` negative, not finite, or not
+      scalar or ``(C,)``; ``sample_weight`` negative or not finite; an unknown ``reduction``;
+      ``axis`` out of range. All raised at trace time (values only when known).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -206,15 +236,17 @@ def categorical_focal(
   reduction = _checks.reduction(fn, reduction)
   background_class = _checks.optional_int(fn, "background_class", background_class,
                                           allow_none=False)
-  num_classes = logits.shape[ax]
+  num_classes = _checks.num_classes(
+      fn, "logits", logits.shape[ax], f"C = 0 (shape {logits.shape}, class axis {ax})")
   row_shape = logits.shape[:ax] + logits.shape[ax + 1:]
-  where = _checks.where_mask(fn, where, row_shape,
-                             f"the shape of logits {logits.shape} without axis {ax}")
+  what_rows = f"the shape of logits {logits.shape} without axis {ax}"
+  where = _checks.where_mask(fn, where, row_shape, what_rows)
   dtype = logits.dtype
   cdtype = _checks.compute_dtype(dtype)
+  weight = _checks.sample_weight(fn, sample_weight, row_shape, cdtype, what_rows)
   per_class = " (one per class)"
   alpha = _checks.class_param(fn, "alpha", 1.0 if alpha is None else alpha, num_classes,
-                              cdtype, nonnegative=False, what_classes=per_class)
+                              cdtype, nonnegative=True, what_classes=per_class)
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=per_class)
   # (C,) vectors act on the (last) class axis, at the rank of the logits.
@@ -225,6 +257,7 @@ def categorical_focal(
   y = jnp.moveaxis(targets, ax, -1).astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
   loss = _focal_rows(z, y, alpha, gamma, valid)
-  positive = valid & (jnp.argmax(y, axis=-1) != background_class)
+  loss = _checks.apply_sample_weight(loss, weight, where)
+  positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
   return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
                              axis_name=axis_name, dtype=dtype)

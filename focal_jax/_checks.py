@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
 
@@ -115,11 +116,13 @@ def _concrete_values(x: Any) -> np.ndarray | None:
 
 
 def class_param(fn: str, arg: str, value: Any, num_classes: int, dtype: Any, *,
-                nonnegative: bool, what_classes: str = "") -> jax.Array:
+                nonnegative: bool, what_classes: str = "",
+                unit_interval: bool = False) -> jax.Array:
   """A hyperparameter given as a scalar or a `(num_classes,)` vector, as an array of `dtype`.
 
-  Shapes are always checked. Values are checked (non-negative, finite) only when they are known
-  at trace time: Python numbers, NumPy arrays and concrete jax arrays, never tracers.
+  Shapes are always checked. Values are checked (finite; non-negative, or in [0, 1] with
+  `unit_interval`) only when they are known at trace time: Python numbers, lists, tuples, NumPy
+  arrays and concrete jax arrays, never tracers.
   """
   dtype_of = getattr(value, "dtype", None)
   if isinstance(value, bool) or (dtype_of is None and not isinstance(value, numbers.Real)
@@ -141,8 +144,11 @@ def class_param(fn: str, arg: str, value: Any, num_classes: int, dtype: Any, *,
     values = values.astype(np.float64)
     if not np.all(np.isfinite(values)):
       raise ValueError(f"{fn}: {arg} must be finite, got {values.tolist()}")
+    shown = values.item() if values.ndim == 0 else values.tolist()
+    if unit_interval and np.any((values < 0) | (values > 1)):
+      raise ValueError(
+          f"{fn}: {arg} must be in [0, 1] ({arg}=None means no weighting), got {shown}")
     if nonnegative and np.any(values < 0):
-      shown = values.item() if values.ndim == 0 else values.tolist()
       raise ValueError(f"{fn}: {arg} must be >= 0, got {shown}")
   return arr.astype(dtype)
 
@@ -163,3 +169,76 @@ def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: str) -> jax.Ar
         f"{fn}: where must have shape {tuple(shape)} ({what}) or broadcast to it, got shape "
         f"{where.shape}")
   return jnp.broadcast_to(where, shape)
+
+
+def num_classes(fn: str, arg: str, size: int, what: str) -> int:
+  """The class count C (or V) of a softmax loss: at least 1."""
+  if size == 0:
+    raise ValueError(f"{fn}: {arg} must have at least one class, got {what}")
+  return int(size)
+
+
+def fits(dtype: Any, value: int) -> bool:
+  """Whether the integer dtype `dtype` can hold `value` (compare there only if it can)."""
+  info = jnp.iinfo(dtype)
+  return int(info.min) <= int(value) <= int(info.max)
+
+
+def not_equal(labels: jax.Array, value: int) -> jax.Array:
+  """`labels != value` without wrapping `value` into the labels' dtype."""
+  if not fits(labels.dtype, value):
+    return jnp.ones(labels.shape, bool)
+  return labels != jnp.asarray(value, labels.dtype)
+
+
+def in_classes(labels: jax.Array, num_classes: int) -> jax.Array:
+  """`0 <= labels < num_classes` without wrapping `num_classes` into the labels' dtype."""
+  lower = labels >= jnp.asarray(0, labels.dtype)
+  if not fits(labels.dtype, num_classes):
+    return lower  # every value the dtype holds is below num_classes
+  return lower & (labels < jnp.asarray(num_classes, labels.dtype))
+
+
+def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], dtype: Any,
+                  what: str) -> jax.Array | None:
+  """`sample_weight` as a constant (never differentiated) array of `shape` and `dtype`.
+
+  None stays None. A scalar or an array broadcastable to `shape` (bool, integer or floating;
+  Python lists, tuples and NumPy arrays too); values finite and >= 0, checked when known.
+  """
+  if weight is None:
+    return None
+  if isinstance(weight, (str, bytes)):
+    raise TypeError(f"{fn}: sample_weight must be a real (bool, integer or floating) array, "
+                    f"got {type(weight).__name__}")
+  arr = jnp.asarray(weight)
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
+          or arr.dtype == jnp.bool_):
+    raise TypeError(f"{fn}: sample_weight must be a real (bool, integer or floating) array, "
+                    f"got dtype {arr.dtype}")
+  try:
+    broadcast = np.broadcast_shapes(arr.shape, tuple(shape))
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(shape):
+    raise ValueError(
+        f"{fn}: sample_weight must have shape {tuple(shape)} ({what}) or broadcast to it, got "
+        f"shape {arr.shape}")
+  values = _concrete_values(weight)
+  if values is not None:
+    values = values.astype(np.float64)
+    shown = values.item() if values.ndim == 0 else values.tolist()
+    if not np.all(np.isfinite(values)):
+      raise ValueError(f"{fn}: sample_weight must be finite, got {shown}")
+    if np.any(values < 0):
+      raise ValueError(f"{fn}: sample_weight must be >= 0, got {shown}")
+  return lax.stop_gradient(jnp.broadcast_to(arr.astype(dtype), tuple(shape)))
+
+
+def apply_sample_weight(loss: jax.Array, weight: jax.Array | None,
+                        valid: jax.Array | None) -> jax.Array:
+  """Per-entry losses times the weights; masked entries stay exactly 0 (whatever the weight)."""
+  if weight is None:
+    return loss
+  out = loss * weight
+  return out if valid is None else jnp.where(valid, out, 0.0)

@@ -108,12 +108,15 @@ def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, til
   def cols(x):
     return lax.dynamic_slice_in_dim(x, col0, block, axis=x.ndim - 1)
 
-  h_c, kernel_b = rows(h), cols(kernel)
+  # Masked rows' features are taken as 0 here: whatever they hold (NaN, inf), they add exactly
+  # 0 to the kernel gradient (h^T g would give 0 * NaN = NaN otherwise).
+  valid_c = rows(valid)
+  h_c, kernel_b = jnp.where(valid_c[:, None], rows(h), 0), cols(kernel)
   z = _logits(h_c, kernel_b, None if bias is None else cols(bias), cdtype)
   new_rows = lax.iota(jnp.int32, tile_rows) + row0 >= c * tile_rows
   new_cols = lax.iota(jnp.int32, block) + col0 >= b * block
   g = _softmax.grad_from_stats(z, rows(t), _softmax.RowStats(*map(rows, st)),
-                               rows(valid) & new_rows, eps, first_class=col0,
+                               valid_c & new_rows, eps, first_class=col0,
                                num_classes=vocab)
   g = jnp.where(new_cols[None, :], g, 0.0)
   dz = None
@@ -191,6 +194,7 @@ def linear_softmax_focal(
     reduction: str = "none",
     background_class: int = 0,
     axis_name: Any = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Softmax focal loss of a linear layer's output, without materializing the logits.
 
@@ -220,8 +224,8 @@ def linear_softmax_focal(
     chunk_size: rows per chunk of the forward pass (a positive int); it also sizes the tiles
       of the backward pass. None picks one so that a chunk holds about 4M logits (16 MiB in
       float32), capped by the number of rows.
-    alpha: None, a scalar, or a ``(V,)`` vector of class weights.
-    gamma: a scalar ``>= 0`` or a ``(V,)`` vector.
+    alpha: None, a scalar, or a ``(V,)`` vector of class weights, finite and ``>= 0``.
+    gamma: a finite scalar ``>= 0`` or a ``(V,)`` vector.
     label_smoothing: :math:`\epsilon \in [0, 1]`, on the cross-entropy term only.
     where: optional boolean mask of shape ``hidden.shape[:-1]`` (or broadcastable to it).
     ignore_index: optional label value treated like ``where=False``.
@@ -229,6 +233,13 @@ def linear_softmax_focal(
       ``softmax_focal``.
     background_class: the label ``"mean_positive"`` does not count as positive.
     axis_name: optional named axis (pmap, shard_map), with ``softmax_focal``'s convention.
+    sample_weight: optional non-negative per-row weights, a scalar or an array broadcastable
+      to the shape of ``labels``; they multiply each row's loss and gradients before the
+      reduction, with the denominators unchanged. Never differentiated; masked rows stay 0.
+
+  No rows (``N = 0``) give an empty (or 0) loss and zero gradients. Non-finite logits follow
+  ``softmax_focal``; a masked row's features add exactly 0 to every gradient, even if they
+  are NaN.
 
   Returns:
     Losses in the dtype of ``hidden @ kernel``: shape ``hidden.shape[:-1]`` for
@@ -237,9 +248,10 @@ def linear_softmax_focal(
   Raises:
     TypeError: non-floating ``hidden``, ``kernel`` or ``bias``; non-integer ``labels``; a
       keyword of the wrong type (e.g. ``chunk_size``).
-    ValueError: ``kernel`` not ``(H, V)`` with ``H = hidden.shape[-1]``; ``bias`` not
-      ``(V,)``; ``labels`` or ``where`` of the wrong shape; ``chunk_size < 1``; and every
-      check of ``softmax_focal`` (gamma, alpha, label_smoothing, reduction). At trace time.
+    ValueError: ``kernel`` not ``(H, V)`` with ``H = hidden.shape[-1]``, or with ``V = 0``;
+      ``bias`` not ``(V,)``; ``labels``, ``where`` or ``sample_weight`` of the wrong shape;
+      ``chunk_size < 1``; and every check of ``softmax_focal`` (gamma, alpha, sample_weight,
+      label_smoothing, reduction). At trace time.
 
   Examples:
     >>> import jax
@@ -269,7 +281,8 @@ def linear_softmax_focal(
     raise ValueError(
         f"{fn}: kernel must have shape (H, V) with H = {size} (the last axis of hidden "
         f"{hidden.shape}), got shape {kernel.shape}")
-  vocab = kernel.shape[1]
+  vocab = _checks.num_classes(fn, "kernel", kernel.shape[1],
+                              f"V = 0 (kernel of shape {kernel.shape})")
   if bias is not None:
     bias = _checks.floating_array(fn, "bias", bias)
     if bias.shape != (vocab,):
@@ -288,9 +301,14 @@ def linear_softmax_focal(
       fn, labels, vocab, row_shape, dtype, alpha=alpha, gamma=gamma,
       label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
       reduction=reduction, background_class=background_class,
-      what_rows=f"the shape of hidden {hidden.shape} without its last axis")
+      what_rows=f"the shape of hidden {hidden.shape} without its last axis",
+      sample_weight=sample_weight)
 
   num_rows = math.prod(row_shape)
+  if num_rows == 0:  # no rows: no loss, and zero gradients (nothing to scan over)
+    loss = jnp.zeros(row_shape, prep.compute_dtype)
+    return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
+                               reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)
   chunk = int(chunk_size) if chunk_size is not None else _auto_chunk(num_rows, vocab)
   chunk = min(chunk, max(num_rows, 1))
   padded = -(-num_rows // chunk) * chunk
@@ -308,5 +326,6 @@ def linear_softmax_focal(
       rows(prep.valid, False), rows(prep.in_range, True), prep.eps, chunk, tile,
       prep.compute_dtype)
   loss = loss[:num_rows].reshape(row_shape)
+  loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
                              reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)

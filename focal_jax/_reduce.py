@@ -14,6 +14,7 @@ For ``"sum"`` the denominator is 1 (so `pmean` gives the global sum). ``"none"``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -27,14 +28,47 @@ def _axis_size(axis_name: Any) -> Any:
   return lax.psum(1, axis_name)  # older jax: the size of a named axis
 
 
-def _count(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
-  # Counted in integers: exact beyond float32's 2**24.
-  if mask is None:
-    size = 1
-    for d in shape:
-      size *= d
-    return jnp.asarray(size, dtype=jnp.int32)
-  return jnp.sum(mask, dtype=jnp.int32)
+# Masks of at most this many entries are counted in one int32 sum; bigger ones block by block.
+_BLOCK = 1 << 30
+
+
+def _count(mask: jax.Array | None, shape: tuple[int, ...], *, wide: bool | None = None
+           ) -> jax.Array:
+  """The number of True entries of `mask` (all of `shape` when None), never wrapped.
+
+  int64 when `wide` (default: when jax_enable_x64 is on). Otherwise exact in int32 below 2**31
+  entries, and beyond that int32 counts of blocks of 2**30 entries whose sum is taken exactly
+  (in two 15-bit halves) and returned as a float32 (one final rounding, no wrap).
+  """
+  if wide is None:
+    wide = bool(jax.config.jax_enable_x64)
+  size = math.prod(shape)
+  if mask is None:  # a static count: a constant of a dtype that holds it
+    if wide:
+      return jnp.asarray(size, jnp.int64)
+    return jnp.asarray(size, jnp.int32) if size < 2**31 else jnp.asarray(float(size), jnp.float32)
+  if wide:
+    return jnp.sum(mask, dtype=jnp.int64)
+  if size < 2**31:
+    return jnp.sum(mask, dtype=jnp.int32)
+  flat = mask.reshape(-1)
+  blocks = size // _BLOCK
+  head = flat[:blocks * _BLOCK].reshape(blocks, _BLOCK)
+  partial = jnp.sum(head, axis=1, dtype=jnp.int32)  # each <= 2**30
+  tail = jnp.sum(flat[blocks * _BLOCK:], dtype=jnp.int32)
+  # Each partial = hi * 2**15 + lo with hi, lo < 2**16: both sums stay far below 2**31 for
+  # any array that fits in memory (fewer than 2**15 blocks).
+  hi = jnp.sum(partial >> 15) + (tail >> 15)
+  lo = jnp.sum(partial & 0x7FFF) + (tail & 0x7FFF)
+  return hi.astype(jnp.float32) * 32768.0 + lo.astype(jnp.float32)
+
+
+def _global_count(count: jax.Array, axis_name: Any) -> jax.Array:
+  """Sum of the per-device counts over `axis_name`, never wrapped."""
+  count = lax.stop_gradient(count)
+  if count.dtype == jnp.int32:  # may exceed 2**31 once summed: sum as float32
+    count = count.astype(jnp.float32)
+  return lax.psum(count, axis_name)
 
 
 def reduce_loss(
@@ -73,7 +107,7 @@ def reduce_loss(
   if axis_name is not None:
     total = total * _axis_size(axis_name)
     if denominator is not None:
-      denominator = lax.psum(lax.stop_gradient(denominator), axis_name)
+      denominator = _global_count(denominator, axis_name)
   if denominator is not None:
     # A denominator of 0 (nothing valid, or no positive) is taken as 1: the result is 0.
     denominator = jnp.maximum(denominator, 1).astype(total.dtype)

@@ -117,6 +117,7 @@ def sigmoid_focal(
     where: jax.typing.ArrayLike | None = None,
     reduction: str = "none",
     axis_name: Any = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Sigmoid focal loss for binary and multi-label tasks, with hard or soft labels.
 
@@ -137,10 +138,16 @@ def sigmoid_focal(
 
   Args:
     logits: floating-point logits of any shape (binary: ``(N,)``; multi-label: ``(N, C)``).
-    labels: labels in ``[0, 1]`` (bool, integer or floating), same shape as ``logits``.
-    alpha: None (no weighting), a scalar weight of the positive class, or -- for multi-label
-      logits -- a ``(C,)`` vector over the last axis of ``logits`` (one weight per label).
-    gamma: focusing exponent, a scalar ``>= 0`` or a ``(C,)`` vector over the last axis.
+    labels: labels in ``[0, 1]`` (bool, integer or floating), same shape as ``logits``. An
+      unmasked label outside ``[0, 1]`` (a class id passed by mistake) or NaN gives NaN for
+      its entry.
+    alpha: None (no weighting), a scalar weight in ``[0, 1]`` of the positive class, or -- for
+      multi-label logits -- a ``(C,)`` vector over the last axis of ``logits`` (one weight
+      per label). torchvision's ``alpha=-1`` ("no weighting") is ``alpha=None`` here. For
+      channels-first multi-label logits (``(N, C, H, W)``), move the class axis last or pass
+      a scalar.
+    gamma: focusing exponent, a finite scalar ``>= 0`` or a ``(C,)`` vector over the last
+      axis. alpha and gamma may be lists, tuples or NumPy arrays.
     label_smoothing: :math:`\epsilon \in [0, 1]`, a Python float.
     where: optional boolean mask, shape of ``labels`` (or broadcastable to it); False entries
       give 0 loss and 0 gradient and are left out of every denominator.
@@ -150,17 +157,24 @@ def sigmoid_focal(
       as 1.
     axis_name: optional named axis (pmap, shard_map): denominators are summed over it and
       each shard returns ``n * local_sum / global_denominator`` (see ``softmax_focal``).
+    sample_weight: optional non-negative weights, a scalar or an array broadcastable to the
+      shape of ``labels`` (bool, integer or floating). Each entry's loss and gradient are
+      multiplied by its weight before the reduction; denominators are unchanged. Never
+      differentiated; masked entries stay exactly 0. A scalar with ``alpha=None`` puts one
+      weight on both terms.
 
   Returns:
     The losses in the dtype of ``logits``: shape of ``labels`` for ``reduction="none"``,
     else a scalar.
 
   Raises:
-    TypeError: ``logits`` not floating point; ``labels`` not numeric; a keyword of the wrong
-      type.
-    ValueError: ``labels`` (or ``where``) of the wrong shape; ``gamma < 0``; ``alpha`` or
-      ``gamma`` not scalar or ``(C,)``; ``label_smoothing`` outside ``[0, 1]``; an unknown
-      ``reduction``. All raised at trace time.
+    TypeError: ``logits`` not floating point; ``labels`` or ``sample_weight`` not numeric; a
+      keyword of the wrong type.
+    ValueError: ``labels``, ``where`` or ``sample_weight`` of the wrong shape; ``gamma``
+      negative or not finite; ``alpha`` outside ``[0, 1]``; ``alpha`` or ``gamma`` not scalar
+      or ``(C,)``; ``sample_weight`` negative or not finite; ``label_smoothing`` outside
+      ``[0, 1]``; an unknown ``reduction``. All raised at trace time (values only when known:
+      never those of traced arrays).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -184,11 +198,12 @@ def sigmoid_focal(
   where = _checks.where_mask(fn, where, labels.shape, "the shape of labels")
   dtype = logits.dtype
   cdtype = _checks.compute_dtype(dtype)
+  weight = _checks.sample_weight(fn, sample_weight, labels.shape, cdtype, "the shape of labels")
   num_classes = logits.shape[-1] if logits.ndim else 1
   what = " (one per entry of the last axis of logits)"
   has_alpha = alpha is not None
   alpha = _checks.class_param(fn, "alpha", 0.5 if alpha is None else alpha, num_classes, cdtype,
-                              nonnegative=False, what_classes=what)
+                              nonnegative=True, what_classes=what, unit_interval=True)
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=what)
   # (C,) vectors act on the last axis, at the rank of the logits (no implicit rank promotion);
@@ -199,10 +214,18 @@ def sigmoid_focal(
 
   x = logits  # cast to the compute dtype inside, see _entry_stats
   y = labels.astype(cdtype)
+  if labels.dtype != jnp.bool_:
+    # Labels outside [0, 1] (class ids passed by mistake) or NaN: NaN for the entry, like an
+    # out-of-range class label (masked entries stay 0).
+    # Masked bad labels are replaced by 1/2 (no NaN inside the derivatives of masked entries).
+    zero, one = jnp.zeros((), labels.dtype), jnp.ones((), labels.dtype)
+    bad_label = jnp.nan if where is None else jnp.where(where, jnp.nan, 0.5)
+    y = jnp.where((labels >= zero) & (labels <= one), y, bad_label)
   if eps > 0.0:
     y = (1.0 - eps) * y + 0.5 * eps
   valid = jnp.ones((), bool) if where is None else where
   loss = _focal_entries(x, y, alpha, gamma, valid, has_alpha)
+  loss = _checks.apply_sample_weight(loss, weight, where)
   positive = labels > 0 if where is None else where & (labels > 0)
   return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
                              axis_name=axis_name, dtype=dtype)

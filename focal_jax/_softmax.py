@@ -45,6 +45,9 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   # p = sigmoid(u) with u = z_t - logsumexp(non-target logits): log p and log(1 - p) are both
   # exact and finite at every margin (log(1 - p) from the non-target mass, never from 1 - p).
   m = lax.stop_gradient(jnp.max(z, axis=-1))
+  # A NaN logit makes the max NaN, a row without a finite logit makes it -inf: such a row has
+  # no defined loss (NaN, never hidden as a finite value). The max itself stays finite below.
+  bad = jnp.isnan(m) | (m == -jnp.inf)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   s_rest = jnp.sum(jnp.where(is_t, 0.0, jnp.exp(z - m[..., None])), axis=-1)
   # No mass outside the target (one class, other logits -inf, or a margin beyond the dtype's
@@ -52,25 +55,30 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   has_rest = s_rest > 0.0
   s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
   u = jnp.where(has_rest, z_t - m - jnp.log(s_rest_safe), _NO_REST_MARGIN)
+  u = jnp.where(bad, jnp.nan, u)
   log_p = jax.nn.log_sigmoid(u)
   log_q = jax.nn.log_sigmoid(-u)  # log(1 - p)
   p = jnp.exp(log_p)
   q = jnp.exp(log_q)
   if eps > 0.0:
-    lse = z_t - log_p
+    # logsumexp(z); from the non-target mass alone when the target logit is -inf (p = 0).
+    lse = jnp.where(z_t == -jnp.inf, m + jnp.log(s_rest_safe), z_t - log_p)
     ce = -(1.0 - eps) * log_p + eps * (lse - jnp.mean(z, axis=-1))
   else:
     ce = -log_p
+  # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf); double where, no 0 * inf.
+  p_ce = p * jnp.where(p > 0.0, ce, 0.0)
   # (1 - p)**gamma as exp(gamma * log(1 - p)): finite, with finite derivatives, for gamma < 1.
   focal = jnp.exp(gamma * log_q)
   # dloss/dz = alpha q**g [(1 + g p CE / q)(s - onehot) + eps (onehot - 1/C)], and
   # s - onehot = q * v with v the softmax of the non-target logits (and -1 at the target):
   # multiplying q in before dividing keeps every factor finite as q -> 0.
-  k1 = alpha * focal * (q + gamma * p * ce)
+  k1 = alpha * focal * (q + gamma * p_ce)
   k2 = alpha * focal * eps
   dloss_dalpha = focal * ce
   loss = alpha * dloss_dalpha
-  dloss_dgamma = loss * log_q
+  # loss * log(1 - p) -> 0 as p -> 0 (also when the loss is +inf there).
+  dloss_dgamma = jnp.where(log_q == 0.0, 0.0, loss * log_q)
 
   def finish(x: jax.Array) -> jax.Array:
     # Masked rows: 0. Unmasked rows with an out-of-range label: NaN (never wrap around).
@@ -152,6 +160,7 @@ class Prepared(NamedTuple):
   valid: jax.Array
   in_range: jax.Array
   positive: jax.Array
+  weight: jax.Array | None  # sample_weight, shape of the rows, constant
   eps: float
   reduction: str
   dtype: Any
@@ -161,7 +170,7 @@ class Prepared(NamedTuple):
 def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int, ...],
                    dtype: Any, *, alpha: Any, gamma: Any, label_smoothing: Any, where: Any,
                    ignore_index: Any, reduction: Any, background_class: Any,
-                   what_rows: str) -> Prepared:
+                   what_rows: str, sample_weight: Any = None) -> Prepared:
   """Checks the labels and keywords of a softmax focal loss; per-row alpha, gamma and masks.
 
   Shared by `softmax_focal` and `linear_softmax_focal`.
@@ -175,17 +184,20 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int,
   background_class = _checks.optional_int(fn, "background_class", background_class,
                                           allow_none=False)
   where = _checks.where_mask(fn, where, row_shape, "the shape of labels")
+  weight = _checks.sample_weight(fn, sample_weight, row_shape, cdtype, "the shape of labels")
   if alpha is not None:
-    alpha = _checks.class_param(fn, "alpha", alpha, num_classes, cdtype, nonnegative=False,
+    alpha = _checks.class_param(fn, "alpha", alpha, num_classes, cdtype, nonnegative=True,
                                 what_classes=" (one weight per class)")
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=" (one exponent per class)")
 
   valid = jnp.ones(row_shape, dtype=bool) if where is None else where
+  # Comparisons in the labels' dtype only with values it can hold (never wrapped into it).
   if ignore_index is not None:
-    valid = valid & (labels != ignore_index)
-  in_range = (labels >= 0) & (labels < num_classes)
-  t = jnp.where(in_range, labels, 0)
+    valid = valid & _checks.not_equal(labels, ignore_index)
+  in_range = _checks.in_classes(labels, num_classes)
+  # Class indices in int32 (C is an array dimension): narrow label dtypes never wrap.
+  t = jnp.where(in_range, labels, jnp.zeros((), labels.dtype)).astype(jnp.int32)
   if alpha is None:
     alpha_row = jnp.ones(row_shape, cdtype)
   elif alpha.ndim == 0:
@@ -193,9 +205,9 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int,
   else:
     alpha_row = alpha[t]
   gamma_row = jnp.broadcast_to(gamma, row_shape) if gamma.ndim == 0 else gamma[t]
-  positive = valid & (labels != background_class)
-  return Prepared(t, alpha_row, gamma_row, valid, in_range, positive, eps, reduction, dtype,
-                  cdtype)
+  positive = valid & _checks.not_equal(labels, background_class)
+  return Prepared(t, alpha_row, gamma_row, valid, in_range, positive, weight, eps, reduction,
+                  dtype, cdtype)
 
 
 def softmax_focal(
@@ -211,6 +223,7 @@ def softmax_focal(
     reduction: str = "none",
     background_class: int = 0,
     axis_name: Any = None,
+    sample_weight: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Softmax focal loss for integer labels.
 
@@ -235,16 +248,21 @@ def softmax_focal(
   Args:
     logits: floating-point logits, class axis at ``axis`` (e.g. ``(N, C)``, or
       ``(N, C, H, W)`` with ``axis=1``).
-    labels: integers in ``[0, C)``, shape of ``logits`` without ``axis``. An out-of-range
-      label (including ``-1``) that is not masked gives NaN for its entry; it never wraps.
+    labels: integers in ``[0, C)`` of any integer dtype (int8 ... uint64), shape of
+      ``logits`` without ``axis``. An out-of-range label (including ``-1``) that is not masked
+      gives NaN for its entry; it never wraps. Comparisons with ``C``, ``ignore_index`` and
+      ``background_class`` never wrap those values into the labels' dtype.
     alpha: None (no weighting), a scalar, or a ``(C,)`` vector of class weights
-      (:math:`\alpha_t = \alpha[t]`).
-    gamma: focusing exponent, a scalar ``>= 0`` or a ``(C,)`` vector (:math:`\gamma[t]`).
+      (:math:`\alpha_t = \alpha[t]`), finite and ``>= 0``; a list, tuple or NumPy array is
+      fine.
+    gamma: focusing exponent, a finite scalar ``>= 0`` or a ``(C,)`` vector
+      (:math:`\gamma[t]`).
     label_smoothing: :math:`\epsilon \in [0, 1]`, a Python float.
     axis: the class axis of ``logits``.
     where: optional boolean mask, shape of ``labels`` (or broadcastable to it); False entries
       give 0 loss and 0 gradient and are left out of every denominator.
-    ignore_index: optional label value treated like ``where=False``.
+    ignore_index: optional label value treated like ``where=False``; a value that the labels'
+      dtype cannot hold ignores nothing.
     reduction: ``"none"`` (per-entry losses, shape of ``labels``), ``"sum"``, ``"mean"``
       (over valid entries) or ``"mean_positive"`` (sum over valid entries divided by the
       number of valid entries whose label is not ``background_class``). A denominator of 0 is
@@ -254,6 +272,17 @@ def softmax_focal(
       each shard returns ``n * local_sum / global_denominator`` (``n`` the axis size), so that
       ``lax.pmean`` of the value and of the gradients gives the single-device result on the
       whole batch. Ignored by ``"none"``.
+    sample_weight: optional non-negative weights, a scalar or an array broadcastable to the
+      shape of ``labels`` (bool, integer or floating; a list or NumPy array is fine). Each
+      entry's loss and gradient are multiplied by its weight before the reduction; the
+      denominators of ``"mean"`` and ``"mean_positive"`` are unchanged. Never differentiated;
+      masked entries stay exactly 0.
+
+  Non-finite logits are never hidden: an unmasked row with a NaN logit, or with no finite
+  logit, gives NaN. A logit of ``-inf`` on a class other than the label is a masked class (the
+  loss of the remaining classes, 0 gradient there); a label whose logit is ``-inf`` gives
+  ``+inf`` with the finite gradient of the limit :math:`p \to 0`. Masked rows are exactly 0,
+  with exactly 0 gradient, whatever their logits.
 
   Returns:
     The losses in the dtype of ``logits``: shape of ``labels`` for ``reduction="none"``,
@@ -262,9 +291,11 @@ def softmax_focal(
   Raises:
     TypeError: ``logits`` not floating point; ``labels`` not integer; a keyword of the wrong
       type.
-    ValueError: ``labels`` (or ``where``) of the wrong shape; ``gamma < 0`` or not scalar or
-      ``(C,)``; ``alpha`` not scalar or ``(C,)``; ``label_smoothing`` outside ``[0, 1]``; an
-      unknown ``reduction``; ``axis`` out of range. All raised at trace time.
+    ValueError: ``logits`` with no class (``C = 0``); ``labels``, ``where`` or
+      ``sample_weight`` of the wrong shape; ``gamma`` or ``alpha`` negative, not finite, or not
+      scalar or ``(C,)``; ``sample_weight`` negative or not finite; ``label_smoothing``
+      outside ``[0, 1]``; an unknown ``reduction``; ``axis`` out of range. All raised at trace
+      time (values only when known: never those of traced arrays).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -285,14 +316,17 @@ def softmax_focal(
   fn = "softmax_focal"
   logits = _checks.floating_array(fn, "logits", logits)
   ax = _checks.axis(fn, axis, logits.ndim)
-  num_classes = logits.shape[ax]
+  num_classes = _checks.num_classes(
+      fn, "logits", logits.shape[ax], f"C = 0 (shape {logits.shape}, class axis {ax})")
   row_shape = logits.shape[:ax] + logits.shape[ax + 1:]
   prep = prepare_labels(
       fn, labels, num_classes, row_shape, logits.dtype, alpha=alpha, gamma=gamma,
       label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
       reduction=reduction, background_class=background_class,
-      what_rows=f"the shape of logits {logits.shape} without axis {ax}")
+      what_rows=f"the shape of logits {logits.shape} without axis {ax}",
+      sample_weight=sample_weight)
   z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see row_stats
   loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, prep.eps)
+  loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
                              reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)

@@ -179,3 +179,86 @@ def test_shard_map_cotangents_keep_their_types(name, dtype):
   for got, ref in zip((value, gw, gb, galpha, gz), (want_value,) + want):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
                                rtol=tol, atol=tol)
+
+
+# sample_weight with axis_name: per-entry weights multiply the loss and gradient, the
+# denominators (summed over the devices) are unchanged.
+WEIGHT = np.linspace(0.0, 3.0, 16)
+
+
+def _weight(name):
+  return np.broadcast_to(WEIGHT[:, None], (16, C)).copy() if name == "sigmoid" else WEIGHT
+
+
+def _weighted_loss(name, z, y, where, alpha, weight, reduction, axis_name=None):
+  if name == "softmax":
+    return focal_jax.softmax_focal(z, y, alpha=alpha, gamma=2.0, where=where, ignore_index=-1,
+                                   reduction=reduction, axis_name=axis_name,
+                                   sample_weight=weight)
+  if name == "sigmoid":
+    return focal_jax.sigmoid_focal(z, y, alpha=alpha, gamma=2.0, where=where,
+                                   reduction=reduction, axis_name=axis_name,
+                                   sample_weight=weight)
+  if name == "linear":  # z is the hidden input here, with the kernel and bias of _data
+    _, w, b = _data()
+    return focal_jax.linear_softmax_focal(z, w, y, bias=b, alpha=alpha, gamma=2.0, where=where,
+                                          ignore_index=-1, reduction=reduction,
+                                          axis_name=axis_name, sample_weight=weight,
+                                          chunk_size=2)
+  return focal_jax.categorical_focal(z, y, alpha=alpha, gamma=2.0, where=where,
+                                     reduction=reduction, axis_name=axis_name,
+                                     sample_weight=weight)
+
+
+WEIGHTED_CASES = [("softmax", "mean_positive"), ("softmax", "mean"), ("sigmoid", "mean"),
+                  ("categorical", "mean_positive"), ("linear", "mean")]
+
+
+@pytest.mark.parametrize("name,reduction", WEIGHTED_CASES)
+def test_sample_weight_with_axis_name_equals_single_device_and_reference(refs, name, reduction):
+  x, w, b = _data()
+  y, where, alpha = _targets("softmax" if name == "linear" else name, np.float64)
+  z = x if name == "linear" else x @ w + b[None]
+  weight = _weight(name)
+  mesh = _mesh()
+
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(AXIS), P(AXIS), P(AXIS), P(), P(AXIS)), out_specs=P())
+  def mean_of_shards(z, y, where, alpha, weight):
+    return lax.pmean(_weighted_loss(name, z, y, where, alpha, weight, reduction, AXIS), AXIS)
+
+  value, grad = jax.jit(jax.value_and_grad(mean_of_shards))(z, y, where, alpha, weight)
+  want_value, want_grad = jax.jit(jax.value_and_grad(
+      lambda z: _weighted_loss(name, z, y, where, alpha, weight, reduction)))(z)
+  np.testing.assert_allclose(value, want_value, rtol=1e-12)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
+
+  # pmap with the same convention.
+  def per_device(z, y, where, weight):
+    v, g = jax.value_and_grad(
+        lambda z: _weighted_loss(name, z, y, where, alpha, weight, reduction, AXIS))(z)
+    return lax.pmean(v, AXIS), g
+  pv, pg = jax.pmap(per_device, axis_name=AXIS)(_shard(z), _shard(y), _shard(where),
+                                                _shard(weight))
+  np.testing.assert_allclose(np.asarray(pv), np.full(N_DEV, want_value), rtol=1e-12)
+  # Per-device gradients are the local shard's share times the axis size (pmean -> whole).
+  np.testing.assert_allclose(np.asarray(pg).reshape(z.shape) / N_DEV, want_grad, rtol=1e-12,
+                             atol=1e-15)
+
+  # The single-device value: the float64 reference times the weights, reduced here.
+  zz = x @ w + b[None]
+  if name in ("softmax", "linear"):
+    valid = WHERE & (LABELS != -1)
+    per_entry = refs.softmax_focal(zz, LABELS, alpha=ALPHA, where=valid)
+    positive = LABELS != 0
+  elif name == "sigmoid":
+    valid = where
+    per_entry = refs.sigmoid_focal(zz, y, alpha=0.25)
+    positive = y > 0
+  else:
+    valid = WHERE
+    per_entry = refs.categorical_focal(zz, y, alpha=ALPHA)
+    positive = y.argmax(-1) != 0
+  total = np.where(valid, per_entry * weight, 0.0).sum()
+  count = valid.sum() if reduction == "mean" else (valid & positive).sum()
+  np.testing.assert_allclose(want_value, total / count, rtol=1e-12)

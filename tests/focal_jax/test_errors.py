@@ -139,3 +139,104 @@ def test_categorical_focal_bad_input_raises_with_clear_message(kw, error, parts)
     focal_jax.categorical_focal(logits, targets, **kw)
   for part in parts:
     assert part in str(info.value), (str(info.value), part)
+
+
+# -- issue 12: one contract for the hyperparameters (shared with focal_torch) -------------------
+
+C7 = 7
+
+
+def _call(name, **kw):
+  """Each loss on small inputs of 7 classes (sigmoid: 4 x 7 multi-label)."""
+  if name == "softmax":
+    return focal_jax.softmax_focal(Z, T, **kw)
+  if name == "sigmoid":
+    return focal_jax.sigmoid_focal(Z, Y, **kw)
+  if name == "categorical":
+    return focal_jax.categorical_focal(Z, np.full((4, 7), 1 / 7, np.float32), **kw)
+  return focal_jax.linear_softmax_focal(np.ones((4, 3), np.float32),
+                                        np.zeros((3, 7), np.float32), T, **kw)
+
+
+NAMES = ["softmax", "sigmoid", "categorical", "linear"]
+
+
+@pytest.mark.parametrize("alpha,shown", [(-1.0, "-1.0"), (1.5, "1.5"), (-1, "-1.0"),
+                                         (np.array([0.2, 0.3, 1.2, 0.0, 1.0, 0.5, 0.5]), "1.2"),
+                                         (jnp.array(-0.25), "-0.25")])
+def test_sigmoid_alpha_outside_unit_interval_raises(alpha, shown):
+  # torchvision's alpha=-1 ("no weighting") is alpha=None here.
+  with pytest.raises(ValueError) as info:
+    focal_jax.sigmoid_focal(Z, Y, alpha=alpha)
+  message = str(info.value)
+  assert message.startswith("sigmoid_focal: alpha must be in [0, 1] (alpha=None means no "
+                            "weighting), got "), message
+  assert shown in message
+  # Values in [0, 1] (the ends too) are accepted.
+  for ok in (0.0, 1.0, [0.0, 1.0, 0.5, 0.25, 0.75, 1.0, 0.0]):
+    assert focal_jax.sigmoid_focal(Z, Y, alpha=ok).shape == (4, 7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arg,value", [
+    ("gamma", np.inf), ("gamma", float("nan")), ("alpha", np.inf),
+    ("alpha", np.array([0.1, np.nan, 0.2, 0.2, 0.2, 0.2, 0.1])),
+    ("alpha", jnp.array([0.1, 0.2, np.inf, 0.2, 0.2, 0.2, 0.1])),
+    ("gamma", [2.0, 2.0, np.inf, 2.0, 2.0, 2.0, 2.0])])
+def test_non_finite_hyperparameters_raise(name, arg, value):
+  if name == "sigmoid" and arg == "alpha":
+    expected = "sigmoid_focal: alpha must be"  # [0, 1] or finite: either names the problem
+  else:
+    expected = f"{name}_focal: {arg} must be finite, got " if name != "linear" else (
+        f"linear_softmax_focal: {arg} must be finite, got ")
+  with pytest.raises(ValueError) as info:
+    _call(name, **{arg: value})
+  assert str(info.value).startswith(expected), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["softmax", "categorical", "linear"])
+def test_negative_softmax_alpha_raises(name):
+  fn = "linear_softmax_focal" if name == "linear" else f"{name}_focal"
+  with pytest.raises(ValueError, match=re.escape(f"{fn}: alpha must be >= 0, got -0.5")):
+    _call(name, alpha=-0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lists_tuples_and_numpy_arrays_are_accepted_wherever_an_array_is(name):
+  alpha = [0.1, 0.2, 0.3, 0.25, 0.15, 0.5, 0.9]
+  gamma = [0.0, 0.5, 1.0, 2.0, 3.0, 2.0, 1.0]
+  rows = (4, 7) if name == "sigmoid" else (4,)
+  weight = np.linspace(0.5, 2.0, int(np.prod(rows))).reshape(rows)
+  where = np.ones(rows, bool)
+  where[1] = False
+  want = _call(name, alpha=jnp.asarray(alpha, jnp.float32), gamma=jnp.asarray(gamma, jnp.float32),
+               where=jnp.asarray(where), sample_weight=jnp.asarray(weight, jnp.float32),
+               reduction="none")
+  for convert in (list, tuple, np.asarray):
+    def conv(x):
+      x = np.asarray(x)
+      return convert(x.tolist()) if convert is not np.asarray else x
+    got = _call(name, alpha=conv(alpha), gamma=conv(gamma), where=conv(where),
+                sample_weight=conv(weight), reduction="none")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("weight,error,parts", [
+    (-1.0, ValueError, ["sample_weight must be >= 0, got -1.0"]),
+    (np.inf, ValueError, ["sample_weight must be finite, got inf"]),
+    (np.array([1.0, np.nan, 1.0, 1.0]), ValueError, ["sample_weight must be finite"]),
+    (np.ones(5), ValueError, ["sample_weight must have shape", "or broadcast to it",
+                              "got shape (5,"]),
+    (np.ones(4, np.complex64), TypeError, ["sample_weight must be a real", "complex64"]),
+    ("balanced", TypeError, ["sample_weight must be a real", "str"]),
+])
+def test_bad_sample_weight_raises(name, weight, error, parts):
+  fn = "linear_softmax_focal" if name == "linear" else f"{name}_focal"
+  if name == "sigmoid" and np.ndim(weight) == 1:
+    weight = np.asarray(weight)[:, None]  # (4, 1) broadcasts to (4, 7), (5, 1) does not
+  with pytest.raises(error) as info:
+    _call(name, sample_weight=weight)
+  assert str(info.value).startswith(f"{fn}: "), str(info.value)
+  for part in parts:
+    assert part in str(info.value), (str(info.value), part)
