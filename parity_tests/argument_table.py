@@ -370,7 +370,6 @@ def _sample_weight_rows(fn: str) -> list[Row]:
 def _label_rows(fn: str) -> list[Row]:
   """Label dtypes and shapes, logits dtypes, C = 0, bad labels (by design)."""
   rows = []
-  lab = "targets" if fn == CATEGORICAL else "labels"
   if fn in (SOFTMAX, LINEAR):
     for dt in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
       rows.append(Row(fn, "labels", dt, {"reduction": "mean"},
@@ -449,7 +448,6 @@ def _label_rows(fn: str) -> list[Row]:
     if fn == CATEGORICAL:
       inputs["targets"] = np.zeros((N, 0))
     rows.append(Row(fn, "logits", "C_0", {}, inputs=inputs, expect=ValueError))
-  del lab
   return rows
 
 

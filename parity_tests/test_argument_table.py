@@ -13,8 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parity_tests import argument_table as at
-from parity_tests.argument_table import TABLE, Row
+pytest.importorskip("jax")
+pytest.importorskip("torch")
+
+from parity_tests import argument_table as at  # noqa: E402
+from parity_tests.argument_table import TABLE, Row  # noqa: E402
 
 OK_ROWS = [r for r in TABLE if r.expect == "ok"]
 _OUTCOMES: dict[tuple[str, str], at.Outcome] = {}
