@@ -103,9 +103,9 @@ def _cross_entropy(compiled: bool) -> Callable:
 
 def _deepspeed(problem: P.Problem, x: dict) -> Runner:
   try:
-    from parity_tests.deepspeed_oracle import DeepSpeedFocalLoss
+    from focal_reference.deepspeed import DeepSpeedFocalLoss
   except ImportError as e:
-    raise Unavailable(f"parity_tests.deepspeed_oracle does not import: {e}") from e
+    raise Unavailable(f"focal_reference.deepspeed does not import: {e}") from e
   module = DeepSpeedFocalLoss(problem.c, gamma=P.GAMMA, size_average=True)
   return _grad_runner(module, (x["logits"], x["labels"]), (x["logits"],), compiled=False)
 
@@ -134,28 +134,19 @@ def _focal_sigmoid(compiled: bool) -> Callable:
   return build
 
 
-def torchvision_sigmoid_focal_formula(logits, targets, alpha: float, gamma: float):
-  """torchvision's ``ops.sigmoid_focal_loss`` algorithm (reduction mean), written out here
-  because torchvision cannot be imported next to a CPU-only torch from PyPI."""
-  import torch.nn.functional as F
-  p = logits.sigmoid()
-  bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-  p_t = p * targets + (1 - p) * (1 - targets)
-  loss = bce * (1 - p_t) ** gamma
-  alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-  return (alpha_t * loss).mean()
-
-
 def torchvision_sigmoid_focal() -> tuple[Callable, str]:
-  """torchvision's own function where it imports, else the formula above; and which it is."""
+  """torchvision's own function where it imports, else its algorithm as written out in
+  ``focal_reference.torchvision``; and which it is."""
   try:
     from torchvision.ops import sigmoid_focal_loss
+    source = "torchvision.ops.sigmoid_focal_loss"
   except Exception:  # not installed, or a build that does not match this torch
-    return torchvision_sigmoid_focal_formula, "formula written out (torchvision not importable)"
+    from focal_reference.torchvision import sigmoid_focal_loss
+    source = "focal_reference.torchvision (torchvision not importable)"
 
   def fn(logits, targets, alpha: float, gamma: float):
     return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="mean")
-  return fn, "torchvision.ops.sigmoid_focal_loss"
+  return fn, source
 
 
 def _torchvision(compiled: bool) -> Callable:
@@ -240,7 +231,7 @@ IMPLS: list[Impl] = [
     Impl("torch_ce_compiled", "F.cross_entropy, compiled", "torch", "softmax", REFERENCE,
          _cross_entropy(compiled=True), vs_deepspeed=True, compiled=True),
     Impl("torch_deepspeed", "DeepSpeed FocalLoss algorithm", "torch", "softmax", DEEPSPEED,
-         _deepspeed, note="parity_tests.deepspeed_oracle.DeepSpeedFocalLoss, eager"),
+         _deepspeed, note="focal_reference.deepspeed.DeepSpeedFocalLoss, eager"),
     Impl("torch_copy", "copy floor (z * 2)", "torch", "softmax", FLOOR, _copy_floor),
     Impl("torch_sigmoid_focal", "focal_torch.sigmoid_focal", "torch", "sigmoid", PROJECT,
          _focal_sigmoid(compiled=False), ref="torch_torchvision"),

@@ -57,7 +57,7 @@ def code_version() -> dict[str, Any] | None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                             capture_output=True, timeout=10, check=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "focal_jax", "focal_torch",
-                            "parity_tests/deepspeed_oracle.py", "focal_bench"], cwd=root,
+                            "focal_reference", "focal_bench"], cwd=root,
                            text=True, capture_output=True, timeout=10, check=True).stdout
   except (OSError, subprocess.SubprocessError):
     return None

@@ -5,10 +5,11 @@ It is both a pytest suite (``pytest parity_tests``) and a report (``python -m pa
 also ``focal-parity``). Both use the same comparison code:
 
 - ``cases``: a ``Case`` (one call) and its inputs; the ONE kwargs dict for both packages;
-- ``reference``: float64 references written from the formulas (the truth);
+- the truth is ``focal_reference`` (float64 formulas, the DeepSpeed oracle), shared with the
+  unit tests and the benchmarks;
 - ``compare``: runners (JAX, torch, reference) and ``measure`` (errors vs tolerance);
-- ``tolerances``: per-dtype tolerances and how they are derived from float64;
-- ``deepspeed_oracle``: an independent reimplementation of DeepSpeed's ``FocalLoss``;
+- ``tolerances``: per-dtype tolerances and how they are derived from float64 (``derive``
+  measures them);
 - ``deepspeed_checks``: recorded DeepSpeed values, the oracle, the documented divergences;
 - ``anchors``: torchvision (recorded), optax, torch / optax cross-entropy, imbalanced-losses;
 - ``golden``: loaders for ``data/*.npz``; ``grid``: the report's configurations;

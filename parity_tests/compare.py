@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from parity_tests import reference
+import focal_reference
 from parity_tests.cases import NUMPY_DTYPES, Case, Inputs, jax_kwargs, make_inputs, torch_kwargs
 from parity_tests.tolerances import Tolerance, tolerance
 
@@ -128,15 +128,16 @@ def run_torch(fn: str | Callable, logits: np.ndarray, labels: np.ndarray, kwargs
 
 def run_reference(fn: str, logits: np.ndarray, labels: np.ndarray, kwargs: dict,
                   dtype: str = "float64", cotangent: np.ndarray | None = None) -> Output:
-  """The float64 reference (``parity_tests.reference``); ``dtype`` other than float64
-  evaluates the same formula on ``dtype`` inputs in max(float32, dtype) and rounds the result
-  to ``dtype`` (the plain low-precision evaluation the tolerances are derived from)."""
+  """The float64 reference (``focal_reference``, under torch autograd); ``dtype`` other
+  than float64 evaluates the same formula on ``dtype`` inputs in max(float32, dtype) and rounds
+  the result to ``dtype`` (the plain low-precision evaluation the tolerances are derived
+  from)."""
   import torch
   td = _torch_dtype(dtype)
-  compute = torch.float64 if dtype == "float64" else torch.float32
+  compute = "float64" if dtype == "float64" else "float32"
   x = torch.tensor(logits, dtype=torch.float64).to(td).requires_grad_(True)
   kw = dict(kwargs)
-  out = reference.FUNCTIONS[fn](x, labels, compute=compute, **kw).to(td)
+  out = focal_reference.FUNCTIONS[fn](x, labels, compute=compute, **kw).to(td)
   cot = torch.as_tensor(np.ones(()) if cotangent is None else cotangent).to(td)
   out.backward(cot)
   return Output(_np(out), _np(x.grad), _dtype_name(out.dtype), _dtype_name(x.grad.dtype))

@@ -105,7 +105,7 @@ def deepspeed_kwargs(alpha: np.ndarray | None, gamma: float, size_average: bool)
 
 def run_oracle(logits, targets, alpha, gamma, size_average, dtype) -> Output:
   import torch
-  from parity_tests.deepspeed_oracle import DeepSpeedFocalLoss
+  from focal_reference.deepspeed import DeepSpeedFocalLoss
   x = torch.tensor(logits, dtype=torch.float64).to(getattr(torch, dtype)).requires_grad_(True)
   a = None if alpha is None else torch.tensor(alpha, dtype=x.dtype)
   out = DeepSpeedFocalLoss(logits.shape[1], a, gamma, size_average)(x, torch.from_numpy(targets))
@@ -151,7 +151,7 @@ def _is_finite(o: Output) -> bool:
 def broadcast_value(logits, targets, alpha, gamma, size_average) -> float:
   """DeepSpeed's 1-D alpha value in float64: ``mean(alpha_t) * mean(f)`` (or sum * sum)."""
   import torch
-  from parity_tests import reference
+  import focal_reference as reference
   per_example = reference.softmax_focal(torch.tensor(logits, dtype=torch.float64), targets,
                                         gamma=gamma).numpy()
   alpha_t = np.asarray(alpha, np.float64).reshape(-1)[targets]

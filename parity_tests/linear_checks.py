@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_tests import reference
+import focal_reference as reference
 from parity_tests.cases import IGNORE_INDEX, NUMPY_DTYPES, quantize
 from parity_tests.compare import Check, Output, measure, _dtype_name, _np
 from parity_tests.tolerances import linear_tolerance

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.deepspeed_oracle import DeepSpeedFocalLoss, implicit_softmax_dim
+from focal_reference.deepspeed import DeepSpeedFocalLoss, implicit_softmax_dim
 from parity_tests.golden import load_deepspeed_cases
 
 CASES = load_deepspeed_cases()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests import reference
+import focal_reference as reference
 from parity_tests.golden import load_torchvision_cases
 
 CASES = load_torchvision_cases()

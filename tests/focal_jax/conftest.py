@@ -1,11 +1,19 @@
-"""Float64 references for the focal_jax tests, written from the formulas of DESIGN.md.
+"""The references and compiled-call helpers of the focal_jax tests.
 
-NumPy references give values; the `jnp_*` ones are the same formulas written naively in
-jax.numpy (no custom derivative, no log-space tricks) so that plain float64 autodiff of them is
-an independent reference for gradients and Hessians at moderate margins.
+The float64 references are ``focal_reference``'s, the one copy of the formulas shared with the
+torch tests, the parity suite and the benchmarks (written from docs/design.md, no code shared
+with focal_jax). They are handed to test modules through the ``refs`` fixture (pytest runs with
+--import-mode=importlib, so test modules cannot import each other), under the names and
+signatures these tests use:
 
-They are handed to test modules through the `refs` fixture (pytest runs with
---import-mode=importlib, so test modules cannot import each other).
+- ``softmax_focal``, ``sigmoid_focal``, ``categorical_focal``, ``reduce``: NumPy float64 values,
+  JAX's defaults (``reduction="none"``, ``ignore_index=None``, class axis -1);
+- ``softmax_focal_rows(z, t, alpha, gamma, label_smoothing)``: per-row losses, class axis last,
+  labels in range;
+- ``jnp_*_sum``: the same formulas evaluated textbook-style (``stable=False``: ``1 - p`` from
+  ``p`` and a plain power, in the input's dtype) in jax.numpy, so that plain autodiff of them is
+  an independent reference for gradients and Hessians at moderate margins (and shows the NaN
+  gradient the library avoids).
 """
 
 from __future__ import annotations
@@ -13,144 +21,40 @@ from __future__ import annotations
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-  z = np.asarray(z, np.float64)
-  shifted = z - z.max(-1, keepdims=True)
-  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def _class_values(v, t, num_classes):
-  """alpha / gamma per row: None -> 1, scalar, or a (C,) vector indexed by the label."""
-  if v is None:
-    return np.ones(np.shape(t))
-  v = np.asarray(v, np.float64)
-  return v[t] if v.ndim else np.full(np.shape(t), float(v))
+import focal_reference
 
 
 def softmax_focal_rows(z, t, alpha=None, gamma=2.0, label_smoothing=0.0):
   """Per-row loss, class axis last, labels in range: alpha_t (1 - p)^gamma_t CE_eps."""
-  z = np.asarray(z, np.float64)
-  t = np.asarray(t)
-  num_classes = z.shape[-1]
-  ls = _log_softmax(z)
-  log_p = np.take_along_axis(ls, t[..., None], -1)[..., 0]
-  p = np.exp(log_p)
-  ce = -(1 - label_smoothing) * log_p - label_smoothing / num_classes * ls.sum(-1)
-  a = _class_values(alpha, t, num_classes)
-  g = _class_values(gamma, t, num_classes)
-  return a * (1 - p) ** g * ce
-
-
-def reduce(loss, valid, positive, reduction):
-  """Reference reductions: masked entries are 0; denominators of 0 are taken as 1."""
-  loss = np.where(valid, loss, 0.0)
-  if reduction == "none":
-    return loss
-  if reduction == "sum":
-    return loss.sum()
-  if reduction == "mean":
-    return loss.sum() / max(int(np.sum(valid)), 1)
-  if reduction == "mean_positive":
-    return loss.sum() / max(int(np.sum(positive & valid)), 1)
-  raise ValueError(reduction)
-
-
-def softmax_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0, axis=-1,
-                  where=None, ignore_index=None, reduction="none", background_class=0):
-  """Reference softmax_focal: any axis, masks, NaN for unmasked out-of-range labels."""
-  z = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
-  labels = np.asarray(labels)
-  num_classes = z.shape[-1]
-  valid = np.ones(labels.shape, bool) if where is None else np.broadcast_to(where, labels.shape)
-  if ignore_index is not None:
-    valid = valid & (labels != ignore_index)
-  in_range = (labels >= 0) & (labels < num_classes)
-  t = np.where(in_range, labels, 0)
-  loss = softmax_focal_rows(z, t, alpha, gamma, label_smoothing)
-  loss = np.where(in_range, loss, np.nan)
-  positive = valid & (labels != background_class)
-  return reduce(loss, valid, positive, reduction)
-
-
-def sigmoid_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0, where=None,
-                  reduction="none"):
-  """Reference sigmoid_focal (torchvision's formula), labels smoothed toward 1/2 first."""
-  x = np.asarray(logits, np.float64)
-  y0 = np.asarray(labels, np.float64)
-  y = (1 - label_smoothing) * y0 + 0.5 * label_smoothing
-  log_p = -np.logaddexp(0.0, -x)
-  log_q = -np.logaddexp(0.0, x)
-  p = np.exp(log_p)
-  bce = -(y * log_p + (1 - y) * log_q)
-  p_t = p * y + (1 - p) * (1 - y)
-  g = np.asarray(gamma, np.float64)
-  loss = (1 - p_t) ** g * bce
-  if alpha is not None:
-    a = np.asarray(alpha, np.float64)
-    loss = (a * y + (1 - a) * (1 - y)) * loss
-  valid = np.ones(x.shape, bool) if where is None else np.broadcast_to(where, x.shape)
-  return reduce(loss, valid, valid & (y0 > 0), reduction)
-
-
-def categorical_focal(logits, targets, *, alpha=None, gamma=2.0, axis=-1, where=None,
-                      reduction="none", background_class=0):
-  """Reference categorical_focal: -sum_c alpha_c y_c (1 - s_c)^gamma_c log s_c."""
-  z = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
-  y = np.moveaxis(np.asarray(targets, np.float64), axis, -1)
-  ls = _log_softmax(z)
-  a = 1.0 if alpha is None else np.asarray(alpha, np.float64)
-  g = np.asarray(gamma, np.float64)
-  loss = -(a * y * (1 - np.exp(ls)) ** g * ls).sum(-1)
-  rows = z.shape[:-1]
-  valid = np.ones(rows, bool) if where is None else np.broadcast_to(where, rows)
-  positive = valid & (y.argmax(-1) != background_class)
-  return reduce(loss, valid, positive, reduction)
-
-
-# Naive jax.numpy versions (class axis last, no masks): plain autodiff gives float64 reference
-# gradients and Hessians where the naive formula is well conditioned.
+  return focal_reference.softmax_focal(z, t, alpha=alpha, gamma=gamma,
+                                       label_smoothing=label_smoothing)
 
 
 def jnp_softmax_focal_sum(z, t, alpha=None, gamma=2.0, label_smoothing=0.0):
-  num_classes = z.shape[-1]
-  ls = jax.nn.log_softmax(z, axis=-1)
-  log_p = jnp.take_along_axis(ls, t[..., None], -1)[..., 0]
-  p = jnp.exp(log_p)
-  ce = -(1 - label_smoothing) * log_p - label_smoothing / num_classes * ls.sum(-1)
-  a = 1.0 if alpha is None else (alpha[t] if jnp.ndim(alpha) else alpha)
-  g = gamma[t] if jnp.ndim(gamma) else gamma
-  return jnp.sum(a * (1 - p) ** g * ce)
+  return focal_reference.softmax_focal(z, t, alpha=alpha, gamma=gamma,
+                                       label_smoothing=label_smoothing, reduction="sum",
+                                       compute=None, stable=False)
 
 
 def jnp_sigmoid_focal_sum(x, y, alpha=None, gamma=2.0):
-  gamma = jnp.broadcast_to(gamma, x.shape)
-  alpha = None if alpha is None else jnp.broadcast_to(alpha, x.shape)
-  p = jax.nn.sigmoid(x)
-  bce = -(y * jnp.log(p) + (1 - y) * jnp.log1p(-p))
-  p_t = p * y + (1 - p) * (1 - y)
-  loss = (1 - p_t) ** gamma * bce
-  if alpha is not None:
-    loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
-  return jnp.sum(loss)
+  return focal_reference.sigmoid_focal(x, y, alpha=alpha, gamma=gamma, reduction="sum",
+                                       compute=None, stable=False)
 
 
 def jnp_categorical_focal_sum(z, y, alpha=None, gamma=2.0):
-  ls = jax.nn.log_softmax(z, axis=-1)
-  a = 1.0 if alpha is None else jnp.broadcast_to(alpha, z.shape)
-  gamma = jnp.broadcast_to(gamma, z.shape)
-  return -jnp.sum(a * y * (1 - jnp.exp(ls)) ** gamma * ls)
+  return focal_reference.categorical_focal(z, y, alpha=alpha, gamma=gamma, reduction="sum",
+                                           compute=None, stable=False)
 
 
 @pytest.fixture(scope="session")
 def refs() -> types.SimpleNamespace:
   return types.SimpleNamespace(
-      softmax_focal=softmax_focal, softmax_focal_rows=softmax_focal_rows,
-      sigmoid_focal=sigmoid_focal, categorical_focal=categorical_focal, reduce=reduce,
+      softmax_focal=focal_reference.softmax_focal, softmax_focal_rows=softmax_focal_rows,
+      sigmoid_focal=focal_reference.sigmoid_focal,
+      categorical_focal=focal_reference.categorical_focal, reduce=focal_reference.reduce,
       jnp_softmax_focal_sum=jnp_softmax_focal_sum, jnp_sigmoid_focal_sum=jnp_sigmoid_focal_sum,
       jnp_categorical_focal_sum=jnp_categorical_focal_sum)
 
