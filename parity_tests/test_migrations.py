@@ -9,8 +9,9 @@ soft labels, the blog's broadcast of ``weights[target]``), a test shows the dive
 and as small or as narrow as the README says.
 
 Rows that need ``sample_weight=`` (a scalar with ``alpha=None`` for the one-alpha-on-both-terms
-binary losses of seeds 001 and 004; per-entry weights for kornia's ``weight``/``pos_weight``
-and mmcv's ``weight``) are marked in their names with ``sample_weight``.
+binary losses of seeds 001 and 004; per-entry weights for kornia's ``weight``/``pos_weight``,
+mmcv's ``weight`` and the blog's literal broadcast) have ``sample_weight`` in their names;
+mmdet's weighted cases (its (N,) ``weight``) pass it too.
 """
 
 from __future__ import annotations
