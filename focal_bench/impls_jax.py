@@ -11,7 +11,8 @@ from typing import Any, Callable
 import numpy as np
 
 from focal_bench import problems as P
-from focal_bench.registry import FLOOR, PEER, PROJECT, REFERENCE, Impl, Runner, Unavailable
+from focal_bench.implementation import (FLOOR, PEER, PROJECT, REFERENCE, Impl, Runner,
+                                        Unavailable)
 
 
 def prepare(problem: P.Problem, data: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from focal_bench import problems as P
-from focal_bench.registry import DEEPSPEED, FLOOR, PEER, PROJECT, REFERENCE, Impl, Runner, \
-    Unavailable
+from focal_bench.implementation import (DEEPSPEED, FLOOR, PEER, PROJECT, REFERENCE, Impl,
+                                        Runner, Unavailable)
 
 
 def device() -> str:
