@@ -2,7 +2,7 @@
 
 Times one forward + backward step (float32, gamma 2, reduction mean, gradient with respect to
 the logits) of every implementation over a sweep of class counts C = 2 .. 131072 (N * C held
-near a budget) and at the shapes named by DESIGN.md's targets, interleaving the
+near a budget) and at the shapes named by docs/design.md's targets, interleaving the
 implementations round by round; then measures each one's extra peak memory in fresh
 subprocesses (see ``focal_bench.memory``). Prints the machine, Markdown tables, the ratios and
 the targets; writes JSON (``--json``) and PNG plots plus ``report.md`` (``--out``).

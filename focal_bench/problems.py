@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 
-# The shapes named by the speed targets (DESIGN.md): BERT's masked-LM head and a detection head.
+# The shapes named by the speed targets (docs/design.md): BERT's masked-LM head and a
+# detection head.
 TARGET_SHAPES: tuple[tuple[int, int], ...] = ((2048, 30522), (16384, 91))
 # The class counts of the sweep; N is chosen so that N * C stays near the element budget.
 SWEEP_CLASSES: tuple[int, ...] = (2, 16, 91, 1000, 8192, 30522, 131072)
@@ -28,7 +29,7 @@ class Problem:
 
   ``mode`` is "softmax" (integer labels, (N, C) logits), "sigmoid" ((N, C) logits and 0/1
   labels) or "linear" ((N, H) hidden, (H, V) kernel, (N,) labels; ``c`` is V, ``h`` is H).
-  ``target`` marks the shapes named by DESIGN.md's speed targets.
+  ``target`` marks the shapes named by docs/design.md's speed targets.
   """
 
   mode: str

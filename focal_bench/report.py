@@ -81,7 +81,7 @@ def _check(tid: str, text: str, record, ratio: str, limit: float, op: str,
 
 
 def targets(records: list[dict[str, Any]], accelerator: bool = False) -> list[dict[str, Any]]:
-  """DESIGN.md's targets, each with its measured ratio (None: not measured).
+  """docs/design.md's targets, each with its measured ratio (None: not measured).
 
   ``accelerator``: the run was on a GPU, so the floor targets apply (C >= 1000: time at most
   1.5x the copy floor, at least 5x faster than DeepSpeed).

@@ -42,7 +42,7 @@ def test_recorded_vector_alpha_is_broadcast_in_deepspeed_and_per_class_in_projec
 
 
 def test_vector_alpha_divergence_matches_the_documented_numbers():
-  """DESIGN.md: mean(alpha_t) * mean(f) = 0.364 where per class gives 0.512 (two examples)."""
+  """docs/design.md: mean(alpha_t) * mean(f) = 0.364 where per class gives 0.512 (two examples)."""
   logits = np.array([[0.0, 0.0], [0.0, 0.0]])  # p = 1/2, f = (1/2)**2 * log 2 for both rows
   targets = np.array([0, 1])
   alpha = np.array([0.25, 1.75])
@@ -85,7 +85,7 @@ def test_saturation_deepspeed_overflows_project_matches_float64(margin, gamma):
 
 def test_saturation_onset_is_where_design_says():
   """DeepSpeed float32: finite gradient at a wrong margin of 80, NaN from ~89; loss inf from
-  ~104 (so the divergence is where DESIGN.md puts it, not somewhere else)."""
+  ~104 (so the divergence is where docs/design.md puts it, not somewhere else)."""
   def oracle_at(margin):
     x, t, a = make_ds_inputs(DSConfig(n=1, c=2, margin=margin, scale=0.0))
     return run_oracle(x, t, a, 2.0, True, "float32")
