@@ -8,7 +8,7 @@ import platform
 import sys
 from typing import Any
 
-_PACKAGES = ("jax", "jaxlib", "optax", "torch", "numpy", "focal")
+_PACKAGES = ("jax", "jaxlib", "optax", "torch", "numpy", "focal-losses")
 
 
 def _cpu_model() -> str:
