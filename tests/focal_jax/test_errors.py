@@ -240,3 +240,22 @@ def test_bad_sample_weight_raises(name, weight, error, parts):
   assert str(info.value).startswith(f"{fn}: "), str(info.value)
   for part in parts:
     assert part in str(info.value), (str(info.value), part)
+
+
+def test_sigmoid_class_vectors_act_on_the_last_axis_and_where_broadcasts(refs):
+  # One rule in both packages: a (C,) alpha / gamma is over the LAST axis of the logits; a
+  # vector of another length raises; `where` broadcasts to the labels' shape.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 4, 5))
+  y = (rng.uniform(size=x.shape) < 0.4).astype(np.float64)
+  alpha = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+  got = focal_jax.sigmoid_focal(x, y, alpha=alpha)
+  np.testing.assert_allclose(got, refs.sigmoid_focal(x, y, alpha=alpha), rtol=1e-12)
+  with pytest.raises(ValueError) as info:
+    focal_jax.sigmoid_focal(x, y, alpha=np.full(3, 0.25))
+  assert str(info.value) == ("sigmoid_focal: alpha must be a scalar or shape (5,) (one per "
+                             "entry of the last axis of logits), got shape (3,)")
+  where = np.array([True, False, True, True, True])
+  got = focal_jax.sigmoid_focal(x, y, where=where, reduction="mean")
+  np.testing.assert_allclose(got, refs.sigmoid_focal(x, y, where=where, reduction="mean"),
+                             rtol=1e-12)
