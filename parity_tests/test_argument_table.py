@@ -10,6 +10,8 @@ cannot pass.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,16 @@ def _outcome(framework: str, row: Row) -> at.Outcome:
   if key not in _OUTCOMES:
     _OUTCOMES[key] = (at.call_jax if framework == "jax" else at.call_torch)(row)
   return _OUTCOMES[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_status():
+  """With FOCAL_TABLE_STATUS=<path>, writes the row-by-row status (markdown) of this run."""
+  yield
+  path = os.environ.get("FOCAL_TABLE_STATUS")
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(at.status_markdown(outcome=_outcome))
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[r.id for r in TABLE])
