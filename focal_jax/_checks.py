@@ -208,9 +208,10 @@ def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], dtype: Any,
   """
   if weight is None:
     return None
-  if isinstance(weight, (str, bytes)):
-    raise TypeError(f"{fn}: sample_weight must be a real (bool, integer or floating) array, "
-                    f"got {type(weight).__name__}")
+  if not (isinstance(weight, (numbers.Real, list, tuple, np.ndarray, np.generic))
+          or hasattr(weight, "dtype")):
+    raise TypeError(f"{fn}: sample_weight must be None, a real scalar or an array, got "
+                    f"{type(weight).__name__}")
   arr = jnp.asarray(weight)
   if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
           or arr.dtype == jnp.bool_):
@@ -221,9 +222,8 @@ def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], dtype: Any,
   except ValueError:
     broadcast = None
   if broadcast != tuple(shape):
-    raise ValueError(
-        f"{fn}: sample_weight must have shape {tuple(shape)} ({what}) or broadcast to it, got "
-        f"shape {arr.shape}")
+    raise ValueError(f"{fn}: sample_weight must be a scalar or broadcast to shape "
+                     f"{tuple(shape)} ({what}), got shape {arr.shape}")
   values = _concrete_values(weight)
   if values is not None:
     values = values.astype(np.float64)
