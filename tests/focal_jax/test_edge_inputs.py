@@ -337,3 +337,54 @@ def test_counts_summed_over_devices_do_not_wrap():
   f = jax.shard_map(shard, mesh=mesh, in_specs=P("d"), out_specs=P())
   got = jax.jit(f)(jnp.full((4,), 3.0, jnp.float64))
   np.testing.assert_allclose(got, 3.0, rtol=1e-6)
+
+
+_X64_OFF_COUNTS = """
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from focal_jax import _reduce
+assert not jax.config.jax_enable_x64
+big = 2**31 + 8
+out = {}
+def mean():
+  loss = jnp.broadcast_to(jnp.float32(3.0), (big,))
+  valid = jnp.broadcast_to(True, (big,))
+  return _reduce.reduce_loss(loss, valid=valid, positive=valid, reduction="mean",
+                             axis_name=None, dtype=jnp.float32)
+out["mean"] = float(jax.jit(mean)())
+out["static"] = float(_reduce._count(None, (2**16, 2**15 + 1)))
+per_device = 2**29 + 2
+def shard(x):
+  loss = jnp.broadcast_to(x, (per_device,))
+  valid = jnp.broadcast_to(True, (per_device,))
+  out = _reduce.reduce_loss(loss, valid=valid, positive=valid, reduction="mean",
+                            axis_name="d", dtype=jnp.float32)
+  return jax.lax.pmean(out, "d")
+mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+f = jax.shard_map(shard, mesh=mesh, in_specs=P("d"), out_specs=P())
+out["psum"] = float(jax.jit(f)(jnp.full((4,), 3.0, jnp.float32)))
+print(json.dumps(out))
+"""
+
+
+def test_counts_do_not_wrap_with_x64_disabled(tmp_path):
+  # The users' default (no jax_enable_x64): int32 counts in blocks, summed exactly.
+  import json
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+  env["JAX_PLATFORMS"] = "cpu"
+  if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, "-c", _X64_OFF_COUNTS], capture_output=True, text=True,
+                        env=env, timeout=600, check=False, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(out["mean"], 3.0, rtol=1e-5)
+  np.testing.assert_allclose(out["static"], 2**31 + 2**16, rtol=1e-7)
+  np.testing.assert_allclose(out["psum"], 3.0, rtol=1e-5)
