@@ -110,6 +110,30 @@ def _deepspeed(problem: P.Problem, x: dict) -> Runner:
   return _grad_runner(module, (x["logits"], x["labels"]), (x["logits"],), compiled=False)
 
 
+def _liger_ce(problem: P.Problem, x: dict) -> Runner:
+  """Liger-Kernel's cross-entropy (Triton: CUDA only). It writes the gradient into its input
+  during the forward pass, so each call gets a fresh copy of the logits, made untimed."""
+  import torch
+  if not torch.cuda.is_available():
+    raise Unavailable("Liger-Kernel's cross-entropy runs on CUDA only")
+  try:
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+  except ImportError as e:
+    raise Unavailable(f"liger_kernel does not import ({e}); pip install liger-kernel") from e
+  loss_fn = LigerCrossEntropyLoss()
+  pending: list = []
+
+  def setup() -> None:
+    pending.append(x["logits"].detach().clone().requires_grad_(True))
+    _sync()
+
+  def run() -> None:
+    z = pending.pop()
+    torch.autograd.grad(loss_fn(z, x["labels"]), (z,))
+    _sync()
+  return Runner(run=run, setup=setup)
+
+
 def _copy_floor(problem: P.Problem, x: dict) -> Runner:
   import torch
   z = x["logits"].detach()
@@ -232,6 +256,8 @@ IMPLS: list[Impl] = [
          _cross_entropy(compiled=True), vs_deepspeed=True, compiled=True),
     Impl("torch_deepspeed", "DeepSpeed FocalLoss algorithm", "torch", "softmax", DEEPSPEED,
          _deepspeed, note="focal_reference.deepspeed.DeepSpeedFocalLoss, eager"),
+    Impl("torch_liger_ce", "Liger cross-entropy", "torch", "softmax", PEER, _liger_ce,
+         vs_deepspeed=True, note="liger_kernel.transformers.LigerCrossEntropyLoss (CUDA only)"),
     Impl("torch_copy", "copy floor (z * 2)", "torch", "softmax", FLOOR, _copy_floor),
     Impl("torch_sigmoid_focal", "focal_torch.sigmoid_focal", "torch", "sigmoid", PROJECT,
          _focal_sigmoid(compiled=False), ref="torch_torchvision"),
