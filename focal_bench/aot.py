@@ -78,7 +78,7 @@ class Case:
 
   @property
   def key(self) -> str:
-    shape = f"{self.n}x{self.h}x{self.c}" if self.loss == "linear" else f"{self.n}x{self.c}"
+    shape = f"{self.n}x{self.h}x{self.c}" if self.h else f"{self.n}x{self.c}"
     return f"{self.loss}/{self.impl}/{shape}/{self.dtype}"
 
   @property
@@ -171,7 +171,7 @@ def _entry_big_buffers(hlo: str, case: Case) -> list[str]:
       break
     if not in_entry:
       continue
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(?[a-z0-9]+\[[\d,]*\][^ ]*)", line)
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) [\w\-]+\(", line)
     if not m:
       continue
     for dt, dims in re.findall(r"([a-z]+\d*)\[([\d,]+)\]", m.group(2)):
@@ -285,6 +285,9 @@ def worker_env() -> dict[str, str]:
   # need no device: JAX runs on the CPU and compiles for the topology.
   env["JAX_PLATFORMS"] = "cpu"
   env["TPU_SKIP_MDS_QUERY"] = "1"
+  # libtpu takes a lock file (/tmp/libtpu_lockfile) per process that loads it; compiles need
+  # no TPU, so two compiling processes (the benchmark and a test) may share the machine.
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   root = os.path.dirname(_HERE)
   env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
   return env

@@ -1,0 +1,138 @@
+"""The jit(grad) step compiled for a TPU v5e (no TPU needed): HBM bytes and temporaries held to
+budgets at issue 11's shapes, plus the ratios and verdicts of ``focal-bench aot``.
+
+The compiled figures are deterministic for a given jax / libtpu (pinned by the ``tpu`` extra), so
+a change of the library that adds a pass over the logits, or a logits-sized temporary, fails
+here. Budgets are in units of the logits' size. Where today's code meets issue 11's target the
+budget IS the target; where it misses, the budget is today's measured value plus 2 % (a
+regression guard), commented with the target it misses: tighten it when the library gets there.
+The compiles run in a subprocess (``python -m focal_bench.aot --worker``) with JAX on the CPU,
+as ``focal-bench aot`` runs them; this process never loads libtpu.
+"""
+
+import pytest
+
+from focal_bench import aot
+
+# (loss, N, C, dtype) -> (bytes accessed / logits, temporaries / logits): at most.
+# Measured with jax 0.10.2, libtpu 0.0.42.1 (BENCHMARKS.md, "Accelerators, compiled without a
+# device").
+TPU_BUDGETS = {
+    # Measured 4.04x: misses the target 3.0x (1.5x the 2x floor). Temporaries: target held.
+    ("softmax", 2048, 30522, "float32"): (4.12, aot.TEMP_LIMIT),
+    # Measured 6.08x, temp 2.00x (a float32 copy of the bf16 logits): misses 3.0x and 0.1x.
+    ("softmax", 2048, 30522, "bfloat16"): (6.20, 2.04),
+    # Measured 7.04x: misses the target 4.5x (1.5x the 3x floor). Temporaries: target held.
+    ("categorical", 2048, 30522, "float32"): (7.18, aot.TEMP_LIMIT),
+    # At its floor (3x): the target.
+    ("sigmoid", 2048, 30522, "bfloat16"): (3.0 * aot.SIGMOID_FACTOR, aot.TEMP_LIMIT),
+    # Measured 21.46x: misses the target 10.72x (1.25x optax's 8.57x). Temporaries: held.
+    ("softmax", 16384, 91, "float32"): (21.89, aot.TEMP_LIMIT),
+}
+
+
+@pytest.fixture(scope="module")
+def tpu_records():
+  pytest.importorskip("libtpu", reason="jax[tpu] (the tpu extra) is not installed")
+  cases = [aot.Case(loss, "focal", n, c, dtype) for loss, n, c, dtype in TPU_BUDGETS]
+  header, records = aot.run_worker("tpu", cases, timeout_s=1200)
+  assert header["device"]["device_kind"].startswith("TPU v5")
+  return {(r["case"]["loss"], r["case"]["n"], r["case"]["c"], r["case"]["dtype"]): r
+          for r in records}
+
+
+@pytest.mark.parametrize("key", list(TPU_BUDGETS), ids=lambda k: f"{k[0]}-{k[1]}x{k[2]}-{k[3]}")
+def test_tpu_v5e_bytes_and_temporaries_within_budget(tpu_records, key):
+  rec = tpu_records[key]
+  assert "error" not in rec, rec.get("error")
+  max_bytes, max_temp = TPU_BUDGETS[key]
+  bytes_x = rec["bytes_accessed"] / rec["logits_bytes"]
+  temp_x = rec["temp_bytes"] / rec["logits_bytes"]
+  assert bytes_x <= max_bytes, (f"{key}: {bytes_x:.3f}x the logits accessed, budget "
+                                f"{max_bytes}x; logits-sized buffers: {rec['big_buffers']}")
+  assert temp_x <= max_temp, (f"{key}: temporaries {temp_x:.3f}x the logits, budget "
+                              f"{max_temp}x; logits-sized buffers: {rec['big_buffers']}")
+  # A step cannot read less than the logits and write less than the gradient.
+  assert bytes_x >= aot.floor_x(key[0]) * 0.999
+
+
+# --- the report's arithmetic (no compile) ----------------------------------------------------
+
+def _rec(loss, impl, n, c, dtype, bytes_x, temp_x, h=0):
+  case = aot.Case(loss, impl, n, c, dtype, h)
+  lb = case.logits_bytes
+  return {"key": case.key, "case": {"loss": loss, "impl": impl, "n": n, "c": c,
+                                    "dtype": dtype, "h": h},
+          "bytes_accessed": bytes_x * lb, "temp_bytes": int(temp_x * lb), "logits_bytes": lb,
+          "big_buffers": []}
+
+
+def test_plan_compiles_each_loss_and_one_optax_peer_per_shape_and_dtype():
+  cases = aot.plan(losses=("softmax", "categorical", "sigmoid"), dtypes=("float32",),
+                   shapes=((8, 4),), linear=True, linear_shape=(8, 4, 16))
+  keys = [c.key for c in cases]
+  assert keys == ["softmax/focal/8x4/float32", "categorical/focal/8x4/float32",
+                  "sigmoid/focal/8x4/float32", "optax_int/optax/8x4/float32",
+                  "optax_prob/optax/8x4/float32", "linear/focal/8x4x16/bfloat16",
+                  "optax_linear/optax/8x4x16/bfloat16"]
+  assert aot.Case("softmax", "focal", 2048, 30522, "bfloat16").logits_bytes == 2048 * 30522 * 2
+
+
+def test_judge_ratios_targets_and_verdicts():
+  recs = [
+      _rec("softmax", "focal", 64, 30522, "float32", 2.9, 0.0),      # <= 1.5 x 2x floor
+      _rec("categorical", "focal", 64, 30522, "float32", 4.6, 0.0),  # > 1.5 x 3x floor
+      _rec("optax_int", "optax", 64, 30522, "float32", 4.0, 0.0),
+      _rec("optax_prob", "optax", 64, 30522, "float32", 6.0, 0.0),
+      _rec("softmax", "focal", 1024, 91, "bfloat16", 10.0, 0.05),    # <= 1.25 x optax's 8.0
+      _rec("softmax", "focal", 1024, 2, "bfloat16", 10.1, 0.0),      # > 1.25 x 8.0
+      _rec("categorical", "focal", 1024, 91, "bfloat16", 5.0, 0.2),  # temporaries too large
+      _rec("optax_int", "optax", 1024, 91, "bfloat16", 8.0, 0.0),
+      _rec("optax_int", "optax", 1024, 2, "bfloat16", 8.0, 0.0),
+      _rec("optax_prob", "optax", 1024, 91, "bfloat16", 4.5, 0.0),
+      _rec("sigmoid", "focal", 1024, 91, "float32", 3.05, 0.0),
+      _rec("linear", "focal", 64, 256, "bfloat16", 0.0, 0.925, h=4),
+  ]
+  rows = {r["key"]: r for r in aot.judge(recs)}
+  assert len(rows) == 7  # the focal lines only
+  r = rows["softmax/focal/64x30522/float32"]
+  assert r["floor_x"] == 2.0 and r["bytes_x_floor"] == pytest.approx(1.45)
+  assert r["bytes_x_optax"] == pytest.approx(2.9 / 4.0) and r["verdict"] == "held"
+  r = rows["categorical/focal/64x30522/float32"]
+  assert r["floor_x"] == 3.0 and r["bytes_limit_x"] == pytest.approx(4.5)
+  assert r["verdict"] == "MISSED"
+  assert rows["softmax/focal/1024x91/bfloat16"]["bytes_limit_x"] == pytest.approx(10.0)
+  assert rows["softmax/focal/1024x91/bfloat16"]["verdict"] == "held"
+  assert rows["softmax/focal/1024x2/bfloat16"]["verdict"] == "MISSED"
+  assert rows["categorical/focal/1024x91/bfloat16"]["verdict"] == "MISSED"  # temp 0.2x
+  assert rows["sigmoid/focal/1024x91/float32"]["verdict"] == "held"
+  lin = rows["linear/focal/64x4x256/bfloat16"]
+  # temporaries: 0.8x + the f32 kernel gradient (4 x 256 x 4 bytes = 0.125x the bf16 logits)
+  assert lin["temp_beyond_kernel_grad_x"] == pytest.approx(0.8, abs=1e-3)
+  assert lin["verdict"] == "MISSED"
+  text = aot.markdown({"target": "tpu", "rows": aot.judge(recs),
+                       "header": {"device": {"platform": "tpu", "device_kind": "TPU v5 lite",
+                                             "topology": "v5e:2x2"},
+                                  "versions": {"jax": "0.10.2", "libtpu": "0.0.42.1"}}})
+  assert "TPU v5 lite" in text and "libtpu 0.0.42.1" in text
+  assert "3 of 7 targets held." in text
+
+
+def test_entry_big_buffers_lists_logits_sized_results_of_the_entry_computation():
+  hlo = """HloModule m
+
+%fused (p: f32[8,4]) -> f32[8,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  ROOT %n = f32[8,4]{1,0} negate(%p)
+}
+
+ENTRY %main (z: f32[8,4], t: s32[8]) -> f32[8,4] {
+  %z = f32[8,4]{1,0} parameter(0)
+  %t = s32[8]{0} parameter(1)
+  %r = f32[8]{0} reduce(%z), dimensions={1}
+  %c = (f32[8]{0}, bf16[8,4]{1,0}) fusion(%z), kind=kLoop
+  ROOT %g = f32[8,4]{1,0} fusion(%z, %r), kind=kLoop, calls=%fused
+}
+"""
+  got = aot._entry_big_buffers(hlo, aot.Case("softmax", "focal", 8, 4, "float32"))
+  assert got == ["z f32[8,4]", "c bf16[8,4]", "g f32[8,4]"]
