@@ -39,7 +39,7 @@ def integer_array(fn: str, arg: str, x: Any) -> jax.Array:
   """Returns `x` as a jax array, raising TypeError unless it has an integer dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
-    raise TypeError(f"{fn}: {arg} must be an integer array, got dtype {x.dtype}")
+    raise TypeError(f"{fn}: {arg} must be an integer array of class indices, got dtype {x.dtype}")
   return x
 
 
@@ -101,7 +101,7 @@ def optional_int(fn: str, arg: str, value: Any, *, allow_none: bool = True) -> i
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     expected = "an int or None" if allow_none else "an int"
-    raise TypeError(f"{fn}: {arg} must be {expected}, got {type(value).__name__} {value!r}")
+    raise TypeError(f"{fn}: {arg} must be {expected}, got {type(value).__name__}")
   return int(value)
 
 
@@ -205,6 +205,7 @@ def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], dtype: Any,
 
   None stays None. A scalar or an array broadcastable to `shape` (bool, integer or floating;
   Python lists, tuples and NumPy arrays too); values finite and >= 0, checked when known.
+  `what` (what `shape` is) is not in the message, which is focal_torch's word for word.
   """
   if weight is None:
     return None
@@ -223,7 +224,7 @@ def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], dtype: Any,
     broadcast = None
   if broadcast != tuple(shape):
     raise ValueError(f"{fn}: sample_weight must be a scalar or broadcast to shape "
-                     f"{tuple(shape)} ({what}), got shape {arr.shape}")
+                     f"{tuple(shape)}, got shape {arr.shape}")
   values = _concrete_values(weight)
   if values is not None:
     values = values.astype(np.float64)
