@@ -266,7 +266,7 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return False
 
 
-def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: str,
+def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: Any,
                logits: torch.Tensor) -> torch.Tensor | None:
   """``where`` as a bool tensor of ``shape`` (a broadcast view); it may come in any shape
   that broadcasts to it, and as a list, tuple or NumPy array."""
@@ -283,6 +283,7 @@ def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: str,
   if where.dtype != torch.bool:
     raise TypeError(f"{fn}: where must be a boolean tensor, got dtype {where.dtype}")
   if not _broadcasts_to(where.shape, shape):
+    what = what() if callable(what) else what  # built on error only (symbolic shapes)
     raise ValueError(f"{fn}: where must have shape {shape_str(shape)} ({what}) or broadcast "
                      f"to it, got shape {shape_str(where.shape)}")
   check_same_device(fn, "where", where, logits)

@@ -42,30 +42,38 @@ def class_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
   return (1, shape[1]) + (1,) * (len(shape) - 2)
 
 
-def chunk_elements(total: int, requested: int | None = None) -> int:
-  """Elements per chunk: everything at once under torch.compile (it fuses the loops)."""
+def chunk_elements(total: int, requested: int | None = None) -> int | None:
+  """Elements per chunk; None (one chunk: everything at once) under torch.compile, which
+  fuses the loops. None rather than the (possibly symbolic) total: dynamo cannot pass a
+  symbolic int into a second autograd.Function of one graph (torch 2.13, dynamic=True)."""
+  del total
   if requested is not None:
     return max(1, requested)
   if torch.compiler.is_compiling():
-    return max(1, total)
+    return None
   return CHUNK_ELEMENTS
 
 
-def _rows_per_chunk(shape: tuple[int, ...], elements: int) -> tuple[int, int]:
-  """(rows, inner columns) per chunk."""
+def _rows_per_chunk(shape: tuple[int, ...], elements: int | None) -> tuple[int, int]:
+  """(rows, inner columns) per chunk (``elements`` None: one chunk)."""
   o, c = shape[0], shape[1]
   i = shape[2] if len(shape) == 3 else 1
+  if elements is None:
+    return o, i
   if c * i <= elements:
     return min(o, max(1, elements // max(c * i, 1))), i
   return 1, min(i, max(1, elements // max(c, 1)))
 
 
-def chunks(shape: tuple[int, ...], elements: int) -> Iterator[tuple]:
+def chunks(shape: tuple[int, ...], elements: int | None) -> Iterator[tuple]:
   """Index tuples of the chunks of a rows view: at most ``elements`` entries each, or one
-  class slice when ``C`` alone is larger. The same index selects the matching part of a
-  per-row tensor."""
+  class slice when ``C`` alone is larger (``elements`` None: one chunk, the whole view).
+  The same index selects the matching part of a per-row tensor."""
   o = shape[0]
   if o == 0 or (len(shape) == 3 and shape[2] == 0):
+    return
+  if elements is None:
+    yield (slice(None),) * len(shape)
     return
   rows, cols = _rows_per_chunk(shape, elements)
   if len(shape) == 2:
@@ -78,7 +86,7 @@ def chunks(shape: tuple[int, ...], elements: int) -> Iterator[tuple]:
       yield slice(start, min(o, start + rows)), slice(None), slice(col, min(i, col + cols))
 
 
-def max_chunk_rows(shape: tuple[int, ...], elements: int) -> int:
+def max_chunk_rows(shape: tuple[int, ...], elements: int | None) -> int:
   """Rows x inner columns of the largest chunk: its size is this times ``C``."""
   rows, cols = _rows_per_chunk(shape, elements)
   return rows * cols

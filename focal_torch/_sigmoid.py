@@ -47,7 +47,10 @@ def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
   if not plain:
     # 1 - p_t = (1 - y) p + y (1 - p): exact where p_t rounds to 1.
     omp = one_minus_y * p + y * q
-    focal = torch.exp2(torch.log2(omp).mul_(gamma))
+    if isinstance(gamma, torch.Tensor):  # may hold 0: pow gives 0 ** 0 = 1 (exp2 log2: NaN)
+      focal = torch.pow(omp, gamma)
+    else:
+      focal = torch.exp2(torch.log2(omp).mul_(gamma))
   weight = focal
   if alpha is not None:
     alpha_t = alpha * y + (1.0 - alpha) * one_minus_y if not plain or with_grad else (

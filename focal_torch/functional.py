@@ -146,7 +146,8 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
   loss = _softmax.SoftmaxFocalFunction.apply(
       z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
-      _softmax.per_row(alpha, t3, cdt), _softmax.per_row(gamma, t3, cdt), eps,
+      _softmax.per_row(_traced(alpha, cdt, logits), t3, cdt),
+      _softmax.per_row(_traced(gamma, cdt, logits), t3, cdt), eps,
       elements).reshape(labels.shape)
   loss = _checks.weigh(loss, weight, valid)
   return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
@@ -262,8 +263,8 @@ def sigmoid_focal(
   valid3 = None if where is None else where.reshape(x3.shape)
   elements = _chunking.chunk_elements(x3.numel())
   loss = _sigmoid.SigmoidFocalFunction.apply(
-      x3, y3, valid3, _class_vector(alpha, cdt, logits.device, x3.shape),
-      _class_vector(gamma, cdt, logits.device, x3.shape), eps,
+      x3, y3, valid3, _class_vector(_traced(alpha, cdt, logits), cdt, logits.device, x3.shape),
+      _class_vector(_traced(gamma, cdt, logits), cdt, logits.device, x3.shape), eps,
       elements).reshape(logits.shape)
   loss = _checks.weigh(loss, weight, where)
   positive = None
@@ -274,6 +275,15 @@ def sigmoid_focal(
 
 
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _traced(value: Any, cdt: torch.dtype, logits: torch.Tensor) -> Any:
+  """Under torch.compile, a Python-number hyperparameter as a 0-d tensor: a number that
+  changes between calls (a gamma schedule) is symbolic there, and dynamo cannot pass a
+  symbolic float into the autograd.Function. Eager: as it is."""
+  if isinstance(value, float) and torch.compiler.is_compiling():
+    return torch.full((), value, dtype=cdt, device=logits.device)
+  return value
 
 
 def _ndim(value: Any) -> int:
@@ -373,7 +383,8 @@ def categorical_focal(
   row_shape = logits.shape[:dim] + logits.shape[dim + 1:]
   where = _checks.where_mask(
       fn, where, row_shape,
-      f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}", logits)
+      lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
+      logits)
   cdt = _softmax.compute_dtype(logits.dtype)
   weight = _checks.sample_weight(fn, sample_weight, row_shape, logits, cdt)
 
@@ -382,8 +393,8 @@ def categorical_focal(
   valid3 = None if where is None else where.reshape(_chunking.row_shape(z3.shape))
   elements = _chunking.chunk_elements(z3.numel())
   loss = _categorical.CategoricalFocalFunction.apply(
-      z3, y3, valid3, _class_vector(alpha, cdt, logits.device, z3.shape),
-      _class_vector(gamma, cdt, logits.device, z3.shape), elements
+      z3, y3, valid3, _class_vector(_traced(alpha, cdt, logits), cdt, logits.device, z3.shape),
+      _class_vector(_traced(gamma, cdt, logits), cdt, logits.device, z3.shape), elements
   ).reshape(row_shape)
   loss = _checks.weigh(loss, weight, where)
   positive = None

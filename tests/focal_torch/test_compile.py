@@ -96,3 +96,39 @@ def test_compiled_linear_softmax_focal_matches_materialized_reference(ref):
   got = torch.autograd.grad(total, params)
   for g, expected in zip(got, (dz @ w, dz.T @ h, dz.sum(0))):
     np.testing.assert_allclose(g.numpy(), expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "default"])
+def test_compiled_with_a_gamma_schedule_in_one_graph(ref, dynamic):
+  # Issue 12, case 10: a gamma that changes between calls (a schedule) and dynamic=True
+  # compile without graph breaks (fullgraph=True raises on any), with the right numbers.
+  torch._dynamo.reset()  # pylint: disable=protected-access
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (6, 4))
+  labels = rng.integers(0, 4, 6)
+  soft = rng.random((6, 4))
+
+  def losses(z, t, y, gamma):
+    return (focal_torch.softmax_focal(z, t, gamma=gamma, alpha=0.5),
+            focal_torch.sigmoid_focal(z, y, gamma=gamma, alpha=0.25),
+            focal_torch.categorical_focal(z, torch.softmax(y, 1), gamma=gamma))
+
+  compiled = torch.compile(losses, fullgraph=True, dynamic=dynamic)
+  z = torch.tensor(logits, dtype=torch.float32, requires_grad=True)
+  t, y = torch.tensor(labels), torch.tensor(soft, dtype=torch.float32)
+  probs = torch.softmax(y.double(), 1).numpy()
+  for gamma in (2.0, 0.5, 0.0):
+    out = compiled(z, t, y, gamma)
+    refs = [ref.softmax_focal(logits, labels, gamma=gamma, alpha=0.5),
+            ref.sigmoid_focal(logits, soft, gamma=gamma, alpha=0.25),
+            ref.categorical_focal(logits, probs, gamma=gamma)]
+    for value, (want, _) in zip(out, refs):
+      np.testing.assert_allclose(value.item(), want, rtol=2e-5)
+    # One backward (a compiled backward may not be run twice): the gradient of a weighted
+    # sum of the three losses.
+    grad, = torch.autograd.grad(out[0] + 2 * out[1] + 3 * out[2], z)
+    want_grad = refs[0][1] + 2 * refs[1][1] + 3 * refs[2][1]
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=2e-5, atol=6e-6)
+  explain = torch._dynamo.explain(losses)(z, t, y, 1.25)  # pylint: disable=protected-access
+  assert explain.graph_break_count == 0, explain.break_reasons
