@@ -33,7 +33,9 @@ def make_data():
   soft[5, 1] = 1.0
   probs = torch.softmax(3 * torch.randn(N, C, generator=g, dtype=torch.float64), 1)
   probs[:3] = torch.tensor([0.8, 0.1, 0.1], dtype=torch.float64)  # background rows on rank 0
-  return x, labels, where, soft, probs
+  sw = torch.rand(N, generator=g, dtype=torch.float64) * 2  # sample weights per row
+  sw_entry = torch.rand(N, C, generator=g, dtype=torch.float64) * 2  # and per entry
+  return x, labels, where, soft, probs, sw, sw_entry
 
 
 class Net(torch.nn.Module):
@@ -53,8 +55,12 @@ def make_model():
   return Net()
 
 
-def configs():
-  """(name, function(linear, x, rows, group) -> loss) for every reduction that reduces."""
+def configs(built_before_init=None):
+  """(name, function(linear, x, rows, group) -> loss) for every reduction that reduces.
+
+  ``built_before_init``: a ``SoftmaxFocalLoss(process_group="world")`` built before
+  ``init_process_group`` (the ranks), used when a group is given; without a group the same
+  loss without one (the single process)."""
   alpha = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
   out = []
   for reduction in ("sum", "mean", "mean_positive"):
@@ -74,13 +80,31 @@ def configs():
                     process_group=g)))
   out.append(("module-softmax-mean_positive", lambda m, x, d, g: focal_torch.SoftmaxFocalLoss(
       gamma=2.0, reduction="mean_positive", process_group=g)(m(x), d["labels"])))
+  plain = focal_torch.SoftmaxFocalLoss(gamma=2.0, reduction="mean_positive")
+  out.append(("module-built-before-init", lambda m, x, d, g: (
+      plain if g is None else built_before_init)(m(x), d["labels"])))
+  # sample_weight: weights scale each entry; the denominators stay the counts.
+  out.append(("softmax-sample_weight-mean_positive",
+              lambda m, x, d, g: focal_torch.softmax_focal(
+                  m(x), d["labels"], alpha=alpha, gamma=0.5, where=d["where"],
+                  sample_weight=d["sw"], reduction="mean_positive", process_group=g)))
+  out.append(("sigmoid-sample_weight-mean", lambda m, x, d, g: focal_torch.sigmoid_focal(
+      m(x), d["soft"], alpha=0.25, sample_weight=d["sw_entry"], reduction="mean",
+      process_group=g)))
+  out.append(("categorical-sample_weight-mean",
+              lambda m, x, d, g: focal_torch.categorical_focal(
+                  m(x), d["probs"], gamma=1.5, where=d["where"], sample_weight=d["sw"],
+                  reduction="mean", process_group=g)))
+  out.append(("linear-sample_weight-mean", lambda m, x, d, g: focal_torch.linear_softmax_focal(
+      x, m.weight, d["labels"], bias=m.bias, chunk_size=2, gamma=0.5, where=d["where"],
+      sample_weight=d["sw"], reduction="mean", process_group=g)))
   return out
 
 
 def rows(lo: int, hi: int):
-  x, labels, where, soft, probs = make_data()
+  x, labels, where, soft, probs, sw, sw_entry = make_data()
   return x[lo:hi], dict(labels=labels[lo:hi], where=where[lo:hi], soft=soft[lo:hi],
-                        probs=probs[lo:hi])
+                        probs=probs[lo:hi], sw=sw[lo:hi], sw_entry=sw_entry[lo:hi])
 
 
 def single_process():
@@ -100,6 +124,9 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
   import torch.distributed as dist  # pylint: disable=import-outside-toplevel
   from torch.nn.parallel import DistributedDataParallel  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(1)
+  # Built before init (in a LightningModule's __init__, say): "world" is resolved at call.
+  built_before_init = focal_torch.SoftmaxFocalLoss(gamma=2.0, reduction="mean_positive",
+                                                   process_group="world")
   dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                           world_size=world, timeout=datetime.timedelta(seconds=60))
   try:
@@ -107,7 +134,7 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
     lo = sum(SPLIT[:rank])
     x, data = rows(lo, lo + SPLIT[rank])
     results = {}
-    for name, fn in configs():
+    for name, fn in configs(built_before_init):
       model.zero_grad()
       loss = model(x, data, dist.group.WORLD, fn)
       loss.backward()

@@ -45,7 +45,7 @@ def test_two_gloo_ranks_under_ddp_equal_single_process(ref, tmp_path):
 
   want = worker.single_process()
   ranks = [torch.load(out) for out in outs]
-  assert set(ranks[0]) == set(want) and len(want) == 13
+  assert set(ranks[0]) == set(want) and len(want) == 18
   for name, (value, grads) in want.items():
     for got in ranks:
       got_value, got_grads = got[name]
