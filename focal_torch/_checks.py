@@ -53,9 +53,13 @@ class value_checks:
     enabled: True to check (the default state), False to skip the value checks.
 
   Examples:
+    >>> logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 7, 1])  # 7: a bad label
     >>> with focal_torch.value_checks(False):
-    ...   loss = focal_torch.softmax_focal(logits, labels)
-    >>> focal_torch.value_checks(False)  # for the rest of the thread
+    ...   loss = focal_torch.softmax_focal(logits, labels, reduction="none")
+    >>> bool(loss[2].isnan())
+    True
+    >>> _ = focal_torch.value_checks(False)  # for the rest of the thread
+    >>> _ = focal_torch.value_checks(True)  # and back on
   """
 
   def __init__(self, enabled: bool) -> None:

@@ -290,8 +290,10 @@ def linear_softmax_focal(
     chunk_size: rows per chunk; None picks one that keeps each chunk's buffer near 16 MiB
       of float32 (``2**22 // V`` rows, at least one).
     alpha, gamma, label_smoothing, reduction, where, ignore_index, background_class,
-    process_group: as in :func:`focal_torch.softmax_focal` (``(V,)`` vectors for
-      ``alpha``/``gamma``).
+    process_group, sample_weight: as in :func:`focal_torch.softmax_focal` (``(V,)`` vectors
+      for ``alpha``/``gamma``; one ``sample_weight`` per row, of ``labels``' shape or
+      broadcastable to it). ``create_graph=True`` works (the backward of the backward
+      materializes the logits).
 
   Returns:
     Per-row losses of ``labels``' shape for ``reduction="none"``, else a scalar; in
@@ -310,8 +312,11 @@ def linear_softmax_focal(
     - output: scalar, or ``(*)`` for ``reduction="none"``.
 
   Examples:
-    >>> head = torch.nn.Linear(512, 32768)
+    >>> head = torch.nn.Linear(64, 1000)
+    >>> hidden, labels = torch.randn(8, 64), torch.randint(0, 1000, (8,))
     >>> loss = focal_torch.linear_softmax_focal(hidden, head.weight, labels, bias=head.bias)
+    >>> loss.shape
+    torch.Size([])
   """
   fn = "linear_softmax_focal"
   _checks.floating_array(fn, "hidden", hidden)

@@ -57,33 +57,40 @@ def softmax_focal(
     logits: floating-point scores, class axis at ``dim``.
     labels: integer class indices in ``[0, C)`` (or ``ignore_index``); shape of ``logits``
       without ``dim``.
-    alpha: None (no weighting), a number, or a ``(C,)`` tensor of class weights (taken at
-      the label).
-    gamma: focusing exponent ``>= 0``: a number, or a ``(C,)`` tensor (taken at the label).
+    alpha: None (no weighting), a number ``>= 0``, or a ``(C,)`` tensor of class weights
+      (taken at the label). Lists, tuples and NumPy arrays are taken as tensors.
+    gamma: finite focusing exponent ``>= 0``: a number, or a ``(C,)`` tensor (taken at the
+      label).
     label_smoothing: ``eps`` in ``[0, 1]``.
     reduction: ``"none"``, ``"sum"``, ``"mean"`` (over valid entries) or ``"mean_positive"``
       (sum over valid entries divided by the number of valid entries whose label is not
       ``background_class``; RetinaNet's normalization).
-    where: optional bool mask of ``labels``' shape; False entries give 0 loss and 0
-      gradient and are left out of every denominator.
+    where: optional bool mask of ``labels``' shape, or broadcastable to it; False entries
+      give 0 loss and 0 gradient (whatever their logits) and are left out of every
+      denominator.
     ignore_index: label value treated as masked; None to mask nothing.
     background_class: the label that does not count as positive for ``"mean_positive"``.
     dim: the class axis of ``logits``.
-    process_group: None (no cross-process reduction, the default), or a
-      ``torch.distributed`` group whose denominators are summed (pass
-      ``torch.distributed.group.WORLD`` for the default group). Each rank then returns
-      ``n * local_sum / global_denominator`` (``n`` the group size; for ``"sum"`` the
-      denominator is 1), so DDP's gradient averaging gives exactly the single-process value
-      and gradient of the whole batch. Ignored for ``"none"``.
+    process_group: None (no cross-process reduction, the default), ``"world"`` (the
+      default group, looked up at each call: a loss built before ``init_process_group``
+      works), or a ``torch.distributed`` group whose denominators are summed. Each rank then
+      returns ``n * local_sum / global_denominator`` (``n`` the group size; for ``"sum"``
+      the denominator is 1), so DDP's gradient averaging gives exactly the single-process
+      value and gradient of the whole batch. Ignored for ``"none"``.
+    sample_weight: None, a number, or a tensor broadcastable to ``labels``' shape (bool,
+      integer or float; finite, ``>= 0``; never differentiated): multiplies each entry's
+      loss and gradient before the reduction. Denominators are unchanged (``"mean"`` still
+      divides by the number of valid entries).
 
   Returns:
     Per-entry losses of ``labels``' shape for ``reduction="none"``, else a scalar; in the
     logits' dtype.
 
   Raises:
-    TypeError: non-tensor or integer ``logits``; non-integer ``labels``; a non-bool
+    TypeError: non-tensor, integer or float8 ``logits``; non-integer ``labels``; a non-bool
       ``where``; arguments of the wrong type.
-    ValueError: ``gamma < 0``; ``alpha``/``gamma`` not a scalar or ``(C,)``; an unknown
+    ValueError: ``gamma < 0``, ``alpha < 0`` or either not finite; ``alpha``/``gamma`` not
+      a scalar or ``(C,)``; a negative or non-finite ``sample_weight``; an unknown
       ``reduction``; ``label_smoothing`` outside ``[0, 1]``; ``labels`` or ``where`` of the
       wrong shape; a label outside ``[0, C)`` that is not ``ignore_index`` (see
       :class:`focal_torch.value_checks` to skip this check in hot loops).
@@ -190,18 +197,21 @@ def sigmoid_focal(
   ``y (1 - eps) + eps / 2``. Analytic, chunked backward; log space throughout.
 
   Args:
-    logits: floating-point scores, any shape.
+    logits: floating-point scores, any shape (0-d included).
     labels: targets in ``[0, 1]`` (float, int or bool) of ``logits``' shape. They get no
       gradient.
     alpha: None, a number in ``[0, 1]`` (weight of the positive class), or a ``(C,)``
-      tensor of per-class weights along ``dim``.
-    gamma: focusing exponent ``>= 0``: a number or a ``(C,)`` tensor along ``dim``.
+      tensor of weights along ``dim`` (the last axis by default, as ``focal_jax``: for
+      channels-first ``(N, C, H, W)`` logits move the class axis last, pass ``dim=1``, or
+      pass a scalar). Lists, tuples and NumPy arrays are taken as tensors.
+    gamma: finite focusing exponent ``>= 0``: a number or a ``(C,)`` tensor along ``dim``.
     label_smoothing: ``eps`` in ``[0, 1]``.
     reduction: ``"none"``, ``"sum"``, ``"mean"`` (over valid entries) or ``"mean_positive"``
       (sum divided by the number of valid entries whose unsmoothed label is > 0).
-    where: optional bool mask of ``logits``' shape.
-    dim: the class axis, used only to line up ``(C,)`` ``alpha``/``gamma``.
+    where: optional bool mask of ``logits``' shape, or broadcastable to it.
+    dim: the axis that ``(C,)`` ``alpha``/``gamma`` run along (default -1, the last).
     process_group: as in :func:`softmax_focal`.
+    sample_weight: as in :func:`softmax_focal`, broadcastable to ``logits``' shape.
 
   Returns:
     Per-entry losses of ``logits``' shape for ``"none"``, else a scalar; logits' dtype.
@@ -332,10 +342,13 @@ def categorical_focal(
     gamma: focusing exponent ``>= 0``: a number or a ``(C,)`` tensor (per class).
     reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"mean_positive"`` (a row is positive
       iff ``argmax(targets) != background_class``).
-    where: optional bool mask of the rows (``logits``' shape without ``dim``).
+    where: optional bool mask of the rows (``logits``' shape without ``dim``), or
+      broadcastable to it.
     background_class: see ``reduction``.
     dim: the class axis.
     process_group: as in :func:`softmax_focal`.
+    sample_weight: as in :func:`softmax_focal`, one weight per row (broadcastable to
+      ``logits``' shape without ``dim``).
 
   Returns:
     Per-row losses (``logits``' shape without ``dim``) for ``"none"``, else a scalar; in

@@ -60,8 +60,11 @@ class SoftmaxFocalLoss(_FocalBase):
     ignore_index: label value left out (None: none).
     background_class: the non-positive label for ``"mean_positive"``.
     dim: the class axis.
-    process_group: None, or a ``torch.distributed`` group (e.g.
-      ``torch.distributed.group.WORLD``) over which the denominators are summed.
+    process_group: None, ``"world"`` (the default group, looked up at each call: the module
+      may be built before ``init_process_group``), or a ``torch.distributed`` group over
+      which the denominators are summed.
+
+  ``forward(logits, labels, where=None, *, sample_weight=None)``; see the functional.
 
   Raises:
     TypeError, ValueError: at construction, for the hyperparameters (as the functional).
@@ -106,11 +109,12 @@ class SigmoidFocalLoss(_FocalBase):
   r"""Sigmoid focal loss (binary / multi-label); see :func:`focal_torch.sigmoid_focal`.
 
   Args:
-    alpha: None, a number in ``[0, 1]``, or a ``(C,)`` tensor along ``dim`` (a buffer).
+    alpha: None, a number in ``[0, 1]``, or a ``(C,)`` tensor (or list) along ``dim`` (a
+      buffer).
     gamma: a number ``>= 0`` or a ``(C,)`` tensor along ``dim`` (a buffer).
     label_smoothing: in ``[0, 1]``; moves the labels toward 1/2.
     reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"mean_positive"``.
-    dim: the class axis (used to line up ``(C,)`` hyperparameters).
+    dim: the axis of ``(C,)`` hyperparameters (default -1, the last).
     process_group: as in :class:`SoftmaxFocalLoss`.
 
   Raises:
