@@ -94,11 +94,11 @@ class TorchOps:
 
   def asarray(self, x, dtype=None):
     if not isinstance(x, self.t.Tensor):
-      x = self.t.as_tensor(np.asarray(x))
+      x = self.t.as_tensor(np.array(x))  # a copy: read-only NumPy views warn
     return x if dtype is None else x.to(self.dtype(dtype))
 
   def labels(self, x):
-    x = x if isinstance(x, self.t.Tensor) else self.t.as_tensor(np.asarray(x))
+    x = x if isinstance(x, self.t.Tensor) else self.t.as_tensor(np.array(x))
     return x if x.is_floating_point() else x.to(self.t.int64)
 
   def float_dtype(self, x):
