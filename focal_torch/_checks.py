@@ -126,7 +126,7 @@ def label_smoothing(fn: str, eps: Any) -> float:
           f"{shape_str(eps.shape)}")
     eps = eps.item()
   if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-    raise TypeError(f"{fn}: label_smoothing must be a number in [0, 1], got "
+    raise TypeError(f"{fn}: label_smoothing must be a Python float in [0, 1], got "
                     f"{type(eps).__name__}")
   eps = float(eps)
   if not 0.0 <= eps <= 1.0:
@@ -191,13 +191,14 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
   ``device`` (the logits' device at call; None at construction) refuses a tensor on the meta
   device when the logits are not there.
   """
+  c = "C" if num_classes is None else num_classes
+  expected = f"a scalar or shape ({c},)"
   if value is None:
     if allow_none:
       return None
-    raise TypeError(f"{fn}: {name} must be a number or a tensor, got None")
-  expected = f"a scalar or shape ({'C' if num_classes is None else num_classes},)"
+    raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got NoneType")
   if isinstance(value, bool) or isinstance(value, np.bool_):
-    raise TypeError(f"{fn}: {name} must be a number or a tensor, got bool")
+    raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got bool")
   if isinstance(value, numbers.Real):
     v = float(value)
     _check_values(fn, name, v, v, low, high, hint, lambda: str(v))
@@ -208,7 +209,7 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
     except ValueError as e:
       raise ValueError(f"{fn}: {name} must be {expected}, got a ragged sequence") from e
     if arr.dtype.kind not in "iuf":
-      raise TypeError(f"{fn}: {name} must be a real scalar or a {expected} tensor, got dtype "
+      raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got dtype "
                       f"{arr.dtype}")
     arr = arr.astype(np.float64)
     if arr.ndim > 1 or (arr.ndim == 1 and num_classes is not None
@@ -221,8 +222,8 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
                       lambda: _shown(arr))
     return torch.from_numpy(arr)
   if not isinstance(value, torch.Tensor):
-    raise TypeError(
-        f"{fn}: {name} must be None, a number or a torch.Tensor, got {type(value).__name__}")
+    raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got "
+                    f"{type(value).__name__}")
   if not value.is_floating_point():
     raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {value.dtype}")
   if value.requires_grad:
@@ -247,7 +248,7 @@ def check_same_device(fn: str, name: str, x: torch.Tensor, ref: torch.Tensor) ->
     raise ValueError(f"{fn}: {name} must be on the logits' device {ref.device}, got {x.device}")
 
 
-def check_labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: str,
+def check_labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: Any,
                  logits: torch.Tensor, *, integer: bool) -> torch.Tensor:
   """Labels: a tensor of ``expected_shape`` (integer dtype if ``integer``)."""
   if not isinstance(labels, torch.Tensor):
@@ -257,8 +258,9 @@ def check_labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: st
     raise TypeError(f"{fn}: labels must be an integer tensor of class indices, got dtype "
                     f"{labels.dtype}")
   if tuple(labels.shape) != tuple(expected_shape):
+    what = what() if callable(what) else what
     raise ValueError(f"{fn}: labels must have shape {shape_str(expected_shape)} ({what}), got "
-                     f"{shape_str(labels.shape)}")
+                     f"shape {shape_str(labels.shape)}")
   check_same_device(fn, "labels", labels, logits)
   return labels
 
@@ -313,7 +315,7 @@ def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Ten
   if isinstance(value, (list, tuple, np.ndarray)):
     arr = np.asarray(value)
     if arr.dtype.kind not in "biuf":
-      raise TypeError(f"{fn}: {name} must be None, a real scalar or a tensor, got dtype "
+      raise TypeError(f"{fn}: {name} must be None, a real scalar or an array, got dtype "
                       f"{arr.dtype}")
     if not _broadcasts_to(arr.shape, shape):
       raise ValueError(f"{fn}: {name} must be a scalar or broadcast to shape "
@@ -325,7 +327,7 @@ def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Ten
                       lambda: _shown(arr))
     return torch.from_numpy(arr).to(device=logits.device, dtype=cdt)
   if not isinstance(value, torch.Tensor):
-    raise TypeError(f"{fn}: {name} must be None, a real scalar or a tensor, got "
+    raise TypeError(f"{fn}: {name} must be None, a real scalar or an array, got "
                     f"{type(value).__name__}")
   if value.is_complex():
     raise TypeError(f"{fn}: {name} must be a real (bool, integer or floating) tensor, got "

@@ -331,8 +331,8 @@ def linear_softmax_focal(
   _checks.check_same_device(fn, "weight", weight, hidden)
   v = weight.shape[0]
   if v == 0:
-    raise ValueError(f"{fn}: weight must have at least one row (class), got shape "
-                     f"{_checks.shape_str(weight.shape)}")
+    raise ValueError(f"{fn}: weight must have at least one class, got V = 0 (weight of shape "
+                     f"{_checks.shape_str(weight.shape)})")
   if bias is not None:
     if not isinstance(bias, torch.Tensor):
       raise TypeError(f"{fn}: bias must be None or a torch.Tensor, got {type(bias).__name__}")
@@ -353,8 +353,10 @@ def linear_softmax_focal(
                                    background_class=background_class,
                                    process_group=process_group, device=hidden.device))
   expected = hidden.shape[:-1]
-  what = "hidden's shape without its last axis"
-  _checks.check_labels(fn, labels, expected, what, hidden, integer=True)
+  _checks.check_labels(
+      fn, labels, expected,
+      lambda: f"the shape of hidden {_checks.shape_str(hidden.shape)} without its last axis",
+      hidden, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
   where = _checks.where_mask(fn, where, expected, "the shape of labels", hidden)
   cdt = _softmax.compute_dtype(hidden.dtype)

@@ -128,8 +128,8 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   dim = _checks.normalize_dim(fn, dim, logits.ndim)
   num_classes = logits.shape[dim]
   if num_classes == 0:
-    raise ValueError(f"{fn}: logits must have at least one class along dim={dim}, got shape "
-                     f"{_checks.shape_str(logits.shape)}")
+    raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
+                     f"{_checks.shape_str(logits.shape)}, class dim {dim})")
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
       _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
                                    label_smoothing=label_smoothing, reduction=reduction,
@@ -137,8 +137,10 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
                                    background_class=background_class,
                                    process_group=process_group, device=logits.device))
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
-  what = f"the logits' shape without dim {dim}"
-  _checks.check_labels(fn, labels, expected, what, logits, integer=True)
+  _checks.check_labels(
+      fn, labels, expected,
+      lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
+      logits, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
   where = _checks.where_mask(fn, where, expected, "the shape of labels", logits)
   cdt = _softmax.compute_dtype(logits.dtype)
@@ -239,14 +241,15 @@ def sigmoid_focal(
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.label_smoothing(fn, label_smoothing)
   process_group = _checks.process_group(fn, process_group)
-  if logits.ndim and any(_ndim(v) == 1 for v in (alpha, gamma)):
+  if logits.ndim and any(_ndim(v) >= 1 for v in (alpha, gamma)):
     dim = _checks.normalize_dim(fn, dim, logits.ndim)
     num_classes = logits.shape[dim]
     what = (" (one per entry of the last axis of logits)" if dim == logits.ndim - 1
             else f" (one per entry of dim {dim} of logits)")
   else:
     _checks.optional_int(fn, "dim", dim)
-    dim, num_classes, what = None, 1, " (one per entry of the last axis of logits)"
+    dim, what = None, " (one per entry of the last axis of logits)"
+    num_classes = logits.shape[-1] if logits.ndim else 1  # for messages only
   alpha = _checks.class_param(fn, "alpha", alpha, num_classes, low=0.0, high=1.0,
                               hint=_checks.SIGMOID_ALPHA_HINT, what_classes=what,
                               device=logits.device)
@@ -256,7 +259,7 @@ def sigmoid_focal(
     raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
   if labels.is_complex():
     raise TypeError(f"{fn}: labels must be real numbers in [0, 1], got dtype {labels.dtype}")
-  _checks.check_labels(fn, labels, logits.shape, "the logits' shape", logits, integer=False)
+  _checks.check_labels(fn, labels, logits.shape, "the shape of logits", logits, integer=False)
   _checks.check_no_grad(fn, "labels", labels)
   cdt = _softmax.compute_dtype(logits.dtype)
   if labels.dtype in _WIDE_UNSIGNED:  # torch has no comparisons for these
@@ -373,8 +376,8 @@ def categorical_focal(
   dim = _checks.normalize_dim(fn, dim, logits.ndim)
   num_classes = logits.shape[dim]
   if num_classes == 0:
-    raise ValueError(f"{fn}: logits must have at least one class along dim={dim}, got shape "
-                     f"{_checks.shape_str(logits.shape)}")
+    raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
+                     f"{_checks.shape_str(logits.shape)}, class dim {dim})")
   reduction = _checks.reduction(fn, reduction)
   background_class = _checks.optional_int(fn, "background_class", background_class)
   alpha = _checks.class_param(fn, "alpha", alpha, num_classes, what_classes=_PER_CLASS,
@@ -385,12 +388,11 @@ def categorical_focal(
   if not isinstance(targets, torch.Tensor):
     raise TypeError(f"{fn}: targets must be a torch.Tensor, got {type(targets).__name__}")
   if not targets.is_floating_point():
-    raise TypeError(f"{fn}: targets must be a floating-point tensor of probabilities, got "
-                    f"dtype {targets.dtype}")
+    raise TypeError(f"{fn}: targets must be a floating-point tensor, got dtype "
+                    f"{targets.dtype}")
   if tuple(targets.shape) != tuple(logits.shape):
-    raise ValueError(f"{fn}: targets must have the logits' shape "
-                     f"{_checks.shape_str(logits.shape)}, got "
-                     f"{_checks.shape_str(targets.shape)}")
+    raise ValueError(f"{fn}: targets must have shape {_checks.shape_str(logits.shape)} (the "
+                     f"shape of logits), got shape {_checks.shape_str(targets.shape)}")
   _checks.check_same_device(fn, "targets", targets, logits)
   _checks.check_no_grad(fn, "targets", targets)
   row_shape = logits.shape[:dim] + logits.shape[dim + 1:]

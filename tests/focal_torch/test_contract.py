@@ -530,7 +530,7 @@ def test_sample_weight_gradcheck_and_masked_entries_stay_zero():
     (torch.ones(5), ValueError,
      "softmax_focal: sample_weight must be a scalar or broadcast to shape (4,), got shape "
      "(5,)"),
-    ("1", TypeError, "softmax_focal: sample_weight must be None, a real scalar or a tensor, got str"),
+    ("1", TypeError, "softmax_focal: sample_weight must be None, a real scalar or an array, got str"),
 ])
 def test_sample_weight_bad_values(sw, error, message):
   with pytest.raises(error, match=re.escape(message)):

@@ -41,14 +41,16 @@ SOFTMAX_ERRORS = [
     (dict(logits=torch.tensor(1.0)), ValueError,
      "softmax_focal: logits must have at least one dimension, got shape ()"),
     (dict(logits=torch.zeros(4, 0)), ValueError,
-     "softmax_focal: logits must have at least one class along dim=1, got shape (4, 0)"),
+     "softmax_focal: logits must have at least one class, got C = 0 (shape (4, 0), class dim "
+     "1)"),
     (dict(gamma=-0.5), ValueError, "softmax_focal: gamma must be >= 0, got -0.5"),
     (dict(gamma=torch.tensor([1.0, -1.0, 2.0])), ValueError,
      "softmax_focal: gamma must be >= 0, got [1.0, -1.0, 2.0]"),
     (dict(gamma=torch.ones(4)), ValueError,
      "softmax_focal: gamma must be a scalar or shape (3,) (one exponent per class), got shape "
      "(4,)"),
-    (dict(gamma=None), TypeError, "softmax_focal: gamma must be a number or a tensor, got None"),
+    (dict(gamma=None), TypeError,
+     "softmax_focal: gamma must be a real scalar or a shape (3,) array, got NoneType"),
     (dict(alpha=torch.ones(8)), ValueError,
      "softmax_focal: alpha must be a scalar or shape (3,) (one weight per class), got shape "
      "(8,)"),
@@ -60,7 +62,7 @@ SOFTMAX_ERRORS = [
     (dict(alpha=torch.ones(3, requires_grad=True)), ValueError,
      "softmax_focal: alpha gets no gradient from this loss; pass alpha.detach()"),
     (dict(alpha="0.25"), TypeError,
-     "softmax_focal: alpha must be None, a number or a torch.Tensor, got str"),
+     "softmax_focal: alpha must be a real scalar or a shape (3,) array, got str"),
     (dict(reduction="avg"), ValueError,
      "softmax_focal: reduction must be one of 'none', 'sum', 'mean', 'mean_positive', got "
      "'avg'"),
@@ -69,15 +71,16 @@ SOFTMAX_ERRORS = [
     (dict(label_smoothing=1.5), ValueError,
      "softmax_focal: label_smoothing must be in [0, 1], got 1.5"),
     (dict(label_smoothing="0.1"), TypeError,
-     "softmax_focal: label_smoothing must be a number in [0, 1], got str"),
+     "softmax_focal: label_smoothing must be a Python float in [0, 1], got str"),
     (dict(labels=T.float()), TypeError,
      "softmax_focal: labels must be an integer tensor of class indices, got dtype "
      "torch.float32"),
     (dict(labels=T[:3]), ValueError,
-     "softmax_focal: labels must have shape (4,) (the logits' shape without dim 1), got (3,)"),
+     "softmax_focal: labels must have shape (4,) (the shape of logits (4, 3) without dim 1), "
+     "got shape (3,)"),
     (dict(labels=T[:, None]), ValueError,
-     "softmax_focal: labels must have shape (4,) (the logits' shape without dim 1), got "
-     "(4, 1)"),
+     "softmax_focal: labels must have shape (4,) (the shape of logits (4, 3) without dim 1), "
+     "got shape (4, 1)"),
     (dict(labels=[0, 1, 2, 0]), TypeError,
      "softmax_focal: labels must be a torch.Tensor, got list"),
     (dict(where=torch.ones(4)), TypeError,
@@ -129,7 +132,7 @@ SIGMOID_ERRORS = [
     (dict(label_smoothing=2.0), ValueError,
      "sigmoid_focal: label_smoothing must be in [0, 1], got 2.0"),
     (dict(labels=Y[:, :2]), ValueError,
-     "sigmoid_focal: labels must have shape (4, 3) (the logits' shape), got (4, 2)"),
+     "sigmoid_focal: labels must have shape (4, 3) (the shape of logits), got shape (4, 2)"),
     (dict(labels=torch.ones(4, 3, dtype=torch.complex64)), TypeError,
      "sigmoid_focal: labels must be real numbers in [0, 1], got dtype torch.complex64"),
     (dict(where=torch.ones(4, dtype=torch.bool)), ValueError,
@@ -152,10 +155,10 @@ CATEGORICAL_ERRORS = [
     (dict(logits=Z.long()), TypeError,
      "categorical_focal: logits must be a floating-point tensor, got dtype torch.int64"),
     (dict(targets=T), TypeError,
-     "categorical_focal: targets must be a floating-point tensor of probabilities, got dtype "
-     "torch.int64"),
+     "categorical_focal: targets must be a floating-point tensor, got dtype torch.int64"),
     (dict(targets=Y[:3]), ValueError,
-     "categorical_focal: targets must have the logits' shape (4, 3), got (3, 3)"),
+     "categorical_focal: targets must have shape (4, 3) (the shape of logits), got shape "
+     "(3, 3)"),
     (dict(gamma=-1.0), ValueError, "categorical_focal: gamma must be >= 0, got -1.0"),
     (dict(alpha=torch.ones(2)), ValueError,
      "categorical_focal: alpha must be a scalar or shape (3,) (one per class), got shape (2,)"),

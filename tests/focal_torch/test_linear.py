@@ -185,8 +185,8 @@ ERRORS = [
     (dict(chunk_size=2.5), TypeError,
      "linear_softmax_focal: chunk_size must be an int or None, got float"),
     (dict(labels=T[:3]), ValueError,
-     "linear_softmax_focal: labels must have shape (4,) (hidden's shape without its last "
-     "axis), got (3,)"),
+     "linear_softmax_focal: labels must have shape (4,) (the shape of hidden (4, 3) without "
+     "its last axis), got shape (3,)"),
     (dict(where=torch.ones(4, 5, dtype=torch.bool)), ValueError,
      "linear_softmax_focal: where must have shape (4,)"),
     (dict(gamma=-1.0), ValueError, "linear_softmax_focal: gamma must be >= 0, got -1.0"),
