@@ -191,8 +191,8 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
   ``device`` (the logits' device at call; None at construction) refuses a tensor on the meta
   device when the logits are not there.
   """
+  # Messages only (built on error: a symbolic C under torch.compile cannot become a string).
   c = "C" if num_classes is None else num_classes
-  expected = f"a scalar or shape ({c},)"
   if value is None:
     if allow_none:
       return None
@@ -207,14 +207,15 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
     try:
       arr = np.asarray(value)
     except ValueError as e:
-      raise ValueError(f"{fn}: {name} must be {expected}, got a ragged sequence") from e
+      raise ValueError(f"{fn}: {name} must be a scalar or shape ({c},), got a ragged "
+                       "sequence") from e
     if arr.dtype.kind not in "iuf":
       raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got dtype "
                       f"{arr.dtype}")
     arr = arr.astype(np.float64)
     if arr.ndim > 1 or (arr.ndim == 1 and num_classes is not None
                         and arr.shape[0] != num_classes):
-      raise ValueError(f"{fn}: {name} must be {expected}{what_classes}, got shape "
+      raise ValueError(f"{fn}: {name} must be a scalar or shape ({c},){what_classes}, got shape "
                        f"{shape_str(arr.shape)}")
     if arr.size:
       with np.errstate(invalid="ignore"):
@@ -235,7 +236,7 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
                      "meta")
   if value.ndim > 1 or (value.ndim == 1 and num_classes is not None
                         and value.shape[0] != num_classes):
-    raise ValueError(f"{fn}: {name} must be {expected}{what_classes}, got shape "
+    raise ValueError(f"{fn}: {name} must be a scalar or shape ({c},){what_classes}, got shape "
                      f"{shape_str(value.shape)}")
   if checks_enabled() and value.numel() and not value.is_meta:
     lo, hi = torch.stack([value.min(), value.max()]).tolist()  # one synchronization
