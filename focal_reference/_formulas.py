@@ -77,11 +77,14 @@ def _valid(xp, shape, where):
   return valid
 
 
-def reduce(loss, valid, positive, reduction: str):
+def reduce(loss, valid, positive, reduction: str, sample_weight=None):
   """Masked entries count 0; ``"mean"`` divides by the valid entries, ``"mean_positive"`` by
-  the valid positive ones; a denominator of 0 counts as 1."""
+  the valid positive ones; a denominator of 0 counts as 1. ``sample_weight`` (None, a scalar
+  or an array broadcastable to ``loss``) multiplies each entry and changes no denominator."""
   xp = namespace(loss)
   valid = xp.asarray(valid, "bool")
+  if sample_weight is not None:
+    loss = loss * xp.broadcast_to(xp.asarray(sample_weight, xp.float_dtype(loss)), loss.shape)
   loss = xp.where(valid, loss, 0.0)
   if reduction == "none":
     return loss
@@ -98,7 +101,7 @@ def reduce(loss, valid, positive, reduction: str):
 
 def softmax_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0, axis=-1,
                   where=None, ignore_index=None, reduction="none", background_class=0,
-                  compute="float64", stable=True):
+                  sample_weight=None, compute="float64", stable=True):
   """``alpha[t] (1 - p)**gamma[t] (-(1 - eps) log p - eps/C sum_c log s_c)``, ``p = s_t``.
 
   The focal factor uses the unsmoothed ``p``; ``label_smoothing`` (eps) acts on the
@@ -126,11 +129,11 @@ def softmax_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0,
   ce = -(1 - eps) * log_p - (eps / c) * xp.sum(log_s, axis=-1)
   loss = _per_class(xp, alpha, t, 1.0, dtype) * focal * ce
   loss = xp.where(in_range | ~valid, loss, float("nan"))
-  return reduce(loss, valid, valid & (labels != background_class), reduction)
+  return reduce(loss, valid, valid & (labels != background_class), reduction, sample_weight)
 
 
 def sigmoid_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0, where=None,
-                  reduction="none", compute="float64", stable=True):
+                  reduction="none", sample_weight=None, compute="float64", stable=True):
   """``alpha_t (1 - p_t)**gamma BCE(x, y)``, ``y`` moved toward 1/2 by ``label_smoothing``.
 
   torchvision's and optax's formula: ``p = sigmoid(x)``, ``p_t = p y + (1 - p)(1 - y)``,
@@ -157,11 +160,12 @@ def sigmoid_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0,
   if alpha is not None:
     a = xp.broadcast_to(xp.asarray(alpha, dtype), x.shape)
     loss = (a * y + (1 - a) * (1 - y)) * loss
-  return reduce(loss, valid, valid & (y_raw > 0), reduction)
+  return reduce(loss, valid, valid & (y_raw > 0), reduction, sample_weight)
 
 
 def categorical_focal(logits, targets, *, alpha=None, gamma=2.0, axis=-1, where=None,
-                      reduction="none", background_class=0, compute="float64", stable=True):
+                      reduction="none", background_class=0, sample_weight=None,
+                      compute="float64", stable=True):
   """``sum_c -alpha[c] y[c] (1 - s[c])**gamma[c] log s[c]`` (keras'
   ``CategoricalFocalCrossentropy`` from logits, without its clipping).
 
@@ -183,7 +187,7 @@ def categorical_focal(logits, targets, *, alpha=None, gamma=2.0, axis=-1, where=
   g = xp.broadcast_to(xp.asarray(gamma, dtype), z.shape)
   loss = -xp.sum(a * y * _pow(xp, one_minus_s, g, stable) * log_s, axis=-1)
   positive = valid & (xp.argmax(y) != background_class)
-  return reduce(loss, valid, positive, reduction)
+  return reduce(loss, valid, positive, reduction, sample_weight)
 
 
 FUNCTIONS = {

@@ -24,6 +24,7 @@ import numpy as np
 FUNCTIONS = ("softmax_focal", "sigmoid_focal", "categorical_focal")
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
 DTYPES = ("float64", "float32", "bfloat16", "float16")
+SAMPLE_WEIGHTS = ("none", "scalar", "entry")
 IGNORE_INDEX = -100
 # The shapes every sweep draws from: (N, C) with the class axis last, (N, C, H, W) with it at 1,
 # and many classes at axis 1 of a 2-D array. Few distinct shapes keep JAX's per-shape compile
@@ -56,6 +57,9 @@ class Case:
   ``"none"``, ``"where"``, ``"ignore"`` (some labels set to ``ignore_index``, softmax only) or
   ``"both"``. ``soft`` draws soft labels (sigmoid) or soft targets (categorical: Dirichlet
   rows instead of smoothed one-hot). ``scale`` is the logits' standard deviation.
+  ``sample_weight`` is ``"none"``, ``"scalar"`` (one weight for every entry) or ``"entry"``
+  (one exact weight per entry, drawn from its own generator so the other inputs stay as they
+  are without it).
   """
 
   fn: str
@@ -71,6 +75,7 @@ class Case:
   soft: bool = False
   scale: float = 3.0
   seed: int = 0
+  sample_weight: str = "none"
 
   def __post_init__(self):
     if self.fn not in FUNCTIONS:
@@ -79,6 +84,9 @@ class Case:
       raise ValueError(f"Case: dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.reduction not in REDUCTIONS:
       raise ValueError(f"Case: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+    if self.sample_weight not in SAMPLE_WEIGHTS:
+      raise ValueError(
+          f"Case: sample_weight must be one of {SAMPLE_WEIGHTS}, got {self.sample_weight!r}")
 
   @property
   def num_classes(self) -> int:
@@ -94,6 +102,8 @@ class Case:
     parts += [self.reduction, f"mask={self.mask}", f"scale={self.scale:g}", f"seed={self.seed}"]
     if self.soft:
       parts.append("soft")
+    if self.sample_weight != "none":
+      parts.append(f"sample_weight={self.sample_weight}")
     return " ".join(parts)
 
 
@@ -164,7 +174,20 @@ def make_inputs(case: Case) -> Inputs:
   kw["reduction"] = case.reduction
   if case.fn != "sigmoid_focal":
     kw["background_class"] = case.background_class
+  kw["sample_weight"] = _sample_weight(case, lshape)
   return Inputs(logits=logits, labels=labels, cotangent=cotangent, kwargs=kw)
+
+
+def _sample_weight(case: Case, shape: tuple[int, ...]) -> Any:
+  """None, a Python float, or per-entry weights in [0, 4] (0 included) exact in every dtype."""
+  if case.sample_weight == "none":
+    return None
+  if case.sample_weight == "scalar":
+    return 0.75
+  rng = np.random.default_rng(case.seed + 10_000)
+  w = exact(rng.uniform(0.0, 3.0, shape))
+  w[rng.random(shape) < 0.1] = 0.0  # zero-weight entries still count in the denominators
+  return w
 
 
 def _hyper(v: Any) -> Any:

@@ -46,10 +46,11 @@ Task = tuple[Callable, Any]
 
 # Hyperparameter variants of the built-in grid ("vector": per class, sized to C).
 VARIANTS = (
-    dict(gamma=2.0, alpha=None, label_smoothing=0.0, mask="none"),
-    dict(gamma=0.5, alpha=0.25, label_smoothing=0.1, mask="where"),
-    dict(gamma="vector", alpha="vector", label_smoothing=0.0, mask="ignore"),
-    dict(gamma=3.0, alpha="vector", label_smoothing=0.2, mask="both"),
+    dict(gamma=2.0, alpha=None, label_smoothing=0.0, mask="none", sample_weight="none"),
+    dict(gamma=0.5, alpha=0.25, label_smoothing=0.1, mask="where", sample_weight="entry"),
+    dict(gamma="vector", alpha="vector", label_smoothing=0.0, mask="ignore",
+         sample_weight="none"),
+    dict(gamma=3.0, alpha="vector", label_smoothing=0.2, mask="both", sample_weight="scalar"),
 )
 
 
@@ -89,7 +90,7 @@ def _case(fn: str, shape, axis: int, dtype: str, reduction: str, v: dict, seed: 
     mask = "where" if mask in ("where", "both") else "none"
   return Case(fn, tuple(shape), axis=axis, dtype=dtype, alpha=alpha, gamma=gamma,
               label_smoothing=eps, reduction=reduction, mask=mask, soft=bool(seed % 2),
-              scale=3.0, seed=seed)
+              scale=3.0, seed=seed, sample_weight=v.get("sample_weight", "none"))
 
 
 def cross_framework_cases(s: Settings) -> list[Case]:
@@ -102,9 +103,9 @@ def cross_framework_cases(s: Settings) -> list[Case]:
   if s.custom:
     layouts = ([(_rows(c), -1) for c in s.classes] + [((2, c, 3, 3), 1) for c in s.classes]
                if s.classes else list(LAYOUTS[:2]))
-    variants = [dict(gamma=g, alpha=a, label_smoothing=e, mask=m)
+    variants = [dict(gamma=g, alpha=a, label_smoothing=e, mask=m, sample_weight=w)
                 for g, a in itertools.product(s.gamma or [2.0], s.alpha or [None, "vector"])
-                for e, m in ((0.0, "none"), (0.1, "both"))]
+                for e, m, w in ((0.0, "none", "none"), (0.1, "both", "entry"))]
     for fn, dtype, (shape, axis), red, v in itertools.product(fns, dtypes, layouts, reductions,
                                                               variants):
       seed += 1
