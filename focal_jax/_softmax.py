@@ -12,6 +12,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
 from focal_jax import _reduce
+from focal_jax import _rowreduce
 
 # Stands in for an infinite margin when a row has no mass outside its target (one class, or
 # every other logit -inf): finite, so that 0 * margin and exp(0 * log q) stay well defined.
@@ -30,26 +31,46 @@ class RowStats(NamedTuple):
 
 
 def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
-              valid: jax.Array, in_range: jax.Array, eps: float) -> RowStats:
+              valid: jax.Array, in_range: jax.Array, eps: float, *,
+              one_pass: bool = False) -> RowStats:
   """Loss and gradient coefficients of each row of `z` (class axis last).
 
   `t` are in-range labels (bad ones replaced by 0; `in_range` says which were bad), `alpha` and
-  `gamma` per-row values, `valid` the rows that count. Written in differentiable jnp ops only:
-  the custom JVP below, and its derivative (the Hessian), are built from this function.
+  `gamma` per-row values, `valid` the rows that count. Written in differentiable jnp ops (and
+  the one-pass reduction, which has its own JVP): the custom JVP below, and its derivative (the
+  Hessian), are built from this function. With `one_pass` the row max, non-target mass, target
+  logit (and sum of logits) come from one read of `z` (`_rowreduce.softmax_stats`, what
+  `softmax_focal` uses); otherwise from a max, a masked sum and a gather (as
+  `linear_softmax_focal`'s scan over blocks of rows uses it), the same numbers up to rounding.
   """
   # Inputs stay in their dtype (reverse mode keeps them as they came); math in alpha's dtype,
   # the compute dtype (float32 at least).
-  z = z.astype(alpha.dtype)
-  is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
-  z_t = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
   # p = sigmoid(u) with u = z_t - logsumexp(non-target logits): log p and log(1 - p) are both
   # exact and finite at every margin (log(1 - p) from the non-target mass, never from 1 - p).
-  m = lax.stop_gradient(jnp.max(z, axis=-1))
   # A NaN logit makes the max NaN, a row without a finite logit makes it -inf: such a row has
   # no defined loss (NaN, never hidden as a finite value). The max itself stays finite below.
-  bad = jnp.isnan(m) | (m == -jnp.inf)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  s_rest = jnp.sum(jnp.where(is_t, 0.0, jnp.exp(z - m[..., None])), axis=-1)
+  sum_z = None
+  if one_pass:
+    # bfloat16 / float16 z is converted inside the reduction's fusion, never copied in memory.
+    stats = _rowreduce.softmax_stats(z, t, alpha.dtype, eps > 0.0)
+    m, s_rest, z_t = stats[:3]
+    sum_z = stats[3] if eps > 0.0 else None
+    bad = jnp.isnan(m) | (m == -jnp.inf)
+    # A non-finite max: s_rest as the two-pass form's against m = 0, up to a positive factor
+    # (same loss and same NaN / zero pattern of the gradient). +inf: infinite when a non-target
+    # logit is +inf, else u = +inf - log s_rest = +inf; NaN: positive (whole gradient row NaN)
+    # when only the target is NaN; -inf: 0.
+    s_rest = jnp.where(m == jnp.inf, jnp.where(s_rest > 0.0, jnp.inf, 1.0),
+                       jnp.where(jnp.isfinite(m), s_rest, jnp.where(jnp.isnan(z_t), 1.0, 0.0)))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+  else:
+    z = z.astype(alpha.dtype)
+    is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
+    z_t = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
+    m = lax.stop_gradient(jnp.max(z, axis=-1))
+    bad = jnp.isnan(m) | (m == -jnp.inf)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    s_rest = jnp.sum(jnp.where(is_t, 0.0, jnp.exp(z - m[..., None])), axis=-1)
   # No mass outside the target (one class, other logits -inf, or a margin beyond the dtype's
   # exp range): p = 1 exactly. Double where: log() never sees that 0, so no NaN in derivatives.
   has_rest = s_rest > 0.0
@@ -63,7 +84,8 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   if eps > 0.0:
     # logsumexp(z); from the non-target mass alone when the target logit is -inf (p = 0).
     lse = jnp.where(z_t == -jnp.inf, m + jnp.log(s_rest_safe), z_t - log_p)
-    ce = -(1.0 - eps) * log_p + eps * (lse - jnp.mean(z, axis=-1))
+    mean_z = jnp.mean(z, axis=-1) if sum_z is None else sum_z / z.shape[-1]
+    ce = -(1.0 - eps) * log_p + eps * (lse - mean_z)
   else:
     ce = -log_p
   # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf); double where, no 0 * inf.
@@ -95,7 +117,7 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
   """dloss/dz for each row: k1 * v + k2 * (onehot - 1/C), 0 on masked rows.
 
   v is -1 at the target and exp(z_c - m) / sum_{c' != t} exp(z_c' - m) elsewhere; exp(z - m)
-  is the same expression as in the forward pass (XLA reuses it) and never overflows.
+  never overflows. One elementwise pass over z (fused with the cotangent under jit).
   `z` may be a block of columns: `first_class` (a traced int is fine) is the class of its first
   column and `num_classes` the whole class count C (default: z's last axis).
   """
@@ -104,7 +126,7 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
   z = z.astype(st.m.dtype)
   classes = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) + jnp.asarray(first_class, t.dtype)
   is_t = classes == t[..., None]
-  e_rest = jnp.where(is_t, 0.0, jnp.exp(z - st.m[..., None]))  # as in row_stats: shared by XLA
+  e_rest = jnp.where(is_t, 0.0, jnp.exp(z - st.m[..., None]))  # as in row_stats
   g = jnp.where(is_t, -st.k1[..., None], e_rest * st.k1_rest[..., None])
   if eps > 0.0:
     g = g + st.k2[..., None] * (is_t.astype(z.dtype) - 1.0 / num_classes)
@@ -131,13 +153,13 @@ _dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=Fal
 def focal_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
                valid: jax.Array, in_range: jax.Array, eps: float) -> jax.Array:
   """Per-row softmax focal loss (class axis last), differentiable in z, alpha and gamma."""
-  return row_stats(z, t, alpha, gamma, valid, in_range, eps).loss
+  return row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True).loss
 
 
 def _focal_rows_jvp(eps, primals, tangents):
   z, t, alpha, gamma, valid, in_range = primals
   dz, _, dalpha, dgamma, _, _ = tangents
-  st = row_stats(z, t, alpha, gamma, valid, in_range, eps)
+  st = row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True)
   # Symbolic zeros: the terms of arguments that are not being differentiated cost nothing.
   terms = []
   if not isinstance(dz, SymbolicZero):
