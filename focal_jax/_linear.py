@@ -281,8 +281,8 @@ def linear_softmax_focal(
     raise ValueError(
         f"{fn}: kernel must have shape (H, V) with H = {size} (the last axis of hidden "
         f"{hidden.shape}), got shape {kernel.shape}")
-  vocab = _checks.num_classes(fn, "kernel", kernel.shape[1],
-                              f"V = 0 (kernel of shape {kernel.shape})")
+  # No shape in the message: the kernel is (H, V) here and torch's weight (V, H).
+  vocab = _checks.num_classes(fn, "kernel", kernel.shape[1], "V = 0")
   if bias is not None:
     bias = _checks.floating_array(fn, "bias", bias)
     if bias.shape != (vocab,):

@@ -331,8 +331,8 @@ def linear_softmax_focal(
   _checks.check_same_device(fn, "weight", weight, hidden)
   v = weight.shape[0]
   if v == 0:
-    raise ValueError(f"{fn}: weight must have at least one class, got V = 0 (weight of shape "
-                     f"{_checks.shape_str(weight.shape)})")
+    # No shape in the message: the weight is (V, H) here and focal_jax's kernel (H, V).
+    raise ValueError(f"{fn}: weight must have at least one class, got V = 0")
   if bias is not None:
     if not isinstance(bias, torch.Tensor):
       raise TypeError(f"{fn}: bias must be None or a torch.Tensor, got {type(bias).__name__}")
