@@ -12,6 +12,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
 from focal_jax import _reduce
+from focal_jax import _rowreduce
 
 # Stands in for log(1 - s) = -inf at the top class of a row without any other mass: finite,
 # so that exp(0 * it) = 1 (gamma = 0) and 0 * it = 0 stay well defined.
@@ -75,16 +76,17 @@ def _y_log_s(coef, el: _Elems) -> jax.Array:
 
 
 def _rows(z, y, alpha, gamma, valid) -> _Rows:
-  z = z.astype(alpha.dtype)  # logits stay in their dtype outside; math in the compute dtype
-  top = jnp.argmax(z, axis=-1)
+  # Logits and targets stay in their dtype outside (converted inside the fusions); math in
+  # the compute dtype.
+  z = z.astype(alpha.dtype)
+  # One read of z for the argmax, the max and the non-top mass. m = z_top itself, not a
+  # stop_gradient copy: log(1 + s_rest) below relies on exp(z_top - m) = 1 identically, also
+  # in the derivatives of this rule (Hessian).
+  m, top, s_rest = _rowreduce.top_stats(z)
   is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
-  # m = z_top itself, not a stop_gradient copy: log(1 + s_rest) below relies on
-  # exp(z_top - m) = 1 identically, also in the derivatives of this rule (Hessian).
-  m = jnp.take_along_axis(z, top[..., None], axis=-1)[..., 0]
-  # A NaN logit (argmax points at it) or no finite logit (m = -inf): no defined loss, NaN.
+  # A NaN logit (m is NaN) or no finite logit (m = -inf): no defined loss, NaN.
   bad = jnp.isnan(m) | (m == -jnp.inf)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  s_rest = jnp.sum(jnp.where(is_top, 0.0, jnp.exp(z - m[..., None])), axis=-1)
   el = _elems(z, y, alpha, gamma, top, m, s_rest)
   loss = -jnp.sum(_y_log_s(alpha * y * el.focal, el), axis=-1)
   loss = jnp.where(bad, jnp.nan, loss)
@@ -113,8 +115,9 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy):
 
 
 # Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
-# recomputed in the backward pass (XLA shares it with the forward under jit).
-_dot_remat = jax.checkpoint(_dot, prevent_cse=False)
+# recomputed in the backward pass from them. prevent_cse: shared with the forward's row sums,
+# XLA would write those (.., C) terms to memory instead of recomputing them in the fusion.
+_dot_remat = jax.checkpoint(_dot, prevent_cse=True)
 
 
 # A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
@@ -254,7 +257,11 @@ def categorical_focal(
   gamma = jnp.reshape(gamma, (1,) * (logits.ndim - 1) + gamma.shape) if gamma.ndim else gamma
 
   z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see _rows
-  y = jnp.moveaxis(targets, ax, -1).astype(cdtype)
+  y = jnp.moveaxis(targets, ax, -1)
+  # Narrower targets (bf16 ...) stay in their dtype, promoted inside the fusions: never a copy
+  # in the compute dtype in memory. Wider ones are brought down to it.
+  if jnp.promote_types(y.dtype, cdtype) != cdtype:
+    y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
   loss = _focal_rows(z, y, alpha, gamma, valid)
   loss = _checks.apply_sample_weight(loss, weight, where)

@@ -38,9 +38,9 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   `t` are in-range labels (bad ones replaced by 0; `in_range` says which were bad), `alpha` and
   `gamma` per-row values, `valid` the rows that count. Written in differentiable jnp ops (and
   the one-pass reduction, which has its own JVP): the custom JVP below, and its derivative (the
-  Hessian), are built from this function. With `one_pass` the row max, non-target mass, target
-  logit (and sum of logits) come from one read of `z` (`_rowreduce.softmax_stats`, what
-  `softmax_focal` uses); otherwise from a max, a masked sum and a gather (as
+  Hessian), are built from this function. With `one_pass` the row max, non-target mass and
+  target logit come from one read of `z` (`_rowreduce.softmax_stats`, what `softmax_focal`
+  uses); otherwise from a max, a masked sum and a gather (as
   `linear_softmax_focal`'s scan over blocks of rows uses it), the same numbers up to rounding.
   """
   # Inputs stay in their dtype (reverse mode keeps them as they came); math in alpha's dtype,
@@ -49,12 +49,9 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   # exact and finite at every margin (log(1 - p) from the non-target mass, never from 1 - p).
   # A NaN logit makes the max NaN, a row without a finite logit makes it -inf: such a row has
   # no defined loss (NaN, never hidden as a finite value). The max itself stays finite below.
-  sum_z = None
   if one_pass:
     # bfloat16 / float16 z is converted inside the reduction's fusion, never copied in memory.
-    stats = _rowreduce.softmax_stats(z, t, alpha.dtype, eps > 0.0)
-    m, s_rest, z_t = stats[:3]
-    sum_z = stats[3] if eps > 0.0 else None
+    m, s_rest, z_t = _rowreduce.softmax_stats(z, t, alpha.dtype)
     bad = jnp.isnan(m) | (m == -jnp.inf)
     # A non-finite max: s_rest as the two-pass form's against m = 0, up to a positive factor
     # (same loss and same NaN / zero pattern of the gradient). +inf: infinite when a non-target
@@ -63,6 +60,7 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
     s_rest = jnp.where(m == jnp.inf, jnp.where(s_rest > 0.0, jnp.inf, 1.0),
                        jnp.where(jnp.isfinite(m), s_rest, jnp.where(jnp.isnan(z_t), 1.0, 0.0)))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
+    z = z.astype(alpha.dtype)  # for the mean below (label smoothing) only
   else:
     z = z.astype(alpha.dtype)
     is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
@@ -84,8 +82,7 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   if eps > 0.0:
     # logsumexp(z); from the non-target mass alone when the target logit is -inf (p = 0).
     lse = jnp.where(z_t == -jnp.inf, m + jnp.log(s_rest_safe), z_t - log_p)
-    mean_z = jnp.mean(z, axis=-1) if sum_z is None else sum_z / z.shape[-1]
-    ce = -(1.0 - eps) * log_p + eps * (lse - mean_z)
+    ce = -(1.0 - eps) * log_p + eps * (lse - jnp.mean(z, axis=-1))
   else:
     ce = -log_p
   # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf); double where, no 0 * inf.
