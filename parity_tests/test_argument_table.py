@@ -3,14 +3,15 @@
 For every row of ``parity_tests.argument_table.TABLE`` both packages accept with equal numbers,
 or both raise the same exception type with the same message apart from framework words; the
 rows that differ by design (bad labels: NaN in JAX, ValueError in torch) say what each side must
-do. Accepted float64 rows are also checked against a float64 NumPy reference written from the
-formulas of DESIGN.md, so that a keyword both packages ignored alike (``sample_weight``, say)
+do. Accepted rows are also checked against the float64 reference formulas (``focal_reference``,
+the project's one copy), so that a keyword both packages ignored alike (``sample_weight``, say)
 cannot pass.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("torch")
 
+import focal_reference  # noqa: E402
 from parity_tests import argument_table as at  # noqa: E402
 from parity_tests.argument_table import TABLE, Row  # noqa: E402
 
@@ -109,73 +111,32 @@ def test_normalize_message_keeps_everything_else(a, b):
 
 # --------------------------------------------------------------------------- NumPy reference
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-  m = z.max(-1, keepdims=True)
-  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-
-
-def _per_class(value, index: np.ndarray | None, default: float) -> np.ndarray:
-  """alpha / gamma as float64: a scalar, or a vector taken at ``index`` (None: as is)."""
-  if value is None:
-    return np.asarray(default)
-  v = np.asarray(value.numpy() if isinstance(value, at.Arr) else value, np.float64)
-  return v if v.ndim == 0 or index is None else v[index]
+def _float64(v: Any) -> Any:
+  """A row's value as focal_reference takes it: Arr -> NumPy (bfloat16 widened exactly)."""
+  if not isinstance(v, at.Arr):
+    return v
+  x = v.numpy()
+  return np.asarray(x.astype(np.float32) if v.dtype == "bfloat16" else x,
+                    bool if x.dtype == bool else None)
 
 
 def reference(row: Row) -> np.ndarray:
-  """The loss of an accepted row in float64, from DESIGN.md's formulas (inputs as the packages
-  get them, i.e. already rounded to the row's dtype)."""
-  a = {k: np.asarray(v.numpy(), np.float64) if v.dtype != "bfloat16"
-       else np.asarray(v.numpy().astype(np.float32), np.float64)
-       for k, v in row.arrays().items()}
-  kw = row.kwargs
-  eps = float(kw.get("label_smoothing", 0.0))
-  alpha, gamma = kw.get("alpha"), kw.get("gamma", 2.0)
-  shape = row.label_shape()
-  where = kw.get("where")
-  valid = np.ones(shape, bool) if where is None else np.broadcast_to(
-      np.asarray(where.numpy() if isinstance(where, at.Arr) else where, bool), shape)
-  background = kw.get("background_class", 0)
+  """The loss of an accepted row in float64 from the one copy of the formulas
+  (``focal_reference``), on the inputs as the packages get them (already rounded to the row's
+  dtype); labels as exact int64 values, so nothing wraps."""
+  a = {k: _float64(v) for k, v in row.arrays().items()}
+  kw = {k: _float64(v) for k, v in row.kwargs.items()}
+  kw.setdefault("reduction", "none")
   if row.fn in (at.SOFTMAX, at.LINEAR):
-    z = a["hidden"] @ a["kernel"] if row.fn == at.LINEAR else a["logits"]
-    num_classes = z.shape[-1]
-    raw = row.arrays()["labels"].numpy()
-    labels = [int(x) for x in raw.reshape(-1)]  # exact Python ints: no wrapping
-    ignore = kw.get("ignore_index")
-    valid = valid & np.array([x != ignore for x in labels]).reshape(shape)
-    t = np.where(valid, np.asarray([x if 0 <= x < num_classes else 0 for x in labels])
-                 .reshape(shape), 0)
-    logs = _log_softmax(z)
-    logp = np.take_along_axis(logs, t[..., None], -1)[..., 0]
-    p = np.exp(logp)
-    ce = -(1 - eps) * logp - eps / num_classes * logs.sum(-1)
-    loss = _per_class(alpha, t, 1.0) * (1 - p) ** _per_class(gamma, t, 2.0) * ce
-    positive = valid & np.array([x != background for x in labels]).reshape(shape)
+    labels = np.array([int(x) for x in np.asarray(a["labels"]).reshape(-1)],
+                      np.int64).reshape(np.shape(a["labels"]))
+    z = (np.asarray(a["hidden"], np.float64) @ np.asarray(a["kernel"], np.float64)
+         if row.fn == at.LINEAR else a["logits"])
+    out = focal_reference.softmax_focal(np.asarray(z, np.float64), labels, **kw)
   elif row.fn == at.SIGMOID:
-    x, y = a["logits"], a["labels"]
-    ys = (1 - eps) * y + eps / 2
-    logp, log1mp = -np.logaddexp(0, -x), -np.logaddexp(0, x)
-    bce = -(ys * logp + (1 - ys) * log1mp)
-    p = np.exp(logp)
-    pt = p * ys + (1 - p) * (1 - ys)
-    al = _per_class(alpha, None, 1.0)
-    at_ = 1.0 if alpha is None else al * ys + (1 - al) * (1 - ys)
-    loss = at_ * (1 - pt) ** _per_class(gamma, None, 2.0) * bce
-    positive = valid & (y > 0)
+    out = focal_reference.sigmoid_focal(np.asarray(a["logits"], np.float64),
+                                        np.asarray(a["labels"], np.float64), **kw)
   else:
-    logs = _log_softmax(a["logits"])
-    y = a["targets"]
-    loss = -(_per_class(alpha, None, 1.0) * y * (1 - np.exp(logs))
-             ** _per_class(gamma, None, 2.0) * logs).sum(-1)
-    positive = valid & (np.argmax(y, -1) != background)
-  sw = kw.get("sample_weight")
-  weight = 1.0 if sw is None else np.broadcast_to(
-      np.asarray(sw.numpy() if isinstance(sw, at.Arr) else sw, np.float64), shape)
-  loss = np.where(valid, loss * weight, 0.0)
-  reduction = kw.get("reduction", "none")
-  if reduction == "none":
-    return loss
-  if reduction == "sum":
-    return np.asarray(loss.sum())
-  count = valid.sum() if reduction == "mean" else positive.sum()
-  return np.asarray(loss.sum() / max(int(count), 1))
+    out = focal_reference.categorical_focal(np.asarray(a["logits"], np.float64),
+                                            np.asarray(a["targets"], np.float64), **kw)
+  return np.asarray(out, np.float64)
