@@ -289,11 +289,17 @@ def linear_softmax_focal(
     bias: None or ``(V,)``.
     chunk_size: rows per chunk; None picks one that keeps each chunk's buffer near 16 MiB
       of float32 (``2**22 // V`` rows, at least one).
-    alpha, gamma, label_smoothing, reduction, where, ignore_index, background_class,
-    process_group, sample_weight: as in :func:`focal_torch.softmax_focal` (``(V,)`` vectors
-      for ``alpha``/``gamma``; one ``sample_weight`` per row, of ``labels``' shape or
-      broadcastable to it). ``create_graph=True`` works (the backward of the backward
-      materializes the logits).
+    alpha: as in :func:`focal_torch.softmax_focal`, with ``(V,)`` vectors.
+    gamma: as in :func:`focal_torch.softmax_focal`, with ``(V,)`` vectors.
+    label_smoothing: as in :func:`focal_torch.softmax_focal`.
+    reduction: as in :func:`focal_torch.softmax_focal`.
+    where: as in :func:`focal_torch.softmax_focal` (one per row).
+    ignore_index: as in :func:`focal_torch.softmax_focal`.
+    background_class: as in :func:`focal_torch.softmax_focal`.
+    process_group: as in :func:`focal_torch.softmax_focal`.
+    sample_weight: one weight per row, of ``labels``' shape or broadcastable to it.
+
+  ``create_graph=True`` works (the backward of the backward materializes the logits).
 
   Returns:
     Per-row losses of ``labels``' shape for ``reduction="none"``, else a scalar; in
