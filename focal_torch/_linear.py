@@ -121,11 +121,13 @@ class _Grads:
     self.db = (torch.zeros(weight.shape[0], dtype=chunker.cdt, device=weight.device)
                if bias is not None and needs[2] else None)
 
-  def add(self, r: slice, dz: torch.Tensor) -> None:
+  def add(self, r: slice, dz: torch.Tensor, valid: torch.Tensor) -> None:
     if self.dh is not None:
       torch.mm(dz, self.chunker.weight, out=self.dh[r])
     if self.dw is not None:
-      self.dw.addmm_(dz.t(), self.chunker.hidden[r].to(self.dw.dtype))
+      # Masked rows' features left out (their dz is 0, but 0 * NaN features would be NaN).
+      h = torch.where(valid, self.chunker.hidden[r], 0).to(self.dw.dtype)
+      self.dw.addmm_(dz.t(), h)
     if self.db is not None:
       self.db.add_(dz.sum(0))
 
@@ -174,7 +176,8 @@ def _double_backward(ctx, go: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     go = go * sw
   dz = _softmax.grad_autodiff(z, t, valid, bad, alpha, gamma, ctx.eps, go)
   needs = ctx.needs_input_grad
-  grads = (dz @ w if needs[0] else None, dz.t() @ h if needs[1] else None,
+  h_valid = torch.where(valid, h, 0)  # masked rows' features out of the weight gradient
+  grads = (dz @ w if needs[0] else None, dz.t() @ h_valid if needs[1] else None,
            dz.sum(0) if bias is not None and needs[2] else None)
   return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
 
@@ -206,7 +209,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
         b = None if b is None else b * wr
       loss[r] = lr
       if grads is not None:
-        grads.add(r, _grad_in_place(z, t[r], s, a, b, g, valid[r]))
+        grads.add(r, _grad_in_place(z, t[r], s, a, b, g, valid[r]), valid[r])
       elif per_row is not None:
         per_row[0][r], per_row[2][r] = a, g
         if with_b:
@@ -253,7 +256,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
       _, s = _softmax.exp_others_(z, t[r])
       dz = _grad_in_place(z, t[r], s, a[r] * go[r], b[r] * go[r] if ctx.with_b else None,
                           g[r] * go[r], valid[r])
-      grads.add(r, dz)
+      grads.add(r, dz, valid[r])
     return _finish(grads.tensors(), ctx.dtypes) + nones
 
 

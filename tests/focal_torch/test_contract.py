@@ -567,3 +567,30 @@ def test_process_group_world_needs_an_initialized_default_group():
       "softmax_focal: process_group='world' needs torch.distributed to be initialized")):
     focal_torch.softmax_focal(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]),
                               process_group="world")
+
+
+@pytest.mark.parametrize("chunk_size", [2, None])
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_linear_masked_rows_with_non_finite_features_leave_the_gradients_finite(
+    ref, bad, create_graph, chunk_size):
+  # Case 13 for the fused head: a masked row's non-finite features must not reach the weight
+  # gradient through 0 * NaN (focal_jax gives exactly the unmasked rows' gradient too).
+  rng = np.random.default_rng(21)
+  h_np = rng.normal(0, 1, (6, 4))
+  h_np[2] = bad
+  w_np = rng.normal(0, 0.7, (5, 4))
+  labels = np.array([0, 4, -100, 3, 1, 2])
+  h = torch.tensor(h_np, dtype=F64, requires_grad=True)
+  w = torch.tensor(w_np, dtype=F64, requires_grad=True)
+  got = focal_torch.linear_softmax_focal(h, w, torch.tensor(labels), gamma=0.5,
+                                         chunk_size=chunk_size, reduction="mean")
+  gh, gw = torch.autograd.grad(got, (h, w), create_graph=create_graph)
+  valid = labels != -100
+  loss, dz = ref.softmax_focal(h_np[valid] @ w_np.T, labels[valid], gamma=0.5,
+                               reduction="mean", dim=-1)
+  np.testing.assert_allclose(got.detach().numpy(), loss, rtol=1e-10)
+  want_gh = np.zeros_like(h_np)
+  want_gh[valid] = dz @ w_np
+  np.testing.assert_allclose(gh.detach().numpy(), want_gh, rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(gw.detach().numpy(), dz.T @ h_np[valid], rtol=1e-10, atol=1e-14)
