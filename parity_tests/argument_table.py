@@ -1,6 +1,6 @@
 """One table of argument cases, good and bad, that runs through focal_jax and focal_torch.
 
-Issue 12, case 17 (rules: ``CONTRACT12.md`` / ``shared/DESIGN.md``). Each :class:`Row` is one
+Issue 12, case 17 (rules: ``docs/design.md``, "One rule per argument"). Each :class:`Row` is one
 call of one public function (``softmax_focal``, ``sigmoid_focal``, ``categorical_focal``,
 ``linear_softmax_focal``) with NumPy inputs and keyword arguments. The two adapters
 (:func:`call_jax`, :func:`call_torch`) convert the inputs to each framework, call the function
