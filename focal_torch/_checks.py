@@ -422,32 +422,34 @@ def check_unit_interval(fn: str, name: str, x: torch.Tensor,
 WORLD = "world"
 
 
-def process_group(fn: str, group: Any, *, at_call: bool = True) -> Any:
+def process_group(fn: str, group: Any, *, at_call: bool = True,
+                  name: str = "process_group") -> Any:
   """None, ``"world"`` (the default group, resolved at each call: a module built before
   ``init_process_group`` still works) or a ``torch.distributed.ProcessGroup``.
 
-  At module construction (``at_call=False``) ``"world"`` is kept as it is."""
+  At module construction (``at_call=False``) ``"world"`` is kept as it is. ``name`` is the
+  argument's name in messages (``process_group`` or ``class_process_group``)."""
   if group is None:
     return None
   import torch.distributed as dist  # pylint: disable=import-outside-toplevel
   if isinstance(group, str):
     if group != WORLD:
-      raise ValueError(f"{fn}: process_group must be None, 'world' or a "
+      raise ValueError(f"{fn}: {name} must be None, 'world' or a "
                        f"torch.distributed.ProcessGroup, got {group!r}")
     if not at_call:
       return WORLD
     if not dist.is_available() or not dist.is_initialized():
-      raise ValueError(f"{fn}: process_group='world' needs torch.distributed to be "
+      raise ValueError(f"{fn}: {name}='world' needs torch.distributed to be "
                        "initialized when the loss is called; call "
                        "torch.distributed.init_process_group first or pass "
-                       "process_group=None")
+                       f"{name}=None")
     return dist.group.WORLD
   if not dist.is_available() or not dist.is_initialized():
-    raise ValueError(f"{fn}: process_group was given but torch.distributed is not "
+    raise ValueError(f"{fn}: {name} was given but torch.distributed is not "
                      "initialized; call torch.distributed.init_process_group first, pass "
-                     "process_group='world' (resolved at each call) or process_group=None")
+                     f"{name}='world' (resolved at each call) or {name}=None")
   if not isinstance(group, dist.ProcessGroup):
-    raise TypeError(f"{fn}: process_group must be None, 'world' or a "
+    raise TypeError(f"{fn}: {name} must be None, 'world' or a "
                     "torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD), "
                     f"got {type(group).__name__}")
   return group

@@ -74,12 +74,18 @@ def chunk_buffer(shape: tuple[int, ...], elements: int, cdt: torch.dtype,
   return torch.empty(n, dtype=cdt, device=device)
 
 
-def exp_others_(e: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exp_others_(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
   """Overwrites a scratch chunk ``e`` (compute dtype) with ``exp(e - m)``, 0 at the target,
   and returns the per-row ``(m, S)``: ``m`` the largest other logit (at least the lowest
   finite number) and ``S`` the row sums, so that ``log sum_{c != t} exp(e_c) = m + log S``
-  and ``exp(e_c - lse_o) = e_c / S``. ``S >= 1`` unless no other class is finite (then 0)."""
-  e.scatter_(1, t, float("-inf"))
+  and ``exp(e_c - lse_o) = e_c / S``. ``S >= 1`` unless no other class is finite (then 0).
+  ``owned`` (classes split over ranks): the rows whose target this slice holds; the other
+  rows have no target here and keep every entry."""
+  if owned is None:
+    e.scatter_(1, t, float("-inf"))
+  else:
+    e.scatter_(1, t, torch.where(owned, float("-inf"), e.gather(1, t)))
   m = e.amax(1, keepdim=True).clamp_min_(torch.finfo(e.dtype).min)
   exp_(e.sub_(m))
   return m, e.sum(1, keepdim=True)
@@ -209,11 +215,13 @@ def masked_rows(valid: torch.Tensor, lse_o: torch.Tensor) -> torch.Tensor | None
 
 def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
                b: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
-               buf: torch.Tensor | None, fix: torch.Tensor | None = None) -> None:
+               buf: torch.Tensor | None, fix: torch.Tensor | None = None,
+               owned: torch.Tensor | None = None) -> None:
   """Writes ``A exp(w - lse_o) - B`` off the target and ``G`` at it into ``out`` (a chunk
   of the gradient). Computes in place in ``out`` when it has ``lse_o``'s dtype, else in
   ``buf`` (half-precision gradients: the math stays in float32). Rows of ``fix`` get 0
-  (masked rows, whatever their logits)."""
+  (masked rows, whatever their logits). ``owned`` (classes split over ranks): the rows
+  whose target lies in this slice; the others get no ``G``."""
   e = out if buf is None else buf[:w.numel()].view(w.shape)
   # w - lse_o <= 0 off the target: exp never overflows; the target entry is overwritten.
   torch.sub(w, lse_o, out=e)
@@ -223,6 +231,8 @@ def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.T
   e.mul_(a)
   if b is not None:
     e.sub_(b)
+  if owned is not None:
+    g = torch.where(owned, g, e.gather(1, t))
   e.scatter_(1, t, g)
   if buf is not None:
     out.copy_(e)
@@ -230,16 +240,18 @@ def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.T
 
 def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor | None, g: torch.Tensor, elements: int,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
+                 valid: torch.Tensor | None = None, owned: torch.Tensor | None = None
+                 ) -> torch.Tensor:
   """The gradient, chunk by chunk: no temporary beyond it (half inputs: one float32
-  chunk). Rows not ``valid`` are exactly 0."""
+  chunk). Rows not ``valid`` are exactly 0. ``owned``: as in :func:`chunk_grad`."""
   out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
   cdt = compute_dtype(z3.dtype)
   buf = None if z3.dtype == cdt else chunk_buffer(z3.shape, elements, cdt, z3.device)
   fix = None if valid is None else masked_rows(valid, lse_o)
   for idx in _chunking.chunks(z3.shape, elements):
     chunk_grad(z3[idx], t3[idx], lse_o[idx], a[idx], None if b is None else b[idx], g[idx],
-               out[idx], buf, None if fix is None else fix[idx])
+               out[idx], buf, None if fix is None else fix[idx],
+               None if owned is None else owned[idx])
   return out
 
 
@@ -292,3 +304,81 @@ class SoftmaxFocalFunction(torch.autograd.Function):
       grad = grad_chunked(z3, t3, lse_o, a * go, None if b is None else b * go, g * go,
                           ctx.elements, valid)
     return grad, None, None, None, None, None, None, None
+
+
+def split_row_stats(z3: torch.Tensor, t3: torch.Tensor, owned: torch.Tensor, with_sum: bool,
+                    elements: int | None, split: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+  """:func:`row_stats` of the whole rows when ``z3`` holds this rank's slice of the classes
+  (``t3``: labels local to the slice, ``owned``: the rows whose target it holds).
+
+  Each rank reduces its slice chunk by chunk to ``(m, S)`` (its largest non-target logit and
+  its sum of ``exp(z - m)``), the target logit (0 where not owned) and the row sum; then one
+  MAX all-reduce of ``m`` and one SUM all-reduce of ``S exp(m - M)``, ``z_t`` and the row
+  sum give every rank the statistics of the whole rows. ``S exp(m - M)`` cannot overflow
+  (``m <= M``, both finite unless a logit is ``+inf`` or NaN, which then gives NaN as
+  without the split).
+  """
+  cdt = compute_dtype(z3.dtype)
+  rows = _chunking.row_shape(z3.shape)
+  zero = torch.zeros((), dtype=cdt, device=z3.device)
+  zt = torch.where(owned, z3.gather(1, t3).to(cdt), zero)
+  m = torch.empty(rows, dtype=cdt, device=z3.device)
+  s = torch.empty(rows, dtype=cdt, device=z3.device)
+  sum_z = torch.empty(rows, dtype=cdt, device=z3.device) if with_sum else None
+  buf = torch.empty(_chunking.max_chunk_rows(z3.shape, elements) * z3.shape[1], dtype=cdt,
+                    device=z3.device)
+  for idx in _chunking.chunks(z3.shape, elements):
+    w = z3[idx]
+    if sum_z is not None:
+      sum_z[idx] = w.sum(1, keepdim=True, dtype=cdt)
+    e = buf[:w.numel()].view(w.shape)
+    e.copy_(w)
+    m[idx], s[idx] = exp_others_(e, t3[idx], owned[idx])
+  return combine_split(m, s, zt, sum_z, split)
+
+
+def combine_split(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor,
+                  sum_z: torch.Tensor | None, split: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+  """``(z_t, lse_o, sum_z)`` of the whole rows from each rank's ``(m, S, z_t, sum_z)``:
+  one MAX and one SUM all-reduce of per-row numbers."""
+  big_m = split.row_max(m)
+  s = s * torch.exp(m - big_m)
+  s, zt, sum_z = split.row_sum(s, zt, sum_z)
+  return zt, lse_from(big_m, s), sum_z
+
+
+def _no_double_backward(fn: str) -> RuntimeError:
+  return RuntimeError(
+      f"{fn}: create_graph=True (double backward) is not supported with class_process_group: "
+      "the backward of the backward would need the other ranks' classes")
+
+
+class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
+  """:class:`SoftmaxFocalFunction` when ``z3`` holds this rank's slice of the classes
+  (``split``, a ``_class_split.ClassSplit``; ``t3`` global labels). The forward all-reduces
+  per-row statistics (:func:`split_row_stats`) and returns the whole rows' losses on every
+  rank; the backward writes the gradient of this rank's slice from the saved per-row
+  scalars, with no communication."""
+
+  @staticmethod
+  def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements, split):  # pylint: disable=W0221
+    t_loc, owned = split.localize(t3)
+    zt, lse_o, sum_z = split_row_stats(z3, t_loc, owned, bool(eps), elements, split)
+    loss, a, b, g = row_terms(zt, lse_o, sum_z, split.num_classes, alpha, gamma, eps, valid,
+                              bad)
+    ctx.save_for_backward(z3, t_loc, owned, valid, lse_o, a, b, g)
+    ctx.elements = elements
+    ctx.fn = split.fn
+    return loss
+
+  @staticmethod
+  def backward(ctx, go):  # pylint: disable=W0221
+    if torch.is_grad_enabled():
+      raise _no_double_backward(ctx.fn)
+    z3, t_loc, owned, valid, lse_o, a, b, g = ctx.saved_tensors
+    go = go.to(lse_o.dtype)
+    grad = grad_chunked(z3, t_loc, lse_o, a * go, None if b is None else b * go, g * go,
+                        ctx.elements, valid, owned)
+    return grad, None, None, None, None, None, None, None, None

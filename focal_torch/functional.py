@@ -15,6 +15,7 @@ import torch
 
 from focal_torch import _categorical
 from focal_torch import _checks
+from focal_torch import _class_split
 from focal_torch import _chunking
 from focal_torch import _reduce
 from focal_torch import _sigmoid
@@ -39,6 +40,7 @@ def softmax_focal(
     dim: int = 1,
     process_group: Any = None,
     sample_weight: Any = None,
+    class_process_group: Any = None,
 ) -> torch.Tensor:
   r"""Softmax focal loss for integer class labels.
 
@@ -81,6 +83,16 @@ def softmax_focal(
       integer or float; finite, ``>= 0``; never differentiated): multiplies each entry's
       loss and gradient before the reduction. Denominators are unchanged (``"mean"`` still
       divides by the number of valid entries).
+    class_process_group: None (the default), ``"world"`` (resolved at each call) or a
+      ``torch.distributed`` group over which the classes are split (vocabulary
+      parallelism, as Megatron's vocab-parallel cross-entropy): rank ``r`` of the ``k``
+      ranks of the group holds the contiguous slice ``[r C/k, (r + 1) C/k)`` of the ``C``
+      classes, so ``logits`` has ``C/k`` entries along ``dim``. ``labels`` are global class
+      ids and ``alpha``/``gamma`` vectors the global ``(C,)`` ones, the same on every rank.
+      Only per-row numbers cross the group (a MAX and a SUM all-reduce in the forward);
+      every rank returns the whole loss, and its backward writes the gradient of its own
+      slice with no communication. Combines with ``process_group`` (the data group) on a
+      2-D layout. ``create_graph=True`` is not supported with it.
 
   Returns:
     Per-entry losses of ``labels``' shape for ``reduction="none"``, else a scalar; in the
@@ -93,7 +105,10 @@ def softmax_focal(
       a scalar or ``(C,)``; a negative or non-finite ``sample_weight``; an unknown
       ``reduction``; ``label_smoothing`` outside ``[0, 1]``; ``labels`` or ``where`` of the
       wrong shape; a label outside ``[0, C)`` that is not ``ignore_index`` (see
-      :class:`focal_torch.value_checks` to skip this check in hot loops).
+      :class:`focal_torch.value_checks` to skip this check in hot loops); with
+      ``class_process_group``, ``(C,)`` ``alpha``/``gamma`` whose length the group size
+      does not divide, or ranks holding different numbers of classes.
+    RuntimeError: ``create_graph=True`` with ``class_process_group``.
 
   Shape:
     - logits: ``(N, C)`` or ``(N, C, d1, ...)`` (``dim=1``), or any shape with the class
@@ -113,7 +128,8 @@ def softmax_focal(
       "softmax_focal", logits, labels, alpha=alpha, gamma=gamma,
       label_smoothing=label_smoothing, reduction=reduction, where=where,
       ignore_index=ignore_index, background_class=background_class, dim=dim,
-      process_group=process_group, sample_weight=sample_weight)
+      process_group=process_group, sample_weight=sample_weight,
+      class_process_group=class_process_group)
 
 
 def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, alpha: Any,
@@ -121,7 +137,8 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
                        ignore_index: Any, background_class: Any, dim: Any,
                        process_group: Any, sample_weight: Any = None,
                        out_dtype: torch.dtype | None = None,
-                       chunk_elements: int | None = None) -> torch.Tensor:
+                       chunk_elements: int | None = None,
+                       class_process_group: Any = None) -> torch.Tensor:
   """:func:`softmax_focal` with the name used in messages and the output dtype as options
   (the DeepSpeed drop-in returns float32 for half inputs, as DeepSpeed does)."""
   _checks.floating_array(fn, "logits", logits)
@@ -130,6 +147,11 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   if num_classes == 0:
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
                      f"{_checks.shape_str(logits.shape)}, class dim {dim})")
+  split = None
+  if class_process_group is not None:
+    split = _class_split.resolve(fn, class_process_group, num_classes, alpha=alpha,
+                                 gamma=gamma)
+    num_classes = split.num_classes
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
       _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
                                    label_smoothing=label_smoothing, reduction=reduction,
@@ -153,11 +175,14 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   rows = _chunking.row_shape(z3.shape)
   t3 = safe.reshape(rows)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
-  loss = _softmax.SoftmaxFocalFunction.apply(
-      z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
-      _softmax.per_row(_traced(alpha, cdt, logits), t3, cdt),
-      _softmax.per_row(_traced(gamma, cdt, logits), t3, cdt), eps,
-      elements).reshape(labels.shape)
+  args = (z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
+          _softmax.per_row(_traced(alpha, cdt, logits), t3, cdt),
+          _softmax.per_row(_traced(gamma, cdt, logits), t3, cdt), eps, elements)
+  if split is None:
+    loss = _softmax.SoftmaxFocalFunction.apply(*args)
+  else:
+    loss = _softmax.ClassSplitSoftmaxFocalFunction.apply(*args, split)
+  loss = loss.reshape(labels.shape)
   loss = _checks.weigh(loss, weight, valid)
   return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
                              process_group=process_group,

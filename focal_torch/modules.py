@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from focal_torch import _checks
+from focal_torch import _class_split
 from focal_torch import functional
 
 __all__ = ["SoftmaxFocalLoss", "SigmoidFocalLoss", "CategoricalFocalLoss"]
@@ -63,6 +64,10 @@ class SoftmaxFocalLoss(_FocalBase):
     process_group: None, ``"world"`` (the default group, looked up at each call: the module
       may be built before ``init_process_group``), or a ``torch.distributed`` group over
       which the denominators are summed.
+    class_process_group: None, ``"world"`` (looked up at each call) or the
+      ``torch.distributed`` group over which the classes are split; each rank's logits hold
+      its contiguous slice of the ``C`` classes, ``alpha``/``gamma`` vectors are the global
+      ``(C,)`` ones (see :func:`focal_torch.softmax_focal`).
 
   ``forward(logits, labels, where=None, *, sample_weight=None)``; see the functional.
 
@@ -80,9 +85,12 @@ class SoftmaxFocalLoss(_FocalBase):
 
   def __init__(self, *, alpha: Any = None, gamma: Any = 2.0, label_smoothing: float = 0.0,
                reduction: str = "mean", ignore_index: int | None = -100,
-               background_class: int = 0, dim: int = 1, process_group: Any = None) -> None:
+               background_class: int = 0, dim: int = 1, process_group: Any = None,
+               class_process_group: Any = None) -> None:
     super().__init__()
     fn = type(self).__name__
+    self.class_process_group = _class_split.check_at_construction(
+        fn, class_process_group, alpha=alpha, gamma=gamma)
     alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
         _checks.check_softmax_hypers(
             fn, None, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing,
@@ -102,7 +110,8 @@ class SoftmaxFocalLoss(_FocalBase):
         logits, labels, alpha=self.alpha, gamma=self.gamma,
         label_smoothing=self.label_smoothing, reduction=self.reduction, where=where,
         ignore_index=self.ignore_index, background_class=self.background_class, dim=self.dim,
-        process_group=self.process_group, sample_weight=sample_weight)
+        process_group=self.process_group, sample_weight=sample_weight,
+        class_process_group=self.class_process_group)
 
 
 class SigmoidFocalLoss(_FocalBase):

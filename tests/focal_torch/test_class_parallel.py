@@ -1,0 +1,253 @@
+"""Classes split over gloo ranks on loopback (``class_process_group``, vocabulary parallelism).
+
+Each rank holds a contiguous slice of the classes (logits columns; rows of the linear head's
+weight and bias) and, in the 2 x 2 layout, a slice of the rows too (``process_group``, the data
+group, with DistributedDataParallel over it in the ``ddp-*`` cases). Every rank's value and
+the gradient of its slice must equal the single-process float64 result of the whole problem,
+computed here from ``focal_reference`` (the formulas, no code shared with focal_torch), to
+1e-10.
+
+One spawn per world size (2 and 4 ranks) runs every case; run as a script, this file is the
+worker: ``python test_class_parallel.py RANK WORLD PORT OUT``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import focal_reference
+import focal_torch
+
+N, H, C = 10, 5, 12
+ROWS = ((0, 3), (3, 10))  # the data ranks' rows (uneven); rows 0-2 hold no positive
+F64 = torch.float64
+TIMEOUT_S = 240
+REDUCTIONS = ("none", "sum", "mean", "mean_positive")
+
+
+def make_data() -> dict:
+  g = torch.Generator().manual_seed(0)
+  z = 3 * torch.randn(N, C, generator=g, dtype=F64)
+  # Labels crowd the first classes: with 4 ranks of 3 classes, rank 0 owns most targets,
+  # rank 2 none. Rows 0-2 (data rank 0 of the 2 x 2 layout) are background or ignored.
+  labels = torch.tensor([0, 0, -100, 1, 2, 10, 4, 2, -100, 1])
+  z[4, 2] += 8.0  # a confident row (the float64 reference keeps 1e-10 up to q ~ 1e-6)
+  where = torch.ones(N, dtype=torch.bool)
+  where[7] = False
+  z3 = 2 * torch.randn(N, C, 2, generator=g, dtype=F64)
+  labels3 = torch.randint(0, C, (N, 2), generator=g)
+  labels3[1, 0] = -100
+  probs = torch.softmax(2 * torch.randn(N, C, generator=g, dtype=F64), 1)
+  probs[0] = 0.02
+  probs[0, 0] = 1 - 0.02 * (C - 1)  # background rows
+  probs[1] = probs[0]
+  probs[4] = 0.0
+  probs[4, 0] = probs[4, 7] = 0.5  # a tie across ranks: argmax 0 (the first), background
+  return dict(
+      z=z, labels=labels, where=where, z3=z3, labels3=labels3, probs=probs,
+      sw=2 * torch.rand(N, generator=g, dtype=F64),
+      alpha=0.25 + torch.rand(C, generator=g, dtype=F64),
+      gamma=torch.tensor([2.0, 0.0, 0.5, 1.0, 3.0, 2.0, 1.5, 0.25, 2.0, 1.0, 4.0, 2.0],
+                         dtype=F64),
+      x=torch.randn(N, H, generator=g, dtype=F64),
+      w=torch.randn(C, H, generator=g, dtype=F64),
+      b=torch.randn(C, generator=g, dtype=F64))
+
+
+def cases(d: dict) -> list[tuple[str, str, dict]]:
+  """(name, kind, keywords of the loss); tensors are the global ones (the worker cuts the
+  per-row ones to its rows; ``alpha``/``gamma`` stay global, as the API asks)."""
+  out = []
+  for r in REDUCTIONS:
+    out.append((f"softmax-{r}", "softmax", dict(
+        alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.1, where=d["where"],
+        sample_weight=d["sw"], reduction=r, ignore_index=-100)))
+  out.append(("softmax-3d-mean", "softmax3d", dict(
+      alpha=0.25, gamma=0.0, sample_weight=2.0, reduction="mean", ignore_index=-100)))
+  out.append(("softmax-3d-smooth-mean_positive", "softmax3d", dict(
+      gamma=0.5, label_smoothing=0.2, reduction="mean_positive", ignore_index=-100,
+      background_class=3)))
+  out.append(("module-softmax-mean", "module-softmax", dict(
+      alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.05, reduction="mean",
+      ignore_index=-100)))
+  return out
+
+
+# ------------------------------------------------------------------------------ the truth
+
+
+def _reference_softmax(z, labels, kw):
+  return focal_reference.softmax_focal(
+      z, labels, alpha=kw.get("alpha"), gamma=kw.get("gamma", 2.0),
+      label_smoothing=kw.get("label_smoothing", 0.0), axis=1, where=kw.get("where"),
+      ignore_index=kw.get("ignore_index", -100), reduction=kw.get("reduction", "mean"),
+      background_class=kw.get("background_class", 0), sample_weight=kw.get("sample_weight"))
+
+
+def reference(kind: str, kw: dict, d: dict) -> tuple[torch.Tensor, dict]:
+  """Value and gradients of the whole problem in one process, float64 autograd of the
+  reference formulas (for ``"none"``, of the sum of the per-entry losses)."""
+  if kind in ("softmax", "module-softmax", "softmax3d"):
+    key, lab = ("z3", "labels3") if kind == "softmax3d" else ("z", "labels")
+    z = d[key].clone().requires_grad_()
+    out = _reference_softmax(z, d[lab], kw)
+    (g,) = torch.autograd.grad(out.sum(), z)
+    return out.detach(), {"z": g}
+  raise AssertionError(kind)
+
+
+# ------------------------------------------------------------------------------ the worker
+
+
+class Layout:
+  """Rank ``d * kc + c`` holds data slice ``d`` (of ``nd``) and class slice ``c`` (of
+  ``kc``); groups: the class group (same ``d``), the data group (same ``c``; None if
+  ``nd == 1``)."""
+
+  def __init__(self, rank: int, nd: int, kc: int) -> None:
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+    self.nd, self.kc = nd, kc
+    self.d, self.c = divmod(rank, kc)
+    # Every rank creates every group, in the same order.
+    class_groups = [dist.new_group([d * kc + c for c in range(kc)]) for d in range(nd)]
+    data_groups = [dist.new_group([d * kc + c for d in range(nd)]) for c in range(kc)]
+    world = nd * kc == dist.get_world_size()
+    self.class_group = class_groups[self.d]
+    # The modules take "world" when the class group is the whole world.
+    self.class_arg = "world" if nd == 1 and world else self.class_group
+    self.data_group = data_groups[self.c] if nd > 1 else None
+    self.rows = slice(*ROWS[self.d]) if nd > 1 else slice(0, N)
+    per = C // kc
+    self.cols = slice(self.c * per, (self.c + 1) * per)
+
+
+def _rows_of(kw: dict, rows: slice) -> dict:
+  out = dict(kw)
+  for key in ("where", "sample_weight"):
+    value = kw.get(key)
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == N:
+      out[key] = value[rows]
+  return out
+
+
+def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
+  import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+  kw = _rows_of(kw, lay.rows)
+  groups = dict(class_process_group=lay.class_group, process_group=lay.data_group)
+  grads = {}
+  if kind in ("softmax", "softmax3d", "module-softmax"):
+    key, lab = ("z3", "labels3") if kind == "softmax3d" else ("z", "labels")
+    z = d[key][lay.rows][:, lay.cols].clone().requires_grad_()
+    if kind == "module-softmax":
+      where = kw.pop("where", None)
+      fn = focal_torch.SoftmaxFocalLoss(**kw, class_process_group=lay.class_arg,
+                                        process_group=lay.data_group)
+      loss = fn(z, d[lab][lay.rows], where)
+    else:
+      loss = focal_torch.softmax_focal(z, d[lab][lay.rows], **kw, **groups)
+    loss.sum().backward()
+    grads["z"] = z.grad
+  else:
+    raise AssertionError(kind)
+  value = loss.detach().clone()
+  if value.ndim == 0 and lay.data_group is not None:
+    dist.all_reduce(value, group=lay.data_group)  # the usual recipe: average over the data
+    value /= lay.nd
+  return dict(value=value, grads=grads)
+
+
+def run_layout(rank: int, nd: int, kc: int) -> dict:
+  lay = Layout(rank, nd, kc)
+  d = make_data()
+  return {name: run_case(kind, kw, d, lay) for name, kind, kw in cases(d)}
+
+
+def layouts(world: int) -> list[tuple[int, int]]:
+  """(data ranks, class ranks) of each layout run with ``world`` processes."""
+  return [(1, 2)] if world == 2 else [(1, 4), (2, 2)]
+
+
+def main(rank: int, world: int, port: int, out_file: str) -> None:
+  import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(1)
+  dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                          world_size=world, timeout=datetime.timedelta(seconds=60))
+  try:
+    torch.save({lt: run_layout(rank, *lt) for lt in layouts(world)}, out_file)
+  finally:
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+def _spawn(world: int, port: int, tmp_path: Path) -> list[dict]:
+  outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+  env = dict(os.environ, OMP_NUM_THREADS="1")
+  procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port),
+                             str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for r, out in enumerate(outs)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
+  return [torch.load(out) for out in outs]
+
+
+def _check(world: int, got: list[dict]) -> int:
+  """Compares every rank's results with the truth; returns the number of comparisons."""
+  d = make_data()
+  truth = {name: (kind, kw, reference(kind, kw, d)) for name, kind, kw in cases(d)}
+  checked = 0
+  for nd, kc in layouts(world):
+    for rank in range(nd * kc):
+      dd, c = divmod(rank, kc)
+      rows = slice(*ROWS[dd]) if nd > 1 else slice(0, N)
+      per = C // kc
+      cols = slice(c * per, (c + 1) * per)
+      for name, (kind, kw, (value, grads)) in truth.items():
+        res = got[rank][(nd, kc)][name]
+        where = f"{name}, layout {nd}x{kc}, rank {rank}"
+        reduced = value.ndim == 0
+        want_value = value if reduced else value[rows]
+        torch.testing.assert_close(res["value"], want_value, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, w=where: f"{w}: {m}")
+        # Each data rank returns n * local_sum / global_denominator (DDP averages the
+        # gradients of the parameters over the data group; a leaf logit is not averaged).
+        scale = nd if reduced and nd > 1 else 1
+        for key, g in grads.items():
+          want = g[rows][:, cols] * scale
+          torch.testing.assert_close(res["grads"][key], want, rtol=1e-10, atol=1e-12,
+                                     msg=lambda m, w=where, k=key: f"{w}, d/d{k}: {m}")
+          assert (want != 0).any(), where  # a real signal, not 0 = 0
+          checked += 1
+  return checked
+
+
+def _run(world: int, ref, tmp_path: Path) -> None:
+  got = _spawn(world, ref.free_port(), tmp_path)
+  assert _check(world, got) >= len(cases(make_data())) * world
+
+
+def test_two_ranks_split_the_classes(ref, tmp_path):
+  _run(2, ref, tmp_path)
+
+
+def test_four_ranks_split_the_classes_and_two_by_two_data_by_class(ref, tmp_path):
+  _run(4, ref, tmp_path)
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
