@@ -37,7 +37,8 @@ def _weighted_log(weight: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
 
 
 def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
-          differentiable: bool = False, with_loss: bool = True
+          differentiable: bool = False, with_loss: bool = True,
+          total: torch.Tensor | None = None
           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
   """Per-row loss (class axis kept, size 1) and (optionally) dL/dz from a chunk's
   log-softmax.
@@ -46,7 +47,19 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
   to 1) is moved to ``-tiny``, where ``q = -expm1(l) = tiny`` and ``r = l / expm1(l) = 1``
   are the limits to float precision. ``differentiable=True`` (double backward) uses a
   ``where``-guarded power instead, whose derivative is 0, not NaN, at ``q = 0``.
+  ``total``: the per-row ``W`` when this chunk holds a slice of the classes (the sum over
+  every rank's slice); None: ``W`` is this chunk's own row sum.
   """
+  loss, s, w = loss_and_w(log_s, y, alpha, gamma, with_grad, differentiable, with_loss)
+  if not with_grad:
+    return loss, None
+  return loss, s * (w.sum(1, keepdim=True) if total is None else total) - w
+
+
+def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
+               differentiable: bool = False, with_loss: bool = True
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+  """The per-row loss, ``s`` and ``w`` (None unless ``with_grad``) of :func:`terms`."""
   y = y.to(log_s.dtype)
   weight = y if alpha is None else alpha * y
   plain = isinstance(gamma, float) and gamma == 0.0
@@ -63,7 +76,7 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
       weight = weight * torch.exp2(torch.log2(-em1).mul_(gamma))
   loss = -_weighted_log(weight, log_s).sum(1, keepdim=True) if with_loss else None
   if not with_grad:
-    return loss, None
+    return loss, None, None
   s = torch.exp(log_s) if differentiable else _softmax.exp_(log_s.clone())
   if plain:
     w = weight
@@ -77,7 +90,7 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
     w = weight * (1.0 + gamma * s * r)
   else:
     w = weight * (1.0 + gamma * s * (log_c / em1))
-  return loss, s * w.sum(1, keepdim=True) - w
+  return loss, s, w
 
 
 def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -133,3 +146,70 @@ class CategoricalFocalFunction(torch.autograd.Function):
       # Masked rows are exactly 0, whatever their logits (NaN * 0 is NaN).
       out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
     return out, None, None, None, None, None
+
+
+def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tensor:
+  """The log-sum-exp of the whole rows when ``z3`` holds this rank's slice of the classes:
+  each rank's ``(m, S)`` chunk by chunk (``m`` its row maximum, at least the lowest finite
+  number, so that a slice of ``-inf`` adds 0), then a MAX and a SUM all-reduce."""
+  cdt = compute_dtype(z3.dtype)
+  rows = _chunking.row_shape(z3.shape)
+  m = torch.empty(rows, dtype=cdt, device=z3.device)
+  s = torch.empty(rows, dtype=cdt, device=z3.device)
+  lowest = torch.finfo(cdt).min
+  for idx in _chunking.chunks(z3.shape, elements):
+    w = z3[idx].to(cdt)
+    mi = w.amax(1, keepdim=True).clamp_min(lowest)
+    m[idx] = mi
+    s[idx] = torch.exp(w - mi).sum(1, keepdim=True)
+  big_m = split.row_max(m)
+  (s,) = split.row_sum(s * torch.exp(m - big_m))
+  return big_m + s.log()
+
+
+class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
+  """:class:`CategoricalFocalFunction` when ``z3`` and ``y3`` hold this rank's slice of the
+  classes (``split``, a ``_class_split.ClassSplit``; ``alpha``/``gamma`` cut to the slice).
+
+  Forward: the whole rows' log-sum-exp (a MAX and a SUM all-reduce), then each rank's
+  per-row loss and ``W`` (the sum of ``w_c`` over its classes) summed over the group in one
+  more SUM all-reduce. Every rank returns the whole rows' losses; the backward writes
+  ``s_j W - w_j`` for its own classes from the saved log-sum-exp and ``W``, with no
+  communication.
+  """
+
+  @staticmethod
+  def forward(ctx, z3, y3, valid, alpha, gamma, elements, split):  # pylint: disable=W0221
+    cdt = compute_dtype(z3.dtype)
+    lse = _split_lse(z3, elements, split)
+    rows = _chunking.row_shape(z3.shape)
+    loss = torch.empty(rows, dtype=cdt, device=z3.device)
+    total = torch.empty(rows, dtype=cdt, device=z3.device)
+    for idx in _chunking.chunks(z3.shape, elements):
+      part, _, w = loss_and_w(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma,
+                              with_grad=True)
+      loss[idx] = part
+      total[idx] = w.sum(1, keepdim=True)
+    loss, total = split.row_sum(loss, total)
+    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
+    ctx.save_for_backward(z3, y3, valid, lse, total, *hyper)
+    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
+    ctx.elements = elements
+    ctx.fn = split.fn
+    return _mask(loss, valid)
+
+  @staticmethod
+  def backward(ctx, go):  # pylint: disable=W0221
+    if torch.is_grad_enabled():
+      raise _softmax._no_double_backward(ctx.fn)  # pylint: disable=protected-access
+    z3, y3, valid, lse, total, alpha_t, gamma_t = ctx.saved_tensors
+    alpha = alpha_t if alpha_t is not None else ctx.floats[0]
+    gamma = gamma_t if gamma_t is not None else ctx.floats[1]
+    cdt = compute_dtype(z3.dtype)
+    go = _mask(go.to(cdt), valid)
+    out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
+    for idx in _chunking.chunks(z3.shape, ctx.elements):
+      _, part = terms(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma, with_grad=True,
+                      with_loss=False, total=total[idx])
+      out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
+    return out, None, None, None, None, None, None

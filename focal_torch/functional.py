@@ -351,6 +351,7 @@ def categorical_focal(
     dim: int = 1,
     process_group: Any = None,
     sample_weight: Any = None,
+    class_process_group: Any = None,
 ) -> torch.Tensor:
   r"""Softmax focal loss for probability targets (smoothed one-hot, mixup, distillation).
 
@@ -377,6 +378,11 @@ def categorical_focal(
     process_group: as in :func:`softmax_focal`.
     sample_weight: as in :func:`softmax_focal`, one weight per row (broadcastable to
       ``logits``' shape without ``dim``).
+    class_process_group: as in :func:`softmax_focal`: each rank's ``logits`` and
+      ``targets`` hold its contiguous slice of the ``C`` classes along ``dim``;
+      ``alpha``/``gamma`` vectors are the global ``(C,)`` ones. The forward all-reduces
+      per-row numbers only (a MAX and two SUMs; ``"mean_positive"`` adds a MAX and a MIN
+      for the global argmax of the targets); the backward has no communication.
 
   Returns:
     Per-row losses (``logits``' shape without ``dim``) for ``"none"``, else a scalar; in
@@ -385,7 +391,10 @@ def categorical_focal(
   Raises:
     TypeError: non-tensor or integer ``logits`` or ``targets``; a non-bool ``where``.
     ValueError: ``gamma < 0``; ``alpha``/``gamma`` of the wrong shape; an unknown
-      ``reduction``; ``targets``/``where`` of the wrong shape.
+      ``reduction``; ``targets``/``where`` of the wrong shape; with
+      ``class_process_group``, ``(C,)`` ``alpha``/``gamma`` whose length the group size
+      does not divide, or ranks holding different numbers of classes.
+    RuntimeError: ``create_graph=True`` with ``class_process_group``.
 
   Shape:
     - logits, targets: ``(N, C)`` or ``(N, C, d1, ...)``.
@@ -403,6 +412,11 @@ def categorical_focal(
   if num_classes == 0:
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
                      f"{_checks.shape_str(logits.shape)}, class dim {dim})")
+  split = None
+  if class_process_group is not None:
+    split = _class_split.resolve(fn, class_process_group, num_classes, alpha=alpha,
+                                 gamma=gamma)
+    num_classes = split.num_classes
   reduction = _checks.reduction(fn, reduction)
   background_class = _checks.optional_int(fn, "background_class", background_class)
   alpha = _checks.class_param(fn, "alpha", alpha, num_classes, what_classes=_PER_CLASS,
@@ -432,14 +446,22 @@ def categorical_focal(
   y3 = _chunking.as_rows(targets, dim)
   valid3 = None if where is None else where.reshape(_chunking.row_shape(z3.shape))
   elements = _chunking.chunk_elements(z3.numel())
-  loss = _categorical.CategoricalFocalFunction.apply(
-      z3, y3, valid3, _class_vector(_traced(alpha, cdt, logits), cdt, logits.device, z3.shape),
-      _class_vector(_traced(gamma, cdt, logits), cdt, logits.device, z3.shape), elements
-  ).reshape(row_shape)
-  loss = _checks.weigh(loss, weight, where)
+  if split is None:
+    loss = _categorical.CategoricalFocalFunction.apply(
+        z3, y3, valid3,
+        _class_vector(_traced(alpha, cdt, logits), cdt, logits.device, z3.shape),
+        _class_vector(_traced(gamma, cdt, logits), cdt, logits.device, z3.shape), elements)
+  else:
+    loss = _categorical.ClassSplitCategoricalFocalFunction.apply(
+        z3, y3, valid3,
+        _class_vector(split.class_slice(alpha), cdt, logits.device, z3.shape),
+        _class_vector(split.class_slice(gamma), cdt, logits.device, z3.shape), elements,
+        split)
+  loss = _checks.weigh(loss.reshape(row_shape), weight, where)
   positive = None
   if reduction == "mean_positive":
-    positive = targets.argmax(dim) != background_class
+    top = targets.argmax(dim) if split is None else split.argmax(targets, dim)
+    positive = top != background_class
     if where is not None:
       positive = positive & where
   return _reduce.reduce_loss(loss, reduction, valid=where, positive=positive,

@@ -169,6 +169,8 @@ class CategoricalFocalLoss(_FocalBase):
     background_class: a row is positive iff ``argmax(targets) != background_class``.
     dim: the class axis.
     process_group: as in :class:`SoftmaxFocalLoss`.
+    class_process_group: as in :class:`SoftmaxFocalLoss` (``targets`` sliced like the
+      logits); see :func:`focal_torch.categorical_focal`.
 
   Raises:
     TypeError, ValueError: at construction, for the hyperparameters (as the functional).
@@ -183,9 +185,12 @@ class CategoricalFocalLoss(_FocalBase):
   """
 
   def __init__(self, *, alpha: Any = None, gamma: Any = 2.0, reduction: str = "mean",
-               background_class: int = 0, dim: int = 1, process_group: Any = None) -> None:
+               background_class: int = 0, dim: int = 1, process_group: Any = None,
+               class_process_group: Any = None) -> None:
     super().__init__()
     fn = type(self).__name__
+    self.class_process_group = _class_split.check_at_construction(
+        fn, class_process_group, alpha=alpha, gamma=gamma)
     alpha = _checks.class_param(fn, "alpha", alpha, None)
     gamma = _checks.class_param(fn, "gamma", gamma, None, allow_none=False)
     self._set_hypers(alpha, gamma)
@@ -199,4 +204,5 @@ class CategoricalFocalLoss(_FocalBase):
     return functional.categorical_focal(
         logits, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction,
         where=where, background_class=self.background_class, dim=self.dim,
-        process_group=self.process_group, sample_weight=sample_weight)
+        process_group=self.process_group, sample_weight=sample_weight,
+        class_process_group=self.class_process_group)

@@ -76,6 +76,12 @@ def cases(d: dict) -> list[tuple[str, str, dict]]:
   out.append(("module-softmax-mean", "module-softmax", dict(
       alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.05, reduction="mean",
       ignore_index=-100)))
+  for r in REDUCTIONS:
+    out.append((f"categorical-{r}", "categorical", dict(
+        alpha=d["alpha"], gamma=d["gamma"], where=d["where"], sample_weight=d["sw"],
+        reduction=r)))
+  out.append(("module-categorical-mean_positive", "module-categorical", dict(
+      gamma=1.5, reduction="mean_positive")))
   return out
 
 
@@ -97,6 +103,14 @@ def reference(kind: str, kw: dict, d: dict) -> tuple[torch.Tensor, dict]:
     key, lab = ("z3", "labels3") if kind == "softmax3d" else ("z", "labels")
     z = d[key].clone().requires_grad_()
     out = _reference_softmax(z, d[lab], kw)
+    (g,) = torch.autograd.grad(out.sum(), z)
+    return out.detach(), {"z": g}
+  if kind in ("categorical", "module-categorical"):
+    z = d["z"].clone().requires_grad_()
+    out = focal_reference.categorical_focal(
+        z, d["probs"], alpha=kw.get("alpha"), gamma=kw.get("gamma", 2.0), axis=1,
+        where=kw.get("where"), reduction=kw.get("reduction", "mean"),
+        background_class=kw.get("background_class", 0), sample_weight=kw.get("sample_weight"))
     (g,) = torch.autograd.grad(out.sum(), z)
     return out.detach(), {"z": g}
   raise AssertionError(kind)
@@ -151,6 +165,17 @@ def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
       loss = fn(z, d[lab][lay.rows], where)
     else:
       loss = focal_torch.softmax_focal(z, d[lab][lay.rows], **kw, **groups)
+    loss.sum().backward()
+    grads["z"] = z.grad
+  elif kind in ("categorical", "module-categorical"):
+    z = d["z"][lay.rows][:, lay.cols].clone().requires_grad_()
+    y = d["probs"][lay.rows][:, lay.cols]
+    if kind == "module-categorical":
+      fn = focal_torch.CategoricalFocalLoss(**kw, class_process_group=lay.class_arg,
+                                            process_group=lay.data_group)
+      loss = fn(z, y)
+    else:
+      loss = focal_torch.categorical_focal(z, y, **kw, **groups)
     loss.sum().backward()
     grads["z"] = z.grad
   else:
