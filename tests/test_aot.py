@@ -18,12 +18,12 @@ from focal_bench import aot
 # Measured with jax 0.10.2, libtpu 0.0.42.1 at 24477e5 (BENCHMARKS.md, "Accelerators, compiled
 # without a device").
 TPU_BUDGETS = {
-    # Measured 3.001x (the per-row scalars over the 2x floor): a hair over the target 3.0x (1.5x
-    # the floor), so today's value + 2 %. Temporaries: target held.
-    ("softmax", 2048, 30522, "float32"): (3.06, aot.TEMP_LIMIT),
+    # Measured 3.001x: the target, 1.5x the 2x floor plus the per-row vectors (labels, loss,
+    # row statistics: aot.ROW_SLACK, 2 %), held. Temporaries: target held.
+    ("softmax", 2048, 30522, "float32"): (3.0 * aot.ROW_SLACK, aot.TEMP_LIMIT),
     # Measured 3.002x, no temporaries (the bf16 logits are converted inside the fusions): bytes
     # as float32 above; temporaries: target held.
-    ("softmax", 2048, 30522, "bfloat16"): (3.06, aot.TEMP_LIMIT),
+    ("softmax", 2048, 30522, "bfloat16"): (3.0 * aot.ROW_SLACK, aot.TEMP_LIMIT),
     # Measured 6.00x: misses the target 4.5x (1.5x the 3x floor): three row passes with XLA
     # fusions (BENCHMARKS.md). Temporaries: target held.
     ("categorical", 2048, 30522, "float32"): (6.12, aot.TEMP_LIMIT),
@@ -31,6 +31,9 @@ TPU_BUDGETS = {
     ("sigmoid", 2048, 30522, "bfloat16"): (3.0 * aot.SIGMOID_FACTOR, aot.TEMP_LIMIT),
     # Measured 7.62x: the target 10.72x (1.25x optax's 8.57x) held. Temporaries: held.
     ("softmax", 16384, 91, "float32"): (10.72, aot.TEMP_LIMIT),
+    # Measured 17.52x at b26be13: optax 14.01x, so a hair over the target 17.51x (1.25x optax);
+    # today's value + 2 %. Was 600x before the one-pass row statistics. Temporaries: held.
+    ("softmax", 65536, 2, "float32"): (17.87, aot.TEMP_LIMIT),
 }
 
 
