@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from focal_torch import _checks
+from focal_torch import _class_split
 from focal_torch import _reduce
 from focal_torch import _softmax
 
@@ -260,6 +261,119 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     return _finish(grads.tensors(), ctx.dtypes) + nones
 
 
+def _split_chunk_terms(z: torch.Tensor, t: torch.Tensor, owned: torch.Tensor, eps: float,
+                       split: Any, alpha: Any, gamma: Any, valid: torch.Tensor,
+                       bad: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+  """:func:`_chunk_terms` when ``z`` holds this rank's slice of the classes (``t`` labels
+  local to it, ``owned`` the rows whose target it holds): the per-row statistics are
+  all-reduced over the class group (one MAX, one SUM). ``z`` is overwritten with
+  ``exp(z - m)`` (0 at owned targets), ``m`` this rank's largest non-target logit. Returns
+  ``(loss, m, lse_o, A, B, G)``."""
+  zero = torch.zeros((), dtype=z.dtype, device=z.device)
+  zt = torch.where(owned, z.gather(1, t), zero)
+  sum_z = z.sum(1, keepdim=True) if eps else None
+  m, s = _softmax.exp_others_(z, t, owned)
+  zt, lse_o, sum_z = _softmax.combine_split(m, s, zt, sum_z, split)
+  loss, a, b, g = _softmax.row_terms(zt, lse_o, sum_z, split.num_classes, alpha, gamma, eps,
+                                     valid, bad)
+  return loss, m, lse_o, a, b, g
+
+
+def _split_grad_in_place(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor,
+                         m: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
+                         b: torch.Tensor | None, g: torch.Tensor,
+                         valid: torch.Tensor) -> torch.Tensor:
+  """:func:`_grad_in_place` for a slice of the classes: ``e = exp(z - m)`` becomes
+  ``A exp(z - lse_o) - B`` (``exp(m - lse_o) <= 1`` per row), ``G`` at the owned targets;
+  rows not ``valid`` exactly 0."""
+  zero = torch.zeros((), dtype=a.dtype, device=a.device)
+  scale = torch.where(valid, a * torch.exp(m - lse_o), zero)
+  fix = _softmax.masked_rows(valid, lse_o)
+  if fix is not None:
+    e.masked_fill_(fix, 0.0)
+  e.mul_(scale)
+  if b is not None:
+    e.sub_(b)
+  return e.scatter_(1, t, torch.where(owned, g, e.gather(1, t)))
+
+
+class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
+  """:class:`LinearSoftmaxFocalFunction` when ``weight``/``bias`` hold this rank's rows of
+  the ``(V, H)`` weight (``split``, a ``_class_split.ClassSplit``; ``t`` global labels).
+
+  Each chunk's per-row statistics are all-reduced over the class group in the forward (a
+  MAX and a SUM per chunk); every rank returns the whole loss. The gradients of this rank's
+  ``weight`` and ``bias`` rows are its own; the gradient of ``hidden`` is this rank's
+  contribution (the sum over its classes), which the caller sums over the class group. No
+  communication in the backward.
+  """
+
+  @staticmethod
+  def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps,  # pylint: disable=W0221
+              rows, summed, sw, split):
+    n = hidden.shape[0]
+    t_loc, owned = split.localize(t)
+    chunker = _Chunker(hidden, weight, bias, rows)
+    loss = torch.empty((n, 1), dtype=chunker.cdt, device=hidden.device)
+    needs = tuple(ctx.needs_input_grad[:3])
+    grads = _Grads(chunker, bias, needs) if summed and any(needs) else None
+    per_row = None if summed else [torch.empty((n, 1), dtype=chunker.cdt,
+                                               device=hidden.device) for _ in range(4)]
+    with_b = bool(eps)
+    for start in range(0, n, rows):
+      r = slice(start, min(n, start + rows))
+      z = chunker.logits(r)
+      lr, m, lse_o, a, b, g = _split_chunk_terms(
+          z, t_loc[r], owned[r], eps, split, _rows(alpha, r), _rows(gamma, r), valid[r],
+          None if bad is None else bad[r])
+      if sw is not None:  # per-row weights scale the loss and its gradient
+        wr = sw[r]
+        lr, a, g = lr * wr, a * wr, g * wr
+        b = None if b is None else b * wr
+      loss[r] = lr
+      if grads is not None:
+        grads.add(r, _split_grad_in_place(z, t_loc[r], owned[r], m, lse_o, a, b, g, valid[r]),
+                  valid[r])
+      elif per_row is not None:
+        per_row[0][r], per_row[2][r], per_row[3][r] = a, g, lse_o
+        if with_b:
+          per_row[1][r] = b
+    ctx.summed = summed
+    ctx.rows = rows
+    ctx.with_b = with_b
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.fn = split.fn
+    if summed:
+      ctx.save_for_backward(*(grads.tensors() if grads is not None else (None,) * 3))
+      return loss.sum()
+    if not with_b:
+      per_row[1] = None
+    ctx.save_for_backward(hidden, weight, bias, t_loc, owned, valid, *per_row)
+    return loss
+
+  @staticmethod
+  def backward(ctx, go):  # pylint: disable=W0221
+    if torch.is_grad_enabled():
+      raise _softmax._no_double_backward(ctx.fn)  # pylint: disable=protected-access
+    nones = (None,) * 10
+    saved = ctx.saved_tensors
+    if ctx.summed:
+      return _finish(saved, ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
+    hidden, weight, bias, t_loc, owned, valid, a, b, g, lse_o = saved
+    go = go.to(a.dtype)
+    n = hidden.shape[0]
+    chunker = _Chunker(hidden, weight, bias, ctx.rows)
+    grads = _Grads(chunker, bias, tuple(ctx.needs_input_grad[:3]))
+    for start in range(0, n, ctx.rows):
+      r = slice(start, min(n, start + ctx.rows))
+      z = chunker.logits(r)
+      _softmax.chunk_grad(z, t_loc[r], lse_o[r], a[r] * go[r],
+                          b[r] * go[r] if ctx.with_b else None, g[r] * go[r], z, None,
+                          _softmax.masked_rows(valid[r], lse_o[r]), owned[r])
+      grads.add(r, z, valid[r])
+    return _finish(grads.tensors(), ctx.dtypes) + nones
+
+
 def linear_softmax_focal(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -276,6 +390,7 @@ def linear_softmax_focal(
     background_class: int = 0,
     process_group: Any = None,
     sample_weight: Any = None,
+    class_process_group: Any = None,
 ) -> torch.Tensor:
   r"""Softmax focal loss of a linear layer's output, without materializing the logits.
 
@@ -301,8 +416,25 @@ def linear_softmax_focal(
     background_class: as in :func:`focal_torch.softmax_focal`.
     process_group: as in :func:`focal_torch.softmax_focal`.
     sample_weight: one weight per row, of ``labels``' shape or broadcastable to it.
+    class_process_group: None, ``"world"`` (resolved at each call) or the
+      ``torch.distributed`` group over which the vocabulary is split (as Megatron's
+      column-parallel output layer): rank ``r`` of the ``k`` ranks holds the rows
+      ``[r V/k, (r + 1) V/k)`` of the ``(V, H)`` weight (and those entries of the bias),
+      so ``weight`` is ``(V/k, H)``; ``hidden`` and ``labels`` (global ids) are the same on
+      every rank, ``alpha``/``gamma`` vectors the global ``(V,)`` ones. Each chunk's
+      per-row statistics are all-reduced (a MAX and a SUM of ``(chunk,)``-sized tensors);
+      every rank returns the whole loss. ``weight.grad`` and ``bias.grad`` are the
+      gradients of the rank's own rows. **The gradient of** ``hidden`` **is this rank's
+      contribution only** (the sum over its ``V/k`` classes): the caller sums it over the
+      class group, ``torch.distributed.all_reduce(hidden.grad, group=class_process_group)``
+      for a leaf ``hidden``, or, when ``hidden`` comes from layers replicated over the class
+      group, a hook on the tensor passed here that returns the all-reduced gradient (what
+      Megatron's ``copy_to_tensor_model_parallel_region`` does in its backward).
+      Combines with ``process_group`` (the data group, DDP over it).
+      ``create_graph=True`` is not supported with it.
 
-  ``create_graph=True`` works (the backward of the backward materializes the logits).
+  ``create_graph=True`` works without ``class_process_group`` (the backward of the
+  backward materializes the logits).
 
   Returns:
     Per-row losses of ``labels``' shape for ``reduction="none"``, else a scalar; in
@@ -313,7 +445,10 @@ def linear_softmax_focal(
       dtype than ``hidden``; the same argument errors as ``softmax_focal``.
     ValueError: ``weight`` not ``(V, H)`` with ``H = hidden.shape[-1]``; ``bias`` not
       ``(V,)``; ``chunk_size < 1``; ``labels``/``where`` not of shape ``hidden.shape[:-1]``;
-      the hyperparameter errors of ``softmax_focal``.
+      the hyperparameter errors of ``softmax_focal``; with ``class_process_group``,
+      ``(V,)`` ``alpha``/``gamma`` whose length the group size does not divide, or ranks
+      holding different numbers of rows of the weight.
+    RuntimeError: ``create_graph=True`` with ``class_process_group``.
 
   Shape:
     - hidden: ``(N, H)`` or ``(*, H)``; weight: ``(V, H)``; bias: ``(V,)``.
@@ -355,8 +490,13 @@ def linear_softmax_focal(
     chunk_size = _checks.optional_int(fn, "chunk_size", chunk_size, allow_none=True)
     if chunk_size < 1:
       raise ValueError(f"{fn}: chunk_size must be None or >= 1, got {chunk_size}")
+  split = None
+  num_classes = v
+  if class_process_group is not None:
+    split = _class_split.resolve(fn, class_process_group, v, alpha=alpha, gamma=gamma)
+    num_classes = split.num_classes
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-      _checks.check_softmax_hypers(fn, v, alpha=alpha, gamma=gamma,
+      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
                                    label_smoothing=label_smoothing, reduction=reduction,
                                    ignore_index=ignore_index,
                                    background_class=background_class,
@@ -371,7 +511,7 @@ def linear_softmax_focal(
   cdt = _softmax.compute_dtype(hidden.dtype)
   weights = _checks.sample_weight(fn, sample_weight, expected, hidden, cdt)
   valid, bad, safe, positive = _checks.softmax_masks(
-      fn, labels, where, v, ignore_index,
+      fn, labels, where, num_classes, ignore_index,
       background_class if reduction == "mean_positive" else None)
 
   h2 = hidden.reshape(-1, h)
@@ -385,10 +525,13 @@ def linear_softmax_focal(
                                                            device=hidden.device))
   rows = chunk_size or default_chunk_rows(n, v)
   summed = reduction != "none"
-  out = LinearSoftmaxFocalFunction.apply(
-      h2, weight, bias, t, valid2, None if bad is None else bad.reshape(n, 1),
-      _softmax.per_row(alpha, t, cdt), _softmax.per_row(gamma, t, cdt), eps, max(1, rows),
-      summed, sw)
+  args = (h2, weight, bias, t, valid2, None if bad is None else bad.reshape(n, 1),
+          _softmax.per_row(alpha, t, cdt), _softmax.per_row(gamma, t, cdt), eps, max(1, rows),
+          summed, sw)
+  if split is None:
+    out = LinearSoftmaxFocalFunction.apply(*args)
+  else:
+    out = ClassSplitLinearSoftmaxFocalFunction.apply(*args, split)
   if not summed:
     return out.reshape(labels.shape).to(hidden.dtype)
   return _reduce.finish(out, reduction, count=n, valid=valid, positive=positive,

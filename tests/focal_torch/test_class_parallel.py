@@ -82,6 +82,21 @@ def cases(d: dict) -> list[tuple[str, str, dict]]:
         reduction=r)))
   out.append(("module-categorical-mean_positive", "module-categorical", dict(
       gamma=1.5, reduction="mean_positive")))
+  for r in REDUCTIONS:
+    out.append((f"linear-{r}", "linear", dict(
+        alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.1, where=d["where"],
+        sample_weight=d["sw"], reduction=r, ignore_index=-100, chunk_size=3)))
+  out.append(("linear-nobias-mean", "linear-nobias", dict(gamma=2.0, reduction="mean")))
+  # DistributedDataParallel over the data group (2 x 2 layout only): a column-parallel
+  # nn.Linear whose rows are this rank's classes, the loss called from forward.
+  out.append(("ddp-softmax-mean_positive", "ddp-softmax", dict(
+      alpha=d["alpha"], gamma=0.5, label_smoothing=0.1, where=d["where"],
+      reduction="mean_positive", ignore_index=-100)))
+  out.append(("ddp-linear-mean", "ddp-linear", dict(
+      gamma=d["gamma"], sample_weight=d["sw"], reduction="mean", ignore_index=-100,
+      chunk_size=4)))
+  out.append(("ddp-categorical-mean", "ddp-categorical", dict(
+      alpha=d["alpha"], gamma=1.5, where=d["where"], reduction="mean")))
   return out
 
 
@@ -113,7 +128,21 @@ def reference(kind: str, kw: dict, d: dict) -> tuple[torch.Tensor, dict]:
         background_class=kw.get("background_class", 0), sample_weight=kw.get("sample_weight"))
     (g,) = torch.autograd.grad(out.sum(), z)
     return out.detach(), {"z": g}
-  raise AssertionError(kind)
+  x, w, b = (d[k].clone().requires_grad_() for k in ("x", "w", "b"))
+  z = x @ w.t() + (0 if kind == "linear-nobias" else b)
+  if kind == "ddp-categorical":
+    out = focal_reference.categorical_focal(
+        z, d["probs"], alpha=kw.get("alpha"), gamma=kw["gamma"], axis=1,
+        where=kw.get("where"), reduction=kw["reduction"])
+  else:
+    out = _reference_softmax(z, d["labels"], kw)
+  if kind == "linear-nobias":
+    gx, gw = torch.autograd.grad(out.sum(), (x, w))
+    return out.detach(), {"x": gx, "w": gw}
+  gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+  if kind.startswith("ddp-"):
+    return out.detach(), {"w": gw, "b": gb}
+  return out.detach(), {"x": gx, "w": gw, "b": gb}
 
 
 # ------------------------------------------------------------------------------ the worker
@@ -139,6 +168,21 @@ class Layout:
     self.rows = slice(*ROWS[self.d]) if nd > 1 else slice(0, N)
     per = C // kc
     self.cols = slice(self.c * per, (self.c + 1) * per)
+
+
+class _Net(torch.nn.Module):
+  """This rank's rows of the head as an ``nn.Linear``; forward returns a loss of it (DDP
+  syncs the gradients of what forward uses)."""
+
+  def __init__(self, w: torch.Tensor, b: torch.Tensor) -> None:
+    super().__init__()
+    self.linear = torch.nn.Linear(w.shape[1], w.shape[0], dtype=F64)
+    with torch.no_grad():
+      self.linear.weight.copy_(w)
+      self.linear.bias.copy_(b)
+
+  def forward(self, fn):
+    return fn(self.linear)
 
 
 def _rows_of(kw: dict, rows: slice) -> dict:
@@ -178,6 +222,44 @@ def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
       loss = focal_torch.categorical_focal(z, y, **kw, **groups)
     loss.sum().backward()
     grads["z"] = z.grad
+  elif kind in ("linear", "linear-nobias"):
+    x = d["x"][lay.rows].clone().requires_grad_()
+    w = d["w"][lay.cols].clone().requires_grad_()
+    b = None if kind == "linear-nobias" else d["b"][lay.cols].clone().requires_grad_()
+    loss = focal_torch.linear_softmax_focal(x, w, d["labels"][lay.rows], bias=b, **kw,
+                                            **groups)
+    loss.sum().backward()
+    # The caller's step: hidden's gradient summed over the class group.
+    dist.all_reduce(x.grad, group=lay.class_group)
+    grads["x"] = x.grad
+    for key, p in (("w", w), ("b", b)):
+      if p is None:
+        continue
+      if lay.data_group is not None:  # the data-parallel step DDP would take
+        dist.all_reduce(p.grad, group=lay.data_group)
+        p.grad /= lay.nd if loss.ndim == 0 else 1
+      grads[key] = p.grad
+  elif kind.startswith("ddp-"):
+    if lay.data_group is None:
+      return None
+    from torch.nn.parallel import DistributedDataParallel  # pylint: disable=import-outside-toplevel
+    net = DistributedDataParallel(_Net(d["w"][lay.cols], d["b"][lay.cols]),
+                                  process_group=lay.data_group)
+    x = d["x"][lay.rows]
+    if kind == "ddp-softmax":
+      target = d["labels"][lay.rows]
+      fn = lambda m: focal_torch.softmax_focal(m(x), target, **kw, **groups)
+    elif kind == "ddp-categorical":
+      target = d["probs"][lay.rows][:, lay.cols]
+      fn = lambda m: focal_torch.categorical_focal(m(x), target, **kw, **groups)
+    else:
+      target = d["labels"][lay.rows]
+      fn = lambda m: focal_torch.linear_softmax_focal(x, m.weight, target, bias=m.bias, **kw,
+                                                      **groups)
+    loss = net(fn)
+    loss.backward()
+    grads["w"] = net.module.linear.weight.grad
+    grads["b"] = net.module.linear.bias.grad
   else:
     raise AssertionError(kind)
   value = loss.detach().clone()
@@ -244,6 +326,9 @@ def _check(world: int, got: list[dict]) -> int:
       cols = slice(c * per, (c + 1) * per)
       for name, (kind, kw, (value, grads)) in truth.items():
         res = got[rank][(nd, kc)][name]
+        if res is None:  # a DDP case in a layout without a data group
+          assert kind.startswith("ddp-") and nd == 1
+          continue
         where = f"{name}, layout {nd}x{kc}, rank {rank}"
         reduced = value.ndim == 0
         want_value = value if reduced else value[rows]
@@ -253,7 +338,10 @@ def _check(world: int, got: list[dict]) -> int:
         # gradients of the parameters over the data group; a leaf logit is not averaged).
         scale = nd if reduced and nd > 1 else 1
         for key, g in grads.items():
-          want = g[rows][:, cols] * scale
+          # Logits: this rank's rows and classes; hidden: its rows (summed over the class
+          # group by the caller); weight and bias: its classes (averaged over the data).
+          want = {"z": lambda: g[rows][:, cols] * scale, "x": lambda: g[rows] * scale,
+                  "w": lambda: g[cols], "b": lambda: g[cols]}[key]()
           torch.testing.assert_close(res["grads"][key], want, rtol=1e-10, atol=1e-12,
                                      msg=lambda m, w=where, k=key: f"{w}, d/d{k}: {m}")
           assert (want != 0).any(), where  # a real signal, not 0 = 0
