@@ -39,10 +39,18 @@ class _Elems(NamedTuple):
   no_mass: jax.Array  # s = 0 exactly
 
 
-def _elems(z, y, alpha, gamma, top, m, s_rest) -> _Elems:
+def _is_top(top, shape, split):
+  """Where the (global) class index equals the row's top class; `split`: this member's slice."""
+  classes = lax.broadcasted_iota(top.dtype, shape, len(shape) - 1)
+  if split is not None:
+    classes = classes + split.first().astype(top.dtype)
+  return classes == top[..., None]
+
+
+def _elems(z, y, alpha, gamma, top, m, s_rest, split=None) -> _Elems:
   """Elementwise terms from the per-row max and non-top mass; differentiable jnp ops only."""
   z = z.astype(alpha.dtype)
-  is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
+  is_top = _is_top(top, z.shape, split)
   has_rest = s_rest > 0.0
   s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
   log_norm = jnp.log1p(s_rest)  # log sum_c exp(z_c - m); exp(z_top - m) = 1 exactly
@@ -75,35 +83,43 @@ def _y_log_s(coef, el: _Elems) -> jax.Array:
   return jnp.where(el.no_mass, at_no_mass, coef * el.log_s_fin)
 
 
-def _rows(z, y, alpha, gamma, valid) -> _Rows:
+def _rows(z, y, alpha, gamma, valid, split=None) -> _Rows:
   # Logits and targets stay in their dtype outside (converted inside the fusions); math in
   # the compute dtype.
   z = z.astype(alpha.dtype)
   # One read of z for the argmax, the max and the non-top mass. m = z_top itself, not a
   # stop_gradient copy: log(1 + s_rest) below relies on exp(z_top - m) = 1 identically, also
   # in the derivatives of this rule (Hessian).
-  m, top, s_rest = _rowreduce.top_stats(z)
-  is_top = lax.broadcasted_iota(top.dtype, z.shape, z.ndim - 1) == top[..., None]
+  if split is None:
+    m, top, s_rest = _rowreduce.top_stats(z)
+  else:  # whole rows' statistics from every member's slice; top is a global class
+    m, top, s_rest = _rowreduce.split_top_stats(z, split)
+  is_top = _is_top(top, z.shape, split)
   # A NaN logit (m is NaN) or no finite logit (m = -inf): no defined loss, NaN.
   bad = jnp.isnan(m) | (m == -jnp.inf)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  el = _elems(z, y, alpha, gamma, top, m, s_rest)
+  el = _elems(z, y, alpha, gamma, top, m, s_rest, split)
   loss = -jnp.sum(_y_log_s(alpha * y * el.focal, el), axis=-1)
   loss = jnp.where(bad, jnp.nan, loss)
   w_sum = jnp.sum(el.w, axis=-1)
   w_rest = jnp.sum(jnp.where(is_top, 0.0, el.w), axis=-1)
+  if split is not None:  # the sums over the classes of every member
+    loss, w_sum, w_rest = (lax.psum(x, split.axis_name) for x in (loss, w_sum, w_rest))
   return _Rows(top, m, s_rest, jnp.where(valid, loss, 0.0), w_sum, w_rest)
 
 
-def _dot(z, y, alpha, gamma, valid, rows, dz, dy):
-  """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars."""
-  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
+def _dot(z, y, alpha, gamma, valid, rows, dz, dy, split=None):
+  """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars.
+
+  With `split`, the sum over this member's slice of the classes only.
+  """
+  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
   out = jnp.zeros_like(rows.loss)
   # Masked rows: the (.., C) derivatives themselves are set to 0 (not just the output), so
   # that whatever their logits hold (even NaN), reverse mode gives them exactly 0.
   valid_c = valid[..., None]
   if dz is not None:
-    is_top = lax.broadcasted_iota(rows.top.dtype, z.shape, z.ndim - 1) == rows.top[..., None]
+    is_top = _is_top(rows.top, z.shape, split)
     # dloss/dz_j = s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly:
     # no cancellation at the top class as s -> 1.
     others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
@@ -117,27 +133,27 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy):
 # Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
 # recomputed in the backward pass from them. prevent_cse: shared with the forward's row sums,
 # XLA would write those (.., C) terms to memory instead of recomputing them in the fusion.
-_dot_remat = jax.checkpoint(_dot, prevent_cse=True)
+_dot_remat = jax.checkpoint(_dot, prevent_cse=True, static_argnums=(8,))
 
 
 # A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
 # the closed form gradient in log space, finite where autodiff of (1 - s)**gamma is NaN.
-@jax.custom_jvp
-def _focal_rows(z, y, alpha, gamma, valid):
-  return _rows(z, y, alpha, gamma, valid).loss
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _focal_rows(z, y, alpha, gamma, valid, split):
+  return _rows(z, y, alpha, gamma, valid, split).loss
 
 
-def _focal_rows_jvp(primals, tangents):
+def _focal_rows_jvp(split, primals, tangents):
   z, y, alpha, gamma, valid = primals
   dz, dy, dalpha, dgamma, _ = tangents
-  rows = _rows(z, y, alpha, gamma, valid)
+  rows = _rows(z, y, alpha, gamma, valid, split)
   dz = None if isinstance(dz, SymbolicZero) else dz
   dy = None if isinstance(dy, SymbolicZero) else dy
   terms = []
   if dz is not None or dy is not None:
-    terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, dz, dy))
+    terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, dz, dy, split))
   if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
-    el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest)
+    el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
     per_class = jnp.where(valid[..., None], -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
     hyper = jnp.zeros_like(rows.loss)
     if not isinstance(dalpha, SymbolicZero):
@@ -145,7 +161,14 @@ def _focal_rows_jvp(primals, tangents):
     if not isinstance(dgamma, SymbolicZero):
       hyper = hyper + jnp.sum(alpha * per_class * el.log_1m_s * dgamma, axis=-1)
     terms.append(hyper)
-  return rows.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(rows.loss)
+  if not terms:
+    return rows.loss, jnp.zeros_like(rows.loss)
+  tangent = sum(terms[1:], terms[0])
+  if split is not None:
+    # Every term is a sum over this member's classes: the whole rows' tangent sums them over
+    # the members (reverse mode transposes the psum into handing each member the cotangent).
+    tangent = lax.psum(tangent, split.axis_name)
+  return rows.loss, tangent
 
 
 _focal_rows.defjvp(_focal_rows_jvp, symbolic_zeros=True)
@@ -163,6 +186,7 @@ def categorical_focal(
     background_class: int = 0,
     axis_name: Any = None,
     sample_weight: jax.typing.ArrayLike | None = None,
+    class_axis_name: Any = None,
 ) -> jax.Array:
   r"""Categorical focal loss: softmax focal loss with probability targets.
 
@@ -200,6 +224,18 @@ def categorical_focal(
       to the shape of ``logits`` without ``axis``. Each row's loss and gradient are
       multiplied by its weight before the reduction; denominators are unchanged. Never
       differentiated; masked rows stay exactly 0.
+    class_axis_name: optional named axis (``shard_map``) over which the classes are split:
+      member ``r`` of ``k`` holds the contiguous slice ``[r * C / k, (r + 1) * C / k)`` of the
+      classes, i.e. ``logits`` and ``targets`` are its slices of the class axis (both with
+      ``in_specs`` ``P(..., "model")``); a ``(C,)`` ``alpha`` or ``gamma`` is the whole
+      vector, the same on every member (``where`` and ``sample_weight`` are per row, not
+      split). Only per-row statistics cross the axis (``pmax`` of the row max, ``pmin`` of
+      the top class, ``psum`` of the rescaled non-top mass and of the per-row sums of the loss
+      and of the gradient weights; for ``"mean_positive"`` the targets' argmax, a ``pmax``
+      and a ``pmin``). Every member returns the loss of the whole rows, and ``jax.grad``
+      gives each member the gradient of its own slice (``check_vma=True``, shard_map's
+      default; see ``softmax_focal``). Combines with ``axis_name`` on a 2-D (data x class)
+      mesh.
 
   A logit of ``-inf`` on a class without target mass is a masked class (the loss of the
   remaining classes, 0 gradient there; e.g. ``log 2`` for logits ``[-inf, 0, 0]`` and targets
@@ -248,10 +284,18 @@ def categorical_focal(
   cdtype = _checks.compute_dtype(dtype)
   weight = _checks.sample_weight(fn, sample_weight, row_shape, cdtype, what_rows)
   per_class = " (one per class)"
+  split = _checks.class_split(fn, class_axis_name, axis_name, num_classes, "classes of logits")
+  if split is not None:  # alpha and gamma are the whole (C,) vectors
+    for arg, value in (("alpha", alpha), ("gamma", gamma)):
+      _checks.split_class_vector(fn, arg, value, split, "classes of logits")
+    num_classes = split.num_classes
   alpha = _checks.class_param(fn, "alpha", 1.0 if alpha is None else alpha, num_classes,
                               cdtype, nonnegative=True, what_classes=per_class)
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=per_class)
+  if split is not None:  # this member's entries of the class vectors
+    alpha, gamma = (x if x.ndim == 0 else lax.dynamic_slice_in_dim(x, split.first(), split.local)
+                    for x in (alpha, gamma))
   # (C,) vectors act on the (last) class axis, at the rank of the logits.
   alpha = jnp.reshape(alpha, (1,) * (logits.ndim - 1) + alpha.shape) if alpha.ndim else alpha
   gamma = jnp.reshape(gamma, (1,) * (logits.ndim - 1) + gamma.shape) if gamma.ndim else gamma
@@ -263,8 +307,13 @@ def categorical_focal(
   if jnp.promote_types(y.dtype, cdtype) != cdtype:
     y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
-  loss = _focal_rows(z, y, alpha, gamma, valid)
+  loss = _focal_rows(z, y, alpha, gamma, valid, split)
   loss = _checks.apply_sample_weight(loss, weight, where)
-  positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
+  if split is None:
+    positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
+  elif reduction == "mean_positive":  # the whole rows' argmax (two (rows,) collectives)
+    positive = valid & _checks.not_equal(_rowreduce.split_argmax(y, split), background_class)
+  else:
+    positive = None
   return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
                              axis_name=axis_name, dtype=dtype)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from focal_jax import _rowreduce
+
 REDUCTIONS = ("none", "sum", "mean", "mean_positive")
 
 
@@ -243,3 +245,57 @@ def apply_sample_weight(loss: jax.Array, weight: jax.Array | None,
     return loss
   out = loss * weight
   return out if valid is None else jnp.where(valid, out, 0.0)
+
+
+def _names(axis_name: Any) -> tuple:
+  if axis_name is None:
+    return ()
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def class_split(fn: str, class_axis_name: Any, axis_name: Any, local: int,
+                what_local: str) -> _rowreduce.ClassSplit | None:
+  """The split of the class axis over `class_axis_name` (None: not split).
+
+  `local` is the number of classes this member holds (`what_local` says of what, for
+  messages); the whole class count is `local` times the axis size. The axis must be bound
+  (inside shard_map or pmap) and must not also be a data axis (`axis_name`).
+  """
+  if class_axis_name is None:
+    return None
+  names = _names(class_axis_name)
+  shared = [n for n in names if n in _names(axis_name)]
+  if shared:
+    raise ValueError(
+        f"{fn}: class_axis_name and axis_name must name different axes (classes are split "
+        f"over one, rows over the other), got {shared[0]!r} in both")
+  try:
+    size = int(lax.axis_size(class_axis_name) if hasattr(lax, "axis_size")
+               else lax.psum(1, class_axis_name))
+  except NameError:
+    raise ValueError(
+        f"{fn}: class_axis_name must be a named axis bound here (inside shard_map or pmap), "
+        f"got {class_axis_name!r}") from None
+  del what_local
+  return _rowreduce.ClassSplit(class_axis_name, size, int(local), int(local) * size)
+
+
+def split_class_vector(fn: str, arg: str, value: Any, split: _rowreduce.ClassSplit | None,
+                       what_local: str) -> None:
+  """A `(C,)` hyperparameter with split classes is the WHOLE class vector, the same on every
+  member: its length must be `split.num_classes` (its other checks are `class_param`'s)."""
+  if split is None or value is None:
+    return
+  shape = tuple(getattr(value, "shape", None) or np.shape(value))
+  if len(shape) != 1 or shape[0] == split.num_classes:
+    return
+  n = shape[0]
+  if n % split.size:
+    raise ValueError(
+        f"{fn}: the class count C must be divisible by the size {split.size} of "
+        f"class_axis_name {split.axis_name!r} (each member holds C / {split.size} classes), "
+        f"got C = {n} (the length of {arg})")
+  raise ValueError(
+      f"{fn}: {arg} must be a scalar or the whole ({split.num_classes},) class vector "
+      f"({split.local} {what_local} on each of the {split.size} members of class_axis_name "
+      f"{split.axis_name!r}), got shape {shape}")

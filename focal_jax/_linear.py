@@ -14,6 +14,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
 from focal_jax import _reduce
+from focal_jax import _rowreduce
 from focal_jax import _softmax
 
 # Automatic chunk size: about this many logits (chunk * V) per chunk, i.e. 16 MiB in float32.
@@ -60,8 +61,29 @@ def _none_if_zero(x):
   return None if isinstance(x, SymbolicZero) else x
 
 
-def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype):
-  """RowStats of every row (each field of shape (N,)), one (chunk, V) block of logits at a time."""
+def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype,
+                      split=None):
+  """RowStats of every row (each field of shape (N,)), one (chunk, V) block of logits at a time.
+
+  With `split` (the vocabulary split over a named axis, `kernel` and `bias` this member's
+  columns): each chunk gives this member's one-pass partials, combined over the axis once
+  for all rows after the loop ((N,)-sized collectives).
+  """
+  if split is not None:
+    first = split.first()
+
+    def local(_, xs):
+      h_c, t_c = xs
+      z = _logits(h_c, kernel, bias, cdtype)
+      raw = _rowreduce.softmax_stats(z, t_c - first, cdtype)
+      return None, raw + ((jnp.sum(z, axis=-1),) if eps > 0.0 else ())
+    raw = lax.scan(local, None, (_chunked(h, chunk), _chunked(t, chunk)))[1]
+    raw = tuple(x.reshape(-1) for x in raw)
+    m, s_rest, z_t, z_sum = _rowreduce.combine_softmax_stats(
+        *raw[:3], raw[3] if eps > 0.0 else None, split)
+    return _softmax.stats_from_raw(m, s_rest, z_t, z_sum, alpha, gamma, valid, in_range, eps,
+                                   split.num_classes)
+
   def body(_, xs):
     h_c, t_c, a_c, g_c, v_c, r_c = xs
     z = _logits(h_c, kernel, bias, cdtype)
@@ -77,15 +99,17 @@ def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, ch
 # (chunk, V) class iota and broadcast constants of row_stats, extra (chunk, V) buffers that
 # stay alive through the loop. A custom_jvp call whose inputs are all known is not partially
 # evaluated but called as it is, so the loop keeps them inside, where XLA fuses them away.
-_stats_pass = jax.custom_jvp(_stats_pass_plain, nondiff_argnums=(8, 9, 10))
+_stats_pass = jax.custom_jvp(_stats_pass_plain, nondiff_argnums=(8, 9, 10, 11))
 
 
 @_stats_pass.defjvp
-def _stats_pass_jvp(eps, chunk, cdtype, primals, tangents):
-  return jax.jvp(lambda *args: _stats_pass_plain(*args, eps, chunk, cdtype), primals, tangents)
+def _stats_pass_jvp(eps, chunk, cdtype, split, primals, tangents):
+  return jax.jvp(lambda *args: _stats_pass_plain(*args, eps, chunk, cdtype, split), primals,
+                 tangents)
 
 
-def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, tile, cdtype):
+def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, tile, cdtype,
+                  split=None):
   """Row sums of dloss/dz * dz over tile i of the logits, dz = dh W + h dW + db.
 
   Tiles are (tile_rows, block); tile i covers block b = i // (tiles per column) of columns
@@ -93,7 +117,8 @@ def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, til
   row or column tile that would run past the end starts at N - tile_rows or V - block instead
   (where a dynamic slice clamps anyway) and masks the rows or columns the tile before it
   already covered: no array is ever padded or copied to a multiple of the tile.
-  Returns the first row of the tile and its (tile_rows,) row sums.
+  Returns the first row of the tile and its (tile_rows,) row sums. With `split`, `kernel`
+  holds this member's columns of the vocabulary (classes `split.first()` on).
   """
   tile_rows, block = tile
   num_rows, vocab = h.shape[0], kernel.shape[1]
@@ -115,9 +140,13 @@ def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, til
   z = _logits(h_c, kernel_b, None if bias is None else cols(bias), cdtype)
   new_rows = lax.iota(jnp.int32, tile_rows) + row0 >= c * tile_rows
   new_cols = lax.iota(jnp.int32, block) + col0 >= b * block
+  if split is None:
+    first_class, num_classes = col0, vocab
+  else:
+    first_class, num_classes = split.first() + col0, split.num_classes
   g = _softmax.grad_from_stats(z, rows(t), _softmax.RowStats(*map(rows, st)),
-                               valid_c & new_rows, eps, first_class=col0,
-                               num_classes=vocab)
+                               valid_c & new_rows, eps, first_class=first_class,
+                               num_classes=num_classes)
   g = jnp.where(new_cols[None, :], g, 0.0)
   dz = None
   if dh is not None:
@@ -134,7 +163,7 @@ def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, til
 # Checkpointed: reverse mode keeps no tile -- each tile's logits and gradient are recomputed in
 # the backward pass from the inputs and the per-row scalars, so only O(tile) is alive. The
 # transposed loop adds each tile's (H, block) kernel gradient into its columns in place.
-_tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10, 11, 12))
+_tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10, 11, 12, 13))
 
 
 # A custom_jvp (not a custom_vjp, which jax.hessian cannot forward-differentiate). Its rule is
@@ -144,31 +173,38 @@ _tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10, 11, 12))
 # axes under shard_map) automatically, and the transposed scan accumulates the hidden, kernel
 # and bias gradients tile by tile. The per-row math is softmax_focal's (row_stats /
 # grad_from_stats), so both compute the same numbers.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11))
-def _linear_rows(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, tile, cdtype):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _linear_rows(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, tile, cdtype,
+                 split):
   """Per-row losses of softmax_focal(h @ kernel + bias), h of shape (num_chunks * chunk, H)."""
   del tile  # only the derivative is tiled
   return _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk,
-                           cdtype).loss
+                           cdtype, split).loss
 
 
-def _linear_rows_jvp(eps, chunk, tile, cdtype, primals, tangents):
+def _linear_rows_jvp(eps, chunk, tile, cdtype, split, primals, tangents):
   h, kernel, bias, t, alpha, gamma, valid, in_range = primals
   dh, dkernel, dbias, _, dalpha, dgamma, _, _ = map(_none_if_zero, tangents)
   if bias is None:
     dbias = None
-  st = _stats_pass(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype)
+  st = _stats_pass(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype, split)
   tangent = jnp.zeros_like(st.loss)
   if dh is not None or dkernel is not None or dbias is not None:
     num_tiles = -(-h.shape[0] // tile[0]) * -(-kernel.shape[1] // tile[1])
+    if split is not None:  # the loop adds this member's (varying) sums into it
+      tangent = lax.pcast(tangent, split.axis_name, to="varying")
 
     def body(tangent, i):
       row0, sums = _tile_tangent_remat(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps,
-                                       tile, cdtype)
+                                       tile, cdtype, split)
       # Added in place into the rows of the tile (its masked rows add 0).
       total = lax.dynamic_slice_in_dim(tangent, row0, tile[0]) + sums
       return lax.dynamic_update_slice_in_dim(tangent, total, row0, axis=0), None
     tangent = lax.scan(body, tangent, jnp.arange(num_tiles, dtype=jnp.int32))[0]
+    if split is not None:
+      # This member's vocabulary columns' share; the whole rows' tangent sums the members'
+      # (reverse mode transposes it into handing each member the cotangent).
+      tangent = lax.psum(tangent, split.axis_name)
   if dalpha is not None:
     tangent = tangent + st.dloss_dalpha * dalpha
   if dgamma is not None:
@@ -195,6 +231,7 @@ def linear_softmax_focal(
     background_class: int = 0,
     axis_name: Any = None,
     sample_weight: jax.typing.ArrayLike | None = None,
+    class_axis_name: Any = None,
 ) -> jax.Array:
   r"""Softmax focal loss of a linear layer's output, without materializing the logits.
 
@@ -236,6 +273,24 @@ def linear_softmax_focal(
     sample_weight: optional non-negative per-row weights, a scalar or an array broadcastable
       to the shape of ``labels``; they multiply each row's loss and gradients before the
       reduction, with the denominators unchanged. Never differentiated; masked rows stay 0.
+    class_axis_name: optional named axis (``shard_map``) over which the vocabulary is split
+      (vocabulary / tensor parallelism): member ``r`` of ``k`` holds the contiguous slice
+      ``[r * V / k, (r + 1) * V / k)`` of the classes, i.e. ``kernel`` is its ``(H, V / k)``
+      slice of the columns and ``bias`` its ``(V / k,)`` slice (``in_specs``
+      ``P(None, "model")`` and ``P("model")``); ``hidden`` and ``labels`` (global class
+      ids) are the same on every member, and a ``(V,)`` ``alpha`` or ``gamma`` is the whole
+      vector. Only per-row statistics cross the axis, once per call ((N,)-sized ``pmax`` and
+      ``psum``), never logits. Every member returns the loss of the whole rows; ``jax.grad``
+      gives each member the gradient of its own ``kernel`` and ``bias`` slices, and as the
+      gradient w.r.t. ``hidden`` its own contribution (the sum over its classes), which is to
+      be ``lax.psum``-ed over ``class_axis_name`` (Megatron's column-parallel backward).
+      With ``hidden`` replicated over that axis under ``check_vma=True`` (shard_map's
+      default), JAX does that ``psum`` itself: the transpose of the implicit broadcast of
+      ``hidden`` to the members sums their contributions, both for ``jax.grad`` inside the
+      body and outside a ``shard_map`` with ``hidden`` replicated, so the gradient that comes
+      out is already whole (``psum`` it again and it is ``k`` times too big). Sum it yourself
+      where ``hidden`` varies over the axis (``check_vma=False``, or ``hidden`` produced per
+      member). Combines with ``axis_name`` on a 2-D (data x class) mesh.
 
   No rows (``N = 0``) give an empty (or 0) loss and zero gradients. Non-finite logits follow
   ``softmax_focal``; a masked row's features add exactly 0 to every gradient, even if they
@@ -283,6 +338,10 @@ def linear_softmax_focal(
         f"{hidden.shape}), got shape {kernel.shape}")
   # No shape in the message: the kernel is (H, V) here and torch's weight (V, H).
   vocab = _checks.num_classes(fn, "kernel", kernel.shape[1], "V = 0")
+  split = _checks.class_split(fn, class_axis_name, axis_name, vocab, "columns of kernel")
+  if split is not None:  # alpha and gamma are the whole (V,) vectors
+    for arg, value in (("alpha", alpha), ("gamma", gamma)):
+      _checks.split_class_vector(fn, arg, value, split, "columns of kernel")
   if bias is not None:
     bias = _checks.floating_array(fn, "bias", bias)
     if bias.shape != (vocab,):
@@ -298,8 +357,8 @@ def linear_softmax_focal(
   row_shape = hidden.shape[:-1]
   dtype = jnp.result_type(hidden.dtype, kernel.dtype)
   prep = _softmax.prepare_labels(
-      fn, labels, vocab, row_shape, dtype, alpha=alpha, gamma=gamma,
-      label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
+      fn, labels, vocab if split is None else split.num_classes, row_shape, dtype, alpha=alpha,
+      gamma=gamma, label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
       reduction=reduction, background_class=background_class,
       what_rows=f"the shape of hidden {hidden.shape} without its last axis",
       sample_weight=sample_weight)
@@ -324,7 +383,7 @@ def linear_softmax_focal(
   loss = _linear_rows(
       rows(hidden, 0), kernel, bias, rows(prep.t, 0), rows(prep.alpha, 1), rows(prep.gamma, 0),
       rows(prep.valid, False), rows(prep.in_range, True), prep.eps, chunk, tile,
-      prep.compute_dtype)
+      prep.compute_dtype, split)
   loss = loss[:num_rows].reshape(row_shape)
   loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,

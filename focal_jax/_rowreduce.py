@@ -13,11 +13,11 @@ it; `jax.grad` of the losses never does, their own rules keep only per-row scala
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 
 def _class_iota(dtype, shape):
@@ -117,4 +117,108 @@ def _top_stats_jvp(primals, tangents):
   m_fin = jnp.isfinite(m)
   e = jnp.where(is_top, 0.0, jnp.exp(z - jnp.where(m_fin, m, 0.0)[..., None]))
   ds = jnp.where(m_fin, jnp.sum(e * (dz - dm[..., None]), axis=-1), 0.0)
-  return (m, top, s_rest), (dm, np.zeros(top.shape, jax.dtypes.float0), ds)
+  # zeros_like: a float0 tangent that keeps top's varying axes under shard_map.
+  return (m, top, s_rest), (dm, jnp.zeros_like(top, dtype=jax.dtypes.float0), ds)
+
+
+# ------------------------------------------------------------------------------------------
+# Classes split over a named axis (class_axis_name): each member holds a contiguous slice of
+# the classes and computes the statistics above on it; these combine the per-row partials of
+# all members with (rows,)-sized collectives into the statistics of the whole row.
+
+
+class ClassSplit(NamedTuple):
+  """Static description of a split class axis: the axis, its size and the class counts."""
+  axis_name: Any
+  size: int  # members of the class axis
+  local: int  # classes each member holds
+  num_classes: int  # the whole class count, local * size
+
+  def first(self) -> jax.Array:
+    """The first (global) class of this member's slice (a traced int32)."""
+    return lax.axis_index(self.axis_name).astype(jnp.int32) * self.local
+
+
+def combine_softmax_stats(m, s_rest, z_t, z_sum, split: ClassSplit):
+  """`softmax_stats` of whole rows from each member's partial `(m, s_rest, z_t)`.
+
+  Each member's partial is `softmax_stats` of its slice with the target given as a local
+  column (no column matches where another member holds the target). The merge is the one of
+  the reduction itself, across members: `m` is the `pmax` of the partial maxima, `s_rest` the
+  `psum` of each partial rescaled to it, `z_t` the `psum` of the owner's target logit (0
+  elsewhere), and `z_sum` (the row sums of the logits, for label smoothing; None when not
+  needed) a `psum`. Non-finite rows keep `softmax_stats`' conventions: `lax.pmax` does not
+  propagate NaN, so a NaN partial maximum enters the rescaled sum as NaN (NaN on every member)
+  and makes `m` NaN after it. `m` is not differentiated; `s_rest`, `z_t`, `z_sum` are (psum is
+  linear).
+  """
+  m = lax.stop_gradient(m)
+  m_all = lax.pmax(jnp.where(jnp.isnan(m), -jnp.inf, m), split.axis_name)
+  # The side at the max is scaled by exactly 1 (also at m = +-inf); NaN stays NaN.
+  scale = jnp.where(m == m_all, 1.0, jnp.exp(m - m_all))
+  parts = (s_rest * scale, z_t) + (() if z_sum is None else (z_sum,))
+  parts = lax.psum(parts, split.axis_name)
+  s_rest, z_t = parts[0], parts[1]
+  m_all = jnp.where(jnp.isnan(s_rest), jnp.nan, m_all)
+  return m_all, s_rest, z_t, (None if z_sum is None else parts[2])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _at_winner(m, m_all, winner, axis_name):
+  """`m_all` (the row max over the members), differentiated as the winner's own max `m`."""
+  del m, winner, axis_name
+  return m_all
+
+
+@_at_winner.defjvp
+def _at_winner_jvp(axis_name, primals, tangents):
+  m, m_all, winner = primals
+  dm = tangents[0]
+  return m_all, lax.psum(jnp.where(winner, dm, jnp.zeros_like(dm)), axis_name)
+
+
+def split_top_stats(z: jax.Array, split: ClassSplit):
+  """`top_stats` of whole rows whose classes are split over `split.axis_name`.
+
+  `z` is this member's slice (class axis last). Returns `(m, top, s_rest)` with `top` a
+  global class index (the first one on ties, across members as within one), `m` the row max,
+  differentiated as `z[top]` (its tangent is a psum of the owner's), and
+  `s_rest = sum_{c != top} exp(z_c - m)` over the whole row (0 where `m` is not finite), each
+  member adding its own mass rescaled to `m` (plus its own max where it is not the top).
+  Collectives: a pmax of the maxima, a pmin of the candidate top indices and a psum of the
+  rescaled masses, all of shape (rows,).
+  """
+  m_loc, top_loc, s_loc = top_stats(z)
+  first = split.first()
+  m_sg = lax.stop_gradient(m_loc)
+  nan = jnp.isnan(m_sg)
+  m_all = lax.pmax(jnp.where(nan, -jnp.inf, m_sg), split.axis_name)
+  big = jnp.iinfo(jnp.int32).max
+  cand = jnp.where(m_sg == m_all, top_loc + first, big)
+  top = lax.pmin(cand, split.axis_name)
+  winner = cand == top
+  m = _at_winner(m_loc, m_all, winner, split.axis_name)
+  fin = jnp.isfinite(m_all)
+  # Members other than the top's: their max joins the rest, (s + 1) exp(m_loc - m). Double
+  # where: exp never sees a non-finite difference in the unselected branch.
+  other = ~winner & fin & ~nan
+  diff = jnp.where(other, m_loc - jnp.where(fin, m, 0.0), 0.0)
+  mass = jnp.where(other, (s_loc + 1.0) * jnp.exp(diff), jnp.where(winner & fin, s_loc, 0.0))
+  mass = jnp.where(nan, jnp.nan, mass)  # a NaN on any member: NaN on every member
+  s_rest = lax.psum(mass, split.axis_name)
+  bad_nan = jnp.isnan(s_rest)
+  m = jnp.where(bad_nan, jnp.nan, m)
+  return m, top, jnp.where(jnp.isfinite(m), s_rest, 0.0)
+
+
+def split_argmax(y: jax.Array, split: ClassSplit) -> jax.Array:
+  """The global index of the largest entry of each row (the first one on ties; a NaN counts
+  as +inf, where `jnp.argmax` ranks NaN above it), `y` this member's slice (class axis
+  last). int32; a pmax and a pmin of shape (rows,)."""
+  y = lax.stop_gradient(y)
+  key = jnp.max(y, axis=-1)
+  arg = jnp.argmax(y, axis=-1).astype(jnp.int32)
+  key = jnp.where(jnp.isnan(key), jnp.inf, key)
+  at_max = key == lax.pmax(key, split.axis_name)
+  cand = jnp.where(at_max, arg + split.first(), jnp.iinfo(jnp.int32).max)
+  return lax.pmin(cand, split.axis_name)

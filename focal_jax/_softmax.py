@@ -32,7 +32,7 @@ class RowStats(NamedTuple):
 
 def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
               valid: jax.Array, in_range: jax.Array, eps: float, *,
-              one_pass: bool = False) -> RowStats:
+              one_pass: bool = False, split: _rowreduce.ClassSplit | None = None) -> RowStats:
   """Loss and gradient coefficients of each row of `z` (class axis last).
 
   `t` are in-range labels (bad ones replaced by 0; `in_range` says which were bad), `alpha` and
@@ -42,6 +42,9 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   target logit come from one read of `z` (`_rowreduce.softmax_stats`, what `softmax_focal`
   uses); otherwise from a max, a masked sum and a gather (as
   `linear_softmax_focal`'s scan over blocks of rows uses it), the same numbers up to rounding.
+  With `split` (classes split over a named axis), `z` is this member's slice of the classes,
+  `t` global labels: the one-pass statistics of the slice are combined over the axis
+  (`_rowreduce.combine_softmax_stats`) and the rest is computed from the whole rows'.
   """
   # Inputs stay in their dtype (reverse mode keeps them as they came); math in alpha's dtype,
   # the compute dtype (float32 at least).
@@ -49,6 +52,14 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   # exact and finite at every margin (log(1 - p) from the non-target mass, never from 1 - p).
   # A NaN logit makes the max NaN, a row without a finite logit makes it -inf: such a row has
   # no defined loss (NaN, never hidden as a finite value). The max itself stays finite below.
+  if split is not None:
+    # This member's partial statistics (its slice's columns are classes first, first + 1, ..:
+    # no column matches a target held elsewhere), combined into the whole rows'.
+    m, s_rest, z_t = _rowreduce.softmax_stats(z, t - split.first(), alpha.dtype)
+    z_sum = jnp.sum(z.astype(alpha.dtype), axis=-1) if eps > 0.0 else None
+    m, s_rest, z_t, z_sum = _rowreduce.combine_softmax_stats(m, s_rest, z_t, z_sum, split)
+    return stats_from_raw(m, s_rest, z_t, z_sum, alpha, gamma, valid, in_range, eps,
+                          split.num_classes)
   if one_pass:
     # bfloat16 / float16 z is converted inside the reduction's fusion, never copied in memory.
     m, s_rest, z_t = _rowreduce.softmax_stats(z, t, alpha.dtype)
@@ -69,6 +80,14 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
     bad = jnp.isnan(m) | (m == -jnp.inf)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     s_rest = jnp.sum(jnp.where(is_t, 0.0, jnp.exp(z - m[..., None])), axis=-1)
+  return _finish(m, s_rest, z_t, bad, lambda: jnp.mean(z, axis=-1), alpha, gamma, valid,
+                 in_range, eps)
+
+
+def _finish(m, s_rest, z_t, bad, row_mean, alpha, gamma, valid, in_range, eps) -> RowStats:
+  """The rest of `row_stats` from the row max `m` (finite), the non-target mass `s_rest`
+  against it, the target logit, the rows without a defined loss (`bad`) and `row_mean()`, the
+  mean of the logits (called only with label smoothing)."""
   # No mass outside the target (one class, other logits -inf, or a margin beyond the dtype's
   # exp range): p = 1 exactly. Double where: log() never sees that 0, so no NaN in derivatives.
   has_rest = s_rest > 0.0
@@ -82,7 +101,7 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   if eps > 0.0:
     # logsumexp(z); from the non-target mass alone when the target logit is -inf (p = 0).
     lse = jnp.where(z_t == -jnp.inf, m + jnp.log(s_rest_safe), z_t - log_p)
-    ce = -(1.0 - eps) * log_p + eps * (lse - jnp.mean(z, axis=-1))
+    ce = -(1.0 - eps) * log_p + eps * (lse - row_mean())
   else:
     ce = -log_p
   # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf); double where, no 0 * inf.
@@ -108,6 +127,22 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
                   finish(dloss_dgamma))
 
 
+def stats_from_raw(m: jax.Array, s_rest: jax.Array, z_t: jax.Array, z_sum: jax.Array | None,
+                   alpha: jax.Array, gamma: jax.Array, valid: jax.Array, in_range: jax.Array,
+                   eps: float, num_classes: int) -> RowStats:
+  """`row_stats` from the whole rows' `softmax_stats` (and row sums of the logits, eps > 0).
+
+  For rows whose classes are split over members: the statistics combined across them.
+  """
+  bad = jnp.isnan(m) | (m == -jnp.inf)
+  # As row_stats' one-pass branch: a non-finite max, s_rest as the two-pass form's.
+  s_rest = jnp.where(m == jnp.inf, jnp.where(s_rest > 0.0, jnp.inf, 1.0),
+                     jnp.where(jnp.isfinite(m), s_rest, jnp.where(jnp.isnan(z_t), 1.0, 0.0)))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  return _finish(m, s_rest, z_t, bad, lambda: z_sum / num_classes, alpha, gamma, valid,
+                 in_range, eps)
+
+
 def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
                     eps: float, *, first_class: Any = 0,
                     num_classes: int | None = None) -> jax.Array:
@@ -130,14 +165,19 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
   return jnp.where(valid[..., None], g, 0.0)
 
 
-def _dot_grad(z, t, st, valid, dz, eps):
-  return jnp.sum(grad_from_stats(z, t, st, valid, eps) * dz.astype(st.m.dtype), axis=-1)
+def _dot_grad(z, t, st, valid, dz, eps, split=None):
+  if split is None:
+    g = grad_from_stats(z, t, st, valid, eps)
+  else:  # this member's slice of the classes
+    g = grad_from_stats(z, t, st, valid, eps, first_class=split.first(),
+                        num_classes=split.num_classes)
+  return jnp.sum(g * dz.astype(st.m.dtype), axis=-1)
 
 
 # Under jax.checkpoint the (.., C) gradient is not a residual of the linearization: reverse
 # mode keeps the logits and the per-row scalars, and recomputes the gradient in the backward
 # pass (XLA fuses it with the cotangent multiply under jit).
-_dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=False)
+_dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5, 6), prevent_cse=False)
 
 
 # Why a custom_jvp and not a custom_vjp: jax.hessian is jacfwd(jacrev(f)), and a custom_vjp
@@ -146,21 +186,32 @@ _dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=Fal
 # gradient it encodes is the closed form of the design (one per-row scalar times
 # softmax - onehot, plus the smoothing term), which stays finite where plain autodiff of
 # (1 - p)**gamma gives NaN (0 < gamma < 1, p rounded to 1).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
 def focal_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
-               valid: jax.Array, in_range: jax.Array, eps: float) -> jax.Array:
-  """Per-row softmax focal loss (class axis last), differentiable in z, alpha and gamma."""
-  return row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True).loss
+               valid: jax.Array, in_range: jax.Array, eps: float,
+               split: _rowreduce.ClassSplit | None = None) -> jax.Array:
+  """Per-row softmax focal loss (class axis last), differentiable in z, alpha and gamma.
+
+  With `split`, `z` is this member's slice of the classes and the loss is the whole row's.
+  """
+  return row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True, split=split).loss
 
 
-def _focal_rows_jvp(eps, primals, tangents):
+def _focal_rows_jvp(eps, split, primals, tangents):
   z, t, alpha, gamma, valid, in_range = primals
   dz, _, dalpha, dgamma, _, _ = tangents
-  st = row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True)
+  st = row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True, split=split)
   # Symbolic zeros: the terms of arguments that are not being differentiated cost nothing.
   terms = []
   if not isinstance(dz, SymbolicZero):
-    terms.append(_dot_grad_remat(z, t, st, valid, dz, eps))
+    if split is None:
+      terms.append(_dot_grad_remat(z, t, st, valid, dz, eps, None))
+    else:
+      # The whole loss depends on every member's slice: its tangent is the sum over the
+      # members of each one's slice term. Reverse mode transposes this psum into handing the
+      # (invariant) cotangent to every member (check_vma), each then getting its slice's
+      # gradient; nothing crosses the axis in the backward pass.
+      terms.append(lax.psum(_dot_grad_remat(z, t, st, valid, dz, eps, split), split.axis_name))
   if not isinstance(dalpha, SymbolicZero):
     terms.append(st.dloss_dalpha * dalpha)
   if not isinstance(dgamma, SymbolicZero):
@@ -243,6 +294,7 @@ def softmax_focal(
     background_class: int = 0,
     axis_name: Any = None,
     sample_weight: jax.typing.ArrayLike | None = None,
+    class_axis_name: Any = None,
 ) -> jax.Array:
   r"""Softmax focal loss for integer labels.
 
@@ -296,6 +348,19 @@ def softmax_focal(
       entry's loss and gradient are multiplied by its weight before the reduction; the
       denominators of ``"mean"`` and ``"mean_positive"`` are unchanged. Never differentiated;
       masked entries stay exactly 0.
+    class_axis_name: optional named axis (``shard_map``) over which the classes are split
+      (vocabulary parallelism): member ``r`` of ``k`` holds the contiguous slice
+      ``[r * C / k, (r + 1) * C / k)`` of the classes, i.e. ``logits`` is its slice of the
+      columns (``P(..., "model")`` as ``in_specs``); ``labels`` are global class ids and a
+      ``(C,)`` ``alpha`` or ``gamma`` is the whole vector, the same on every member
+      (``labels``, ``where`` and ``sample_weight`` are per row, not split). Only per-row
+      statistics cross the axis (a ``pmax`` of the row max, ``psum`` of the rescaled sums of
+      exponentials, of the owner's target logit and, with label smoothing, of the row sums);
+      every member returns the loss of the whole rows, and ``jax.grad`` gives each member the
+      gradient of its own slice (``shard_map``'s default ``check_vma=True``; under ``pmap``
+      or ``check_vma=False`` JAX transposes ``psum`` into ``psum``, which multiplies that
+      gradient by ``k``). Combines with ``axis_name`` on a 2-D (data x class) mesh; the two
+      must name different axes.
 
   Non-finite logits are never hidden: an unmasked row with a NaN logit, or with no finite
   logit, gives NaN. A logit of ``-inf`` on a class other than the label is a masked class (the
@@ -314,7 +379,10 @@ def softmax_focal(
       ``sample_weight`` of the wrong shape; ``gamma`` or ``alpha`` negative, not finite, or not
       scalar or ``(C,)``; ``sample_weight`` negative or not finite; ``label_smoothing``
       outside ``[0, 1]``; an unknown ``reduction``; ``axis`` out of range. All raised at trace
-      time (values only when known: never those of traced arrays).
+      time (values only when known: never those of traced arrays). With
+      ``class_axis_name``: the axis not bound, or also in ``axis_name``; a ``(C,)``
+      ``alpha`` / ``gamma`` whose length is not the local class count times the axis size
+      (or not divisible by the axis size).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -338,6 +406,11 @@ def softmax_focal(
   num_classes = _checks.num_classes(
       fn, "logits", logits.shape[ax], f"C = 0 (shape {logits.shape}, class axis {ax})")
   row_shape = logits.shape[:ax] + logits.shape[ax + 1:]
+  split = _checks.class_split(fn, class_axis_name, axis_name, num_classes, "classes of logits")
+  if split is not None:  # labels, alpha and gamma against the whole class count
+    for arg, value in (("alpha", alpha), ("gamma", gamma)):
+      _checks.split_class_vector(fn, arg, value, split, "classes of logits")
+    num_classes = split.num_classes
   prep = prepare_labels(
       fn, labels, num_classes, row_shape, logits.dtype, alpha=alpha, gamma=gamma,
       label_smoothing=label_smoothing, where=where, ignore_index=ignore_index,
@@ -345,7 +418,8 @@ def softmax_focal(
       what_rows=f"the shape of logits {logits.shape} without axis {ax}",
       sample_weight=sample_weight)
   z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see row_stats
-  loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, prep.eps)
+  loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, prep.eps,
+                    split)
   loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
                              reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)
