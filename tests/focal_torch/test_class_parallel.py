@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import focal_reference
@@ -49,8 +50,12 @@ def make_data() -> dict:
   probs[1] = probs[0]
   probs[4] = 0.0
   probs[4, 0] = probs[4, 7] = 0.5  # a tie across ranks: argmax 0 (the first), background
+  z_nf = z.clone()
+  z_nf[5, 0] = float("nan")  # a valid row (label 10): NaN on every rank
+  z_nf[7, 11] = float("nan")  # a masked row (where False): 0 loss, 0 gradient
+  z_nf[3, 6:] = float("-inf")  # the last ranks' slices of a row hold no finite logit
   return dict(
-      z=z, labels=labels, where=where, z3=z3, labels3=labels3, probs=probs,
+      z=z, z_nf=z_nf, labels=labels, where=where, z3=z3, labels3=labels3, probs=probs,
       sw=2 * torch.rand(N, generator=g, dtype=F64),
       alpha=0.25 + torch.rand(C, generator=g, dtype=F64),
       gamma=torch.tensor([2.0, 0.0, 0.5, 1.0, 3.0, 2.0, 1.5, 0.25, 2.0, 1.0, 4.0, 2.0],
@@ -73,6 +78,9 @@ def cases(d: dict) -> list[tuple[str, str, dict]]:
   out.append(("softmax-3d-smooth-mean_positive", "softmax3d", dict(
       gamma=0.5, label_smoothing=0.2, reduction="mean_positive", ignore_index=-100,
       background_class=3)))
+  out.append(("softmax-nonfinite-none", "softmax-nf", dict(
+      alpha=d["alpha"], gamma=d["gamma"], where=d["where"], reduction="none",
+      ignore_index=-100)))
   out.append(("module-softmax-mean", "module-softmax", dict(
       alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.05, reduction="mean",
       ignore_index=-100)))
@@ -114,12 +122,22 @@ def _reference_softmax(z, labels, kw):
 def reference(kind: str, kw: dict, d: dict) -> tuple[torch.Tensor, dict]:
   """Value and gradients of the whole problem in one process, float64 autograd of the
   reference formulas (for ``"none"``, of the sum of the per-entry losses)."""
-  if kind in ("softmax", "module-softmax", "softmax3d"):
-    key, lab = ("z3", "labels3") if kind == "softmax3d" else ("z", "labels")
+  if kind in ("softmax", "module-softmax", "softmax3d", "softmax-nf"):
+    key, lab = {"softmax3d": ("z3", "labels3"), "softmax-nf": ("z_nf", "labels")}.get(
+        kind, ("z", "labels"))
     z = d[key].clone().requires_grad_()
     out = _reference_softmax(z, d[lab], kw)
     (g,) = torch.autograd.grad(out.sum(), z)
-    return out.detach(), {"z": g}
+    out = out.detach()
+    if kind == "softmax-nf":
+      # Row 3's -inf logits are masked classes (design.md): its loss is that of classes
+      # 0-5 alone (the formula's 0 * sum(log s) is NaN there with eps = 0).
+      z_row = d[key][3:4, :6].clone().requires_grad_()
+      row = _reference_softmax(z_row, d[lab][3:4], dict(
+          kw, alpha=kw["alpha"][:6], gamma=kw["gamma"][:6], where=None))
+      (g_row,) = torch.autograd.grad(row.sum(), z_row)
+      out[3], g[3, :6] = row.detach()[0], g_row[0]
+    return out, {"z": g}
   if kind in ("categorical", "module-categorical"):
     z = d["z"].clone().requires_grad_()
     out = focal_reference.categorical_focal(
@@ -199,8 +217,9 @@ def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
   kw = _rows_of(kw, lay.rows)
   groups = dict(class_process_group=lay.class_group, process_group=lay.data_group)
   grads = {}
-  if kind in ("softmax", "softmax3d", "module-softmax"):
-    key, lab = ("z3", "labels3") if kind == "softmax3d" else ("z", "labels")
+  if kind in ("softmax", "softmax3d", "module-softmax", "softmax-nf"):
+    key, lab = {"softmax3d": ("z3", "labels3"), "softmax-nf": ("z_nf", "labels")}.get(
+        kind, ("z", "labels"))
     z = d[key][lay.rows][:, lay.cols].clone().requires_grad_()
     if kind == "module-softmax":
       where = kw.pop("where", None)
@@ -269,10 +288,53 @@ def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
   return dict(value=value, grads=grads)
 
 
+def _caught(f) -> str | None:
+  try:
+    f()
+  except (ValueError, TypeError, RuntimeError) as e:
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def run_errors(d: dict, lay: Layout) -> dict:
+  """Errors raised together on every rank (none leaves another rank waiting in a
+  collective), and a bad label with the value checks off."""
+  cg, per = lay.class_group, C // lay.kc
+  z = d["z"][:, lay.cols].contiguous()
+  nine = torch.ones(9, dtype=F64)  # C = 9 splits over neither 2 nor 4 ranks
+  out = {
+      "softmax-alpha": _caught(lambda: focal_torch.softmax_focal(
+          z, d["labels"], alpha=[1.0] * 9, class_process_group=cg)),
+      "categorical-gamma": _caught(lambda: focal_torch.categorical_focal(
+          z, d["probs"][:, lay.cols], gamma=nine, class_process_group=cg)),
+      "linear-alpha": _caught(lambda: focal_torch.linear_softmax_focal(
+          d["x"], d["w"][lay.cols], d["labels"], alpha=nine, class_process_group=cg)),
+      "module-gamma": _caught(lambda: focal_torch.SoftmaxFocalLoss(
+          gamma=nine, class_process_group=cg)),
+      "module-categorical-alpha": _caught(lambda: focal_torch.CategoricalFocalLoss(
+          alpha=nine, class_process_group=cg)),
+  }
+  # Rank 0 of each class group holds one class more than the others.
+  uneven = d["z"][:, :per + (1 if lay.c == 0 else 0)]
+  out["uneven"] = _caught(lambda: focal_torch.softmax_focal(
+      uneven.contiguous(), d["labels"], class_process_group=cg))
+  leaf = z.clone().requires_grad_()
+  loss = focal_torch.softmax_focal(leaf, d["labels"], class_process_group=cg)
+  out["create_graph"] = _caught(lambda: torch.autograd.grad(loss, leaf, create_graph=True))
+  bad = d["labels"].clone()
+  bad[6] = C  # out of range for the whole C (every rank's slice is in range of C/k)
+  with focal_torch.value_checks(False):
+    out["bad-label"] = focal_torch.softmax_focal(z, bad, reduction="none",
+                                                 class_process_group=cg)
+  return out
+
+
 def run_layout(rank: int, nd: int, kc: int) -> dict:
   lay = Layout(rank, nd, kc)
   d = make_data()
-  return {name: run_case(kind, kw, d, lay) for name, kind, kw in cases(d)}
+  out = {name: run_case(kind, kw, d, lay) for name, kind, kw in cases(d)}
+  out["errors"] = run_errors(d, lay)
+  return out
 
 
 def layouts(world: int) -> list[tuple[int, int]]:
@@ -317,6 +379,11 @@ def _check(world: int, got: list[dict]) -> int:
   """Compares every rank's results with the truth; returns the number of comparisons."""
   d = make_data()
   truth = {name: (kind, kw, reference(kind, kw, d)) for name, kind, kw in cases(d)}
+  # The non-finite case holds what it should: a NaN row, a masked row of 0 (NaN logit),
+  # and a row with no finite logit on some ranks that is finite.
+  nf_value, nf_grads = truth["softmax-nonfinite-none"][2]
+  assert nf_value[5].isnan() and nf_value[7] == 0 and (nf_grads["z"][7] == 0).all()
+  assert nf_value[3].isfinite() and (nf_grads["z"][3, 6:] == 0).all()
   checked = 0
   for nd, kc in layouts(world):
     for rank in range(nd * kc):
@@ -333,7 +400,7 @@ def _check(world: int, got: list[dict]) -> int:
         reduced = value.ndim == 0
         want_value = value if reduced else value[rows]
         torch.testing.assert_close(res["value"], want_value, rtol=1e-10, atol=1e-12,
-                                   msg=lambda m, w=where: f"{w}: {m}")
+                                   equal_nan=True, msg=lambda m, w=where: f"{w}: {m}")
         # Each data rank returns n * local_sum / global_denominator (DDP averages the
         # gradients of the parameters over the data group; a leaf logit is not averaged).
         scale = nd if reduced and nd > 1 else 1
@@ -343,10 +410,28 @@ def _check(world: int, got: list[dict]) -> int:
           want = {"z": lambda: g[rows][:, cols] * scale, "x": lambda: g[rows] * scale,
                   "w": lambda: g[cols], "b": lambda: g[cols]}[key]()
           torch.testing.assert_close(res["grads"][key], want, rtol=1e-10, atol=1e-12,
+                                     equal_nan=True,
                                      msg=lambda m, w=where, k=key: f"{w}, d/d{k}: {m}")
           assert (want != 0).any(), where  # a real signal, not 0 = 0
           checked += 1
+      _check_errors(got[rank][(nd, kc)]["errors"], f"layout {nd}x{kc}, rank {rank}")
   return checked
+
+
+def _check_errors(errors: dict, where: str) -> None:
+  for key in ("softmax-alpha", "categorical-gamma", "linear-alpha", "module-gamma",
+              "module-categorical-alpha"):
+    assert errors[key] is not None and errors[key].startswith("ValueError"), (where, key)
+    assert "class_process_group" in errors[key] and "not divisible" in errors[key], (
+        where, errors[key])
+  assert errors["uneven"] is not None and errors["uneven"].startswith("ValueError: "), where
+  assert "every rank of class_process_group must hold the same number of classes" in (
+      errors["uneven"]), (where, errors["uneven"])
+  assert errors["create_graph"] is not None, where
+  assert errors["create_graph"].startswith("RuntimeError") and "create_graph" in (
+      errors["create_graph"]), (where, errors["create_graph"])
+  bad = errors["bad-label"]
+  assert bad[6].isnan() and bad[torch.arange(N) != 6].isfinite().all(), (where, bad)
 
 
 def _run(world: int, ref, tmp_path: Path) -> None:
@@ -364,3 +449,35 @@ def test_four_ranks_split_the_classes_and_two_by_two_data_by_class(ref, tmp_path
 
 if __name__ == "__main__":
   main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_class_process_group_is_checked_without_torch_distributed():
+  assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+  z, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+  x, w = torch.randn(4, 2), torch.randn(3, 2)
+  calls = {
+      "softmax_focal": lambda g: focal_torch.softmax_focal(z, labels, class_process_group=g),
+      "categorical_focal": lambda g: focal_torch.categorical_focal(
+          z, torch.softmax(z, 1), class_process_group=g),
+      "linear_softmax_focal": lambda g: focal_torch.linear_softmax_focal(
+          x, w, labels, class_process_group=g),
+  }
+  for fn, call in calls.items():
+    with pytest.raises(ValueError, match=f"{fn}: class_process_group='world' needs "
+                       "torch.distributed to be initialized"):
+      call("world")
+    with pytest.raises(ValueError, match=f"{fn}: class_process_group must be None, 'world' "
+                       "or a torch.distributed.ProcessGroup, got 'all'"):
+      call("all")
+    with pytest.raises(ValueError, match=f"{fn}: class_process_group was given but "
+                       "torch.distributed is not initialized"):
+      call(object())
+  # Modules keep "world" until called (built before init_process_group).
+  module = focal_torch.SoftmaxFocalLoss(alpha=torch.ones(9), class_process_group="world")
+  with pytest.raises(ValueError, match="softmax_focal: class_process_group='world' needs"):
+    module(z, labels)
+  categorical = focal_torch.CategoricalFocalLoss(class_process_group="world")
+  with pytest.raises(ValueError, match="categorical_focal: class_process_group='world'"):
+    categorical(z, torch.softmax(z, 1))
+  with pytest.raises(ValueError, match="CategoricalFocalLoss: class_process_group must be"):
+    focal_torch.CategoricalFocalLoss(class_process_group="classes")
