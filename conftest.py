@@ -4,10 +4,13 @@ Runs before any test module imports jax, so the settings below take effect:
 - 4 host CPU devices, for pmap / shard_map / sharded-jit tests;
 - float64 enabled (float64 references; float64 inputs stay float64);
 - rank promotion raises, to catch silent broadcasting in the library;
-- a hypothesis profile chosen by HYPOTHESIS_PROFILE, defaulting to "ci" when CI=true.
+- a hypothesis profile chosen by HYPOTHESIS_PROFILE, defaulting to "ci" when CI=true;
+- JAX's persistent compilation cache in a directory made for this run (see below).
 """
 
 import os
+import shutil
+import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -34,6 +37,27 @@ except ImportError:  # torch-only environments still run the torch tests
 else:
   jax.config.update("jax_enable_x64", True)
   jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# JAX's persistent compilation cache, in a directory made for this run and deleted at its end
+# (pytest-xdist workers inherit the variable, so they share it; subprocesses ignore it). An eager
+# call compiles the same XLA program again at every call when its scan or custom rule is traced
+# anew (linear_softmax_focal: ~1 s a call on 2 cores); with the cache the repeats are loads.
+# Same program, same executable: nothing a test checks changes. FOCAL_TEST_COMPILE_CACHE=0 turns
+# it off.
+_CACHE_VAR = "FOCAL_TEST_JAX_CACHE_DIR"
+_own_cache_dir = None
+if jax is not None and os.environ.get("FOCAL_TEST_COMPILE_CACHE", "1") != "0":
+  if not os.environ.get(_CACHE_VAR):
+    _own_cache_dir = os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="focal-jax-cache-")
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  """Deletes the compilation cache made by this process (the xdist controller's, or a plain
+  run's) after every test, workers included, has finished."""
+  if _own_cache_dir:
+    shutil.rmtree(_own_cache_dir, ignore_errors=True)
 
 try:
   import torch
