@@ -79,6 +79,7 @@ def reduce_loss(
     reduction: str,
     axis_name: Any,
     dtype: Any,
+    total: jax.Array | None = None,
 ) -> jax.Array:
   """Reduces per-entry losses.
 
@@ -89,13 +90,15 @@ def reduce_loss(
     reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"mean_positive"`` (already checked).
     axis_name: None, or the named axis (or tuple of axes) to reduce the denominators over.
     dtype: the dtype of the result (the input logits' dtype).
+    total: optional ``sum(loss)`` already computed by the caller (a sum written to fuse with
+      its producers); ``loss`` then only gives the shape. Ignored for ``"none"``.
 
   Returns:
     ``loss`` itself for ``"none"``, else a scalar; cast to ``dtype``.
   """
   if reduction == "none":
     return loss.astype(dtype)
-  total = jnp.sum(loss)
+  total = jnp.sum(loss) if total is None else total
   if reduction == "sum":
     denominator = None
   elif reduction == "mean":

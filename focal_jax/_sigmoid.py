@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -107,6 +108,162 @@ def _focal_entries_jvp(has_alpha, primals, tangents):
 _focal_entries.defjvp(_focal_entries_jvp, symbolic_zeros=True)
 
 
+# --- reduced losses: the forward sum in blocks, the backward one elementwise pass ----------
+#
+# With a reduction, ``jit(value_and_grad)`` compiles the forward sum and the backward
+# gradient into one program. Written as plain elementwise ops, XLA on CPU materializes every
+# expensive intermediate (log-sigmoids, logs of the labels, the focal factor) shared by the
+# forward sum and the gradient, and every input of its vectorized reduction that the
+# reduction cannot fuse (selects): about six arrays of the logits' size. Here the forward sum
+# runs over blocks of rows (a loop: its temporaries are of one block's size), the backward
+# recomputes everything from the logits and the raw labels in one fusion (a checkpoint that
+# XLA may not merge with the forward), and the labels' checks and smoothing happen inside
+# both, so no array of the logits' size is kept or materialized beyond the gradient.
+
+# Entries per block of the forward sum: temporaries of a few blocks (a few MiB at most).
+_BLOCK = 1 << 16
+
+
+class _Config(NamedTuple):
+  """What the per-entry computation needs to know statically."""
+  has_alpha: bool
+  eps: float
+  check_labels: bool  # labels not boolean: outside [0, 1] or NaN gives NaN
+  cdtype: Any
+
+
+def _labels_to_y(labels: jax.Array, where: jax.Array | None, cfg: _Config) -> jax.Array:
+  """The labels as the loss sees them: compute dtype, checked, smoothed (elementwise)."""
+  y = labels.astype(cfg.cdtype)
+  if cfg.check_labels:
+    # Labels outside [0, 1] (class ids passed by mistake) or NaN: NaN for the entry, like an
+    # out-of-range class label (masked entries stay 0).
+    # Masked bad labels are replaced by 1/2 (no NaN inside the derivatives of masked entries).
+    zero, one = jnp.zeros((), labels.dtype), jnp.ones((), labels.dtype)
+    bad_label = jnp.nan if where is None else jnp.where(where, jnp.nan, 0.5)
+    y = jnp.where((labels >= zero) & (labels <= one), y, bad_label)
+  if cfg.eps > 0.0:
+    y = (1.0 - cfg.eps) * y + 0.5 * cfg.eps
+  return y
+
+
+def _weighted(v: jax.Array, weight: jax.Array | None, where: jax.Array | None) -> jax.Array:
+  """Per-entry values times the sample weights; masked entries exactly 0."""
+  if weight is None:
+    return v
+  v = v * weight
+  return v if where is None else jnp.where(where, v, 0.0)
+
+
+def _block_losses(x, labels, alpha, gamma, where, weight, cfg):
+  y = _labels_to_y(labels, where, cfg)
+  valid = jnp.ones((), bool) if where is None else where
+  loss = _entry_stats(x, y, alpha, gamma, valid, cfg.has_alpha).loss
+  return _weighted(loss, weight, where)
+
+
+def _as_rows(a: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+  """``a`` (broadcastable to ``shape``) as a 2-D array of rows matching ``_rows(shape)``.
+
+  Its first axis is 1 (the same for every row) or the number of rows; its second is 1 or the
+  last axis of ``shape``. No copy unless ``a`` broadcasts along some leading axes only.
+  """
+  if a is None:
+    return None
+  a = jnp.reshape(a, (1,) * (len(shape) - a.ndim) + a.shape)
+  if len(shape) == 1:  # 1-D logits: one entry per row
+    return a.reshape(a.shape[0], 1)
+  lead = a.shape[:-1]
+  if all(d == 1 for d in lead):
+    return a.reshape(1, a.shape[-1])
+  if lead != shape[:-1]:
+    a = jnp.broadcast_to(a, shape[:-1] + a.shape[-1:])
+  return a.reshape(math.prod(shape[:-1]), a.shape[-1])
+
+
+def _blocked_sum(fn, x: jax.Array, *args: jax.Array | None) -> jax.Array:
+  """``sum(fn(x, *args))`` for an elementwise ``fn``, one block of rows at a time.
+
+  ``args`` broadcast to ``x.shape`` (or are None). The loop keeps XLA from materializing
+  ``fn``'s intermediates at the logits' size: each block's are of ``_BLOCK`` entries.
+  """
+  if x.ndim == 0 or x.size <= _BLOCK:
+    return jnp.sum(fn(x, *args))
+  rows = x.shape[0] if x.ndim == 1 else math.prod(x.shape[:-1])
+  cols = 1 if x.ndim == 1 else x.shape[-1]
+  x2 = x.reshape(rows, cols)
+  args2 = [_as_rows(a, x.shape) for a in args]
+  per_block = max(1, _BLOCK // cols)
+  blocks = rows // per_block
+
+  def block_sum(start, size):
+    def rows_of(a):
+      if a is None or a.shape[0] == 1:
+        return a
+      return jax.lax.dynamic_slice_in_dim(a, start, size, axis=0)
+    return jnp.sum(fn(rows_of(x2), *map(rows_of, args2)))
+
+  total = jnp.zeros((), jax.eval_shape(lambda: block_sum(0, per_block)).dtype)
+  total = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + block_sum(i * per_block, per_block),
+                            total)
+  if rows > blocks * per_block:
+    total = total + block_sum(blocks * per_block, rows - blocks * per_block)
+  return total
+
+
+def _total_dot(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels):
+  """The tangent of the weighted, masked per-entry losses: linear in ``dx`` and ``dlabels``."""
+  y = _labels_to_y(labels, where, cfg)
+  dy = None
+  if dlabels is not None:
+    dy = jax.jvp(lambda l: _labels_to_y(l, where, cfg), (labels,), (dlabels,))[1]
+  valid = jnp.ones((), bool) if where is None else where
+  out = _dot(x, y, alpha, gamma, valid, cfg.has_alpha, dx, dy)
+  return _weighted(out, weight, where)
+
+
+# Reverse mode keeps the logits and the labels as they came; the backward recomputes the
+# label checks and every per-entry term in one fusion. prevent_cse: XLA must not merge this
+# recomputation with the forward's (the merged intermediates would be materialized).
+_total_dot_remat = jax.checkpoint(_total_dot, static_argnums=(6,), prevent_cse=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _focal_total(x: jax.Array, labels: jax.Array, alpha: jax.Array, gamma: jax.Array,
+                 where: jax.Array | None, weight: jax.Array | None, cfg: _Config) -> jax.Array:
+  """The sum of the weighted, masked per-entry losses (the forward in blocks)."""
+  return _blocked_sum(lambda *a: _block_losses(*a, cfg), x, labels, alpha, gamma, where,
+                      weight)
+
+
+def _focal_total_jvp(cfg, primals, tangents):
+  x, labels, alpha, gamma, where, weight = primals
+  dx, dlabels, dalpha, dgamma, _, _ = tangents
+  total = _focal_total(x, labels, alpha, gamma, where, weight, cfg)
+  dx = None if isinstance(dx, SymbolicZero) else dx
+  dlabels = None if isinstance(dlabels, SymbolicZero) else dlabels
+  if dlabels is not None and not jnp.issubdtype(labels.dtype, jnp.floating):
+    dlabels = None  # integer or boolean labels: no tangent
+  terms = []
+  if dx is not None or dlabels is not None:
+    terms.append(jnp.sum(_total_dot_remat(x, labels, alpha, gamma, where, weight, cfg, dx,
+                                          dlabels)))
+  has_dalpha = not isinstance(dalpha, SymbolicZero) and cfg.has_alpha
+  has_dgamma = not isinstance(dgamma, SymbolicZero)
+  if has_dalpha or has_dgamma:
+    y = _labels_to_y(labels, where, cfg)
+    valid = jnp.ones((), bool) if where is None else where
+    st = _entry_stats(x, y, alpha, gamma, valid, cfg.has_alpha)
+    if has_dalpha:
+      terms.append(jnp.sum(_weighted(st.dloss_dalpha * dalpha, weight, where)))
+    if has_dgamma:
+      terms.append(jnp.sum(_weighted(st.dloss_dgamma * dgamma, weight, where)))
+  return total, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(total)
+
+
+_focal_total.defjvp(_focal_total_jvp, symbolic_zeros=True)
+
+
 def sigmoid_focal(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -195,6 +352,7 @@ def sigmoid_focal(
   _checks.same_shape(fn, "labels", labels.shape, logits.shape, "the shape of logits")
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.label_smoothing(fn, label_smoothing)
+  where_arg = where
   where = _checks.where_mask(fn, where, labels.shape, "the shape of labels")
   dtype = logits.dtype
   cdtype = _checks.compute_dtype(dtype)
@@ -213,19 +371,20 @@ def sigmoid_focal(
   gamma = jnp.reshape(gamma, lead + gamma.shape if logits.ndim and gamma.ndim else ())
 
   x = logits  # cast to the compute dtype inside, see _entry_stats
-  y = labels.astype(cdtype)
-  if labels.dtype != jnp.bool_:
-    # Labels outside [0, 1] (class ids passed by mistake) or NaN: NaN for the entry, like an
-    # out-of-range class label (masked entries stay 0).
-    # Masked bad labels are replaced by 1/2 (no NaN inside the derivatives of masked entries).
-    zero, one = jnp.zeros((), labels.dtype), jnp.ones((), labels.dtype)
-    bad_label = jnp.nan if where is None else jnp.where(where, jnp.nan, 0.5)
-    y = jnp.where((labels >= zero) & (labels <= one), y, bad_label)
-  if eps > 0.0:
-    y = (1.0 - eps) * y + 0.5 * eps
+  cfg = _Config(has_alpha, eps, labels.dtype != jnp.bool_, cdtype)
+  positive = labels > 0 if where is None else where & (labels > 0)
+  if reduction != "none":
+    # where and sample_weight as given (not broadcast): the blocked sum slices what varies.
+    raw_where = None if where is None else jnp.asarray(where_arg)
+    raw_weight = None if weight is None else jax.lax.stop_gradient(
+        jnp.asarray(sample_weight).astype(cdtype))
+    total = _focal_total(x, labels, alpha, gamma, raw_where, raw_weight, cfg)
+    shape = jax.ShapeDtypeStruct(labels.shape, cdtype)  # what reduce_loss counts over
+    return _reduce.reduce_loss(shape, valid=where, positive=positive, reduction=reduction,
+                               axis_name=axis_name, dtype=dtype, total=total)
+  y = _labels_to_y(labels, where, cfg)
   valid = jnp.ones((), bool) if where is None else where
   loss = _focal_entries(x, y, alpha, gamma, valid, has_alpha)
   loss = _checks.apply_sample_weight(loss, weight, where)
-  positive = labels > 0 if where is None else where & (labels > 0)
   return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
                              axis_name=axis_name, dtype=dtype)
