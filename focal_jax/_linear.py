@@ -191,8 +191,13 @@ def _linear_rows_jvp(eps, chunk, tile, cdtype, split, primals, tangents):
   tangent = jnp.zeros_like(st.loss)
   if dh is not None or dkernel is not None or dbias is not None:
     num_tiles = -(-h.shape[0] // tile[0]) * -(-kernel.shape[1] // tile[1])
-    if split is not None:  # the loop adds this member's (varying) sums into it
-      tangent = lax.pcast(tangent, split.axis_name, to="varying")
+    if split is not None:
+      # The loop adds this member's (varying) sums into the tangent. A replicated hidden's
+      # tangent is made varying here, once: reverse mode then sums the members' (N, H)
+      # shares of its gradient once, after the loop, not once per tile.
+      tangent = _rowreduce.to_varying(tangent, split.axis_name)
+      if dh is not None:
+        dh = _rowreduce.to_varying(dh, split.axis_name)
 
     def body(tangent, i):
       row0, sums = _tile_tangent_remat(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps,

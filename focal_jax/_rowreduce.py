@@ -163,6 +163,22 @@ def combine_softmax_stats(m, s_rest, z_t, z_sum, split: ClassSplit):
   return m_all, s_rest, z_t, (None if z_sum is None else parts[2])
 
 
+def to_varying(x: jax.Array, axis_name: Any) -> jax.Array:
+  """`x` marked as varying over `axis_name` (shard_map's check_vma), where it is not already.
+
+  A value the same on every member (e.g. a replicated `hidden`) that meets a member's own
+  slice is broadcast to the members implicitly, and reverse mode sums the members' cotangents
+  at that point. Marking it varying once, outside a loop, puts that one sum there too.
+  """
+  aval = jax.typeof(x)
+  varying = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  if varying is None:
+    varying = getattr(aval, "vma", frozenset())
+  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  missing = tuple(n for n in names if n not in varying)
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _at_winner(m, m_all, winner, axis_name):
   """`m_all` (the row max over the members), differentiated as the winner's own max `m`."""

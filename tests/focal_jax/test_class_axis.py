@@ -444,6 +444,42 @@ def test_hlo_only_per_row_collectives(case):
       assert s == () or (len(s) == 1 and s[0] in row_sizes), line[:300]
 
 
+def _while_bodies_and_owner(text):
+  """(names of while-loop body computations, {line: computation it is in})."""
+  bodies = set(re.findall(r"\bbody=%?([\w.\-]+)", text))
+  owner, current = {}, None
+  for line in text.splitlines():
+    m = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if m:
+      current = m.group(1)
+    owner[line.strip()] = current
+  return bodies, owner
+
+
+def test_hlo_linear_hidden_gradient_summed_once_after_the_loop():
+  """With hidden's gradient and several vocabulary tiles per member (256 local columns in
+  blocks of 128), the members' shares of it are summed by one (N, H) all-reduce outside the
+  tile loop, not one per tile."""
+  rng = np.random.default_rng(3)
+  h, k = rng.normal(size=(N, 1024)), rng.normal(size=(1024, 1024)) / 32
+  t = rng.integers(0, 1024, size=N)
+  mesh = _mesh("v")
+
+  def body(h, k):
+    return jax.grad(lambda h, k: focal_jax.linear_softmax_focal(
+        h, k, t, class_axis_name="v", reduction="mean"), (0, 1))(h, k)
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, "v")),
+                            out_specs=(P(), P(None, "v"))))
+  text = f.lower(h, k).compile().as_text()
+  bodies, owner = _while_bodies_and_owner(text)
+  assert bodies, "no loop: the tile scan is gone"
+  wide = [(line, owner[line]) for kind, shapes, line in _collectives(text)
+          if any(tuple(x for x in s if x != 1) == (N, 1024) for s in shapes)]
+  assert len(wide) == 1, wide
+  assert wide[0][1] not in bodies, wide[0]
+
+
 def test_hlo_check_can_fail():
   """The same parser sees the gathered logits of a loss that replicates them first."""
   mesh = _mesh("v")
