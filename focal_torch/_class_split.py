@@ -47,6 +47,7 @@ class ClassSplit:
     self.local = int(local)
     self.num_classes = self.local * self.size
     self.lo = self.rank * self.local
+    self.checked = False  # the slices' sizes (see row_max)
 
   def localize(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t_local, owned)`` for global labels ``t``: whether this rank holds the label's
@@ -56,11 +57,16 @@ class ClassSplit:
 
   def row_max(self, m: torch.Tensor) -> torch.Tensor:
     """The group's MAX of the per-row tensor ``m`` (a new tensor). The same collective
-    checks that every rank holds as many classes (all ranks raise together if not)."""
+    carries each rank's number of classes: on the first call of a loss, while the value
+    checks are on (reading it synchronizes a CUDA device), every rank raises together
+    unless all hold as many classes."""
     import torch.distributed as dist  # pylint: disable=import-outside-toplevel
     local = float(self.local)
     flat = torch.cat([m.reshape(-1), m.new_tensor([local, -local])])
     dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.group)
+    if self.checked or not _checks.checks_enabled():
+      return flat[:-2].reshape(m.shape)
+    self.checked = True
     most, fewest = flat[-2:].tolist()
     if most != -fewest:
       raise ValueError(
@@ -89,7 +95,8 @@ class ClassSplit:
     like ``torch.argmax``): a MAX and a MIN all-reduce of per-row numbers."""
     import torch.distributed as dist  # pylint: disable=import-outside-toplevel
     value, index = y.max(dim)
-    best = value.detach().clone()
+    value = value.detach().to(torch.float64 if value.dtype == torch.float64 else torch.float32)
+    best = value.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=self.group)
     none = torch.full((), self.num_classes, dtype=torch.int64, device=y.device)
     first = torch.where(value == best, index.to(torch.int64) + self.lo, none).contiguous()
