@@ -65,6 +65,17 @@ def make_data() -> dict:
       b=torch.randn(C, generator=g, dtype=F64))
 
 
+FLOATS = ("z", "z_nf", "z3", "probs", "x", "w", "b")
+# Tolerances per input dtype (those of the single-process tests, conftest.TOL).
+TOL = {F64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
+       torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -8)}
+
+
+def cast(d: dict, dtype: torch.dtype) -> dict:
+  """The data with its logits, targets and linear head in ``dtype``."""
+  return {k: v.to(dtype) if k in FLOATS else v for k, v in d.items()}
+
+
 def cases(d: dict) -> list[tuple[str, str, dict]]:
   """(name, kind, keywords of the loss); tensors are the global ones (the worker cuts the
   per-row ones to its rows; ``alpha``/``gamma`` stay global, as the API asks)."""
@@ -81,6 +92,11 @@ def cases(d: dict) -> list[tuple[str, str, dict]]:
   out.append(("softmax-nonfinite-none", "softmax-nf", dict(
       alpha=d["alpha"], gamma=d["gamma"], where=d["where"], reduction="none",
       ignore_index=-100)))
+  out.append(("softmax-float32-mean", "softmax", dict(
+      alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.1, reduction="mean",
+      dtype=torch.float32)))
+  out.append(("softmax-bfloat16-mean_positive", "softmax", dict(
+      gamma=d["gamma"], where=d["where"], reduction="mean_positive", dtype=torch.bfloat16)))
   out.append(("module-softmax-mean", "module-softmax", dict(
       alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.05, reduction="mean",
       ignore_index=-100)))
@@ -90,11 +106,16 @@ def cases(d: dict) -> list[tuple[str, str, dict]]:
         reduction=r)))
   out.append(("module-categorical-mean_positive", "module-categorical", dict(
       gamma=1.5, reduction="mean_positive")))
+  out.append(("categorical-bfloat16-mean_positive", "categorical", dict(
+      gamma=d["gamma"], reduction="mean_positive", dtype=torch.bfloat16)))
   for r in REDUCTIONS:
     out.append((f"linear-{r}", "linear", dict(
         alpha=d["alpha"], gamma=d["gamma"], label_smoothing=0.1, where=d["where"],
         sample_weight=d["sw"], reduction=r, ignore_index=-100, chunk_size=3)))
   out.append(("linear-nobias-mean", "linear-nobias", dict(gamma=2.0, reduction="mean")))
+  out.append(("linear-float32-none", "linear", dict(
+      alpha=d["alpha"], gamma=0.5, label_smoothing=0.1, reduction="none", chunk_size=4,
+      dtype=torch.float32)))
   # DistributedDataParallel over the data group (2 x 2 layout only): a column-parallel
   # nn.Linear whose rows are this rank's classes, the loss called from forward.
   out.append(("ddp-softmax-mean_positive", "ddp-softmax", dict(
@@ -121,7 +142,10 @@ def _reference_softmax(z, labels, kw):
 
 def reference(kind: str, kw: dict, d: dict) -> tuple[torch.Tensor, dict]:
   """Value and gradients of the whole problem in one process, float64 autograd of the
-  reference formulas (for ``"none"``, of the sum of the per-entry losses)."""
+  reference formulas (for ``"none"``, of the sum of the per-entry losses); a case in a
+  lower precision: of its inputs rounded to that precision."""
+  kw = dict(kw)
+  d = cast(cast(d, kw.pop("dtype", F64)), F64)
   if kind in ("softmax", "module-softmax", "softmax3d", "softmax-nf"):
     key, lab = {"softmax3d": ("z3", "labels3"), "softmax-nf": ("z_nf", "labels")}.get(
         kind, ("z", "labels"))
@@ -215,6 +239,7 @@ def _rows_of(kw: dict, rows: slice) -> dict:
 def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
   import torch.distributed as dist  # pylint: disable=import-outside-toplevel
   kw = _rows_of(kw, lay.rows)
+  d = cast(d, kw.pop("dtype", F64))
   groups = dict(class_process_group=lay.class_group, process_group=lay.data_group)
   grads = {}
   if kind in ("softmax", "softmax3d", "module-softmax", "softmax-nf"):
@@ -399,7 +424,9 @@ def _check(world: int, got: list[dict]) -> int:
         where = f"{name}, layout {nd}x{kc}, rank {rank}"
         reduced = value.ndim == 0
         want_value = value if reduced else value[rows]
-        torch.testing.assert_close(res["value"], want_value, rtol=1e-10, atol=1e-12,
+        dtype = kw.get("dtype", F64)
+        assert res["value"].dtype == dtype, where
+        torch.testing.assert_close(res["value"].to(F64), want_value, **TOL[dtype],
                                    equal_nan=True, msg=lambda m, w=where: f"{w}: {m}")
         # Each data rank returns n * local_sum / global_denominator (DDP averages the
         # gradients of the parameters over the data group; a leaf logit is not averaged).
@@ -409,7 +436,8 @@ def _check(world: int, got: list[dict]) -> int:
           # group by the caller); weight and bias: its classes (averaged over the data).
           want = {"z": lambda: g[rows][:, cols] * scale, "x": lambda: g[rows] * scale,
                   "w": lambda: g[cols], "b": lambda: g[cols]}[key]()
-          torch.testing.assert_close(res["grads"][key], want, rtol=1e-10, atol=1e-12,
+          assert res["grads"][key].dtype == dtype, where
+          torch.testing.assert_close(res["grads"][key].to(F64), want, **TOL[dtype],
                                      equal_nan=True,
                                      msg=lambda m, w=where, k=key: f"{w}, d/d{k}: {m}")
           assert (want != 0).any(), where  # a real signal, not 0 = 0
