@@ -64,4 +64,6 @@ try:
 except ImportError:
   torch = None
 else:
-  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  # Under pytest-xdist the workers share the cores: one torch thread each on 2 cores.
+  _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+  torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // max(1, _workers))))
