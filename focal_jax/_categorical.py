@@ -284,7 +284,7 @@ def categorical_focal(
   cdtype = _checks.compute_dtype(dtype)
   weight = _checks.sample_weight(fn, sample_weight, row_shape, cdtype, what_rows)
   per_class = " (one per class)"
-  split = _checks.class_split(fn, class_axis_name, axis_name, num_classes, "classes of logits")
+  split = _checks.class_split(fn, class_axis_name, axis_name, num_classes)
   if split is not None:  # alpha and gamma are the whole (C,) vectors
     for arg, value in (("alpha", alpha), ("gamma", gamma)):
       _checks.split_class_vector(fn, arg, value, split, "classes of logits")

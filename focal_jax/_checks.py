@@ -253,12 +253,12 @@ def _names(axis_name: Any) -> tuple:
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
-def class_split(fn: str, class_axis_name: Any, axis_name: Any, local: int,
-                what_local: str) -> _rowreduce.ClassSplit | None:
+def class_split(fn: str, class_axis_name: Any, axis_name: Any,
+                local: int) -> _rowreduce.ClassSplit | None:
   """The split of the class axis over `class_axis_name` (None: not split).
 
-  `local` is the number of classes this member holds (`what_local` says of what, for
-  messages); the whole class count is `local` times the axis size. The axis must be bound
+  `local` is the number of classes this member holds; the whole class count is `local` times
+  the axis size. The axis must be bound
   (inside shard_map or pmap) and must not also be a data axis (`axis_name`).
   """
   if class_axis_name is None:
@@ -276,7 +276,6 @@ def class_split(fn: str, class_axis_name: Any, axis_name: Any, local: int,
     raise ValueError(
         f"{fn}: class_axis_name must be a named axis bound here (inside shard_map or pmap), "
         f"got {class_axis_name!r}") from None
-  del what_local
   return _rowreduce.ClassSplit(class_axis_name, size, int(local), int(local) * size)
 
 

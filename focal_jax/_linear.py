@@ -343,7 +343,7 @@ def linear_softmax_focal(
         f"{hidden.shape}), got shape {kernel.shape}")
   # No shape in the message: the kernel is (H, V) here and torch's weight (V, H).
   vocab = _checks.num_classes(fn, "kernel", kernel.shape[1], "V = 0")
-  split = _checks.class_split(fn, class_axis_name, axis_name, vocab, "columns of kernel")
+  split = _checks.class_split(fn, class_axis_name, axis_name, vocab)
   if split is not None:  # alpha and gamma are the whole (V,) vectors
     for arg, value in (("alpha", alpha), ("gamma", gamma)):
       _checks.split_class_vector(fn, arg, value, split, "columns of kernel")

@@ -406,7 +406,7 @@ def softmax_focal(
   num_classes = _checks.num_classes(
       fn, "logits", logits.shape[ax], f"C = 0 (shape {logits.shape}, class axis {ax})")
   row_shape = logits.shape[:ax] + logits.shape[ax + 1:]
-  split = _checks.class_split(fn, class_axis_name, axis_name, num_classes, "classes of logits")
+  split = _checks.class_split(fn, class_axis_name, axis_name, num_classes)
   if split is not None:  # labels, alpha and gamma against the whole class count
     for arg, value in (("alpha", alpha), ("gamma", gamma)):
       _checks.split_class_vector(fn, arg, value, split, "classes of logits")

@@ -343,24 +343,58 @@ def test_nan_logit_on_one_member_is_nan_on_every_member_masked_rows_zero(loss):
   assert np.isfinite(g[finite]).all()
 
 
+def test_softmax_class_axis_not_last(refs):
+  """(N, C, W) logits with axis=1, the classes split over "v": the float64 reference on the
+  moved axis, and its gradient."""
+  rng = np.random.default_rng(5)
+  z = rng.normal(size=(3, C, 2)) * 2
+  t = np.array([[0, 11], [4, 7], [9, 2]])
+  a = _data()["alpha12"]
+
+  def body(z):
+    return jax.value_and_grad(lambda z: focal_jax.softmax_focal(
+        z, t, alpha=a, axis=1, label_smoothing=0.1, reduction="sum", class_axis_name="v"))(z)
+  value, grad = jax.jit(jax.shard_map(body, mesh=_mesh("v"), in_specs=P(None, "v"),
+                                      out_specs=(P(), P(None, "v"))))(z)
+  zl, tl = np.moveaxis(z, 1, -1).reshape(-1, C), t.reshape(-1)
+  _close(value, refs.softmax_focal(zl, tl, alpha=a, label_smoothing=0.1, reduction="sum"))
+  want = jax.grad(lambda z: refs.jnp_softmax_focal_sum(
+      jnp.moveaxis(z, 1, -1).reshape(-1, C), tl, a, 2.0, 0.1))(z)
+  _close(grad, want)
+
+
 # ----------------------------------------------------------------------- second order
 
 
-def test_hessian_inside_shard_map_is_the_spmd_sum_of_blocks(refs):
+@pytest.mark.parametrize("loss", ["softmax", "categorical"])
+def test_hessian_inside_shard_map_is_the_spmd_sum_of_blocks(loss, refs):
   """jax.hessian inside the body perturbs every member's slice at once (SPMD): member r
   gets sum over q of the unsharded Hessian's (r, q) blocks, here from float64 autodiff of
   the naive reference."""
   d = _data()
-  z, t = d["z"][:3], np.array([4, 11, 0])
+  z, t, y = d["z"][:3], np.array([4, 11, 0]), d["soft"][:3]
   a, g = d["alpha12"], d["gamma12"]
-  kw = dict(alpha=a, gamma=g, label_smoothing=0.1, reduction="sum")
   mesh = _mesh("v")
+  if loss == "softmax":
+    def fn(z, y):
+      return focal_jax.softmax_focal(z, t, alpha=a, gamma=g, label_smoothing=0.1,
+                                     reduction="sum", class_axis_name="v")
 
-  def body(z):
-    return jax.hessian(lambda z: focal_jax.softmax_focal(z, t, class_axis_name="v", **kw))(
-        z)[None]
-  hs = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(None, "v"), out_specs=P("v")))(z)
-  full = jax.hessian(lambda z: refs.jnp_softmax_focal_sum(z, t, a, g, 0.1))(z)
+    def ref(z):
+      return refs.jnp_softmax_focal_sum(z, t, a, g, 0.1)
+  else:
+    def fn(z, y):
+      return focal_jax.categorical_focal(z, y, alpha=a, gamma=g, reduction="sum",
+                                         class_axis_name="v")
+
+    def ref(z):
+      return refs.jnp_categorical_focal_sum(z, y, a[None], g[None])
+
+  def body(z, y):
+    return jax.hessian(fn)(z, y)[None]
+  hs = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(None, "v"), P(None, "v")),
+                             out_specs=P("v")))(z, y)
+  full = jax.hessian(ref)(z)
   width = C // N_DEV
   for r in range(N_DEV):
     want = sum(full[:, r * width:(r + 1) * width, :, q * width:(q + 1) * width]
