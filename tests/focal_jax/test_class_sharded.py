@@ -556,7 +556,8 @@ def _readme_snippet():
   end = text.find("\n## ", start + 1)
   section = text[start:end if end >= 0 else None]
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-  assert len(blocks) == 1, "the section holds one python snippet"
+  # The first snippet is plain jit over sharded arrays (the shard_map and torch ones follow).
+  assert "@jax.jit\ndef step" in blocks[0], "the section starts with the plain-jit snippet"
   return blocks[0]
 
 
