@@ -193,6 +193,12 @@ def _blocked_sum(fn, x: jax.Array, *args: jax.Array | None) -> jax.Array:
   cols = 1 if x.ndim == 1 else x.shape[-1]
   x2 = x.reshape(rows, cols)
   args2 = [_as_rows(a, x.shape) for a in args]
+  # 16-bit floats enter the loop as their bits: XLA on CPU otherwise hands the loop a
+  # float32 copy of the whole input (its bfloat16 normalization) and converts each slice back.
+  dtypes = [None if a is None else a.dtype for a in (x2, *args2)]
+  as_bits = lambda a: (a if a is None or not jnp.issubdtype(a.dtype, jnp.floating)
+                       or a.dtype.itemsize != 2 else jax.lax.bitcast_convert_type(a, jnp.uint16))
+  x2, *args2 = map(as_bits, (x2, *args2))
   per_block = max(1, _BLOCK // cols)
   blocks = rows // per_block
 
@@ -201,7 +207,13 @@ def _blocked_sum(fn, x: jax.Array, *args: jax.Array | None) -> jax.Array:
       if a is None or a.shape[0] == 1:
         return a
       return jax.lax.dynamic_slice_in_dim(a, start, size, axis=0)
-    return jnp.sum(fn(rows_of(x2), *map(rows_of, args2)))
+    # The barrier keeps XLA from moving conversions (bfloat16 logits, boolean labels to the
+    # compute dtype) ahead of the slice and out of the loop: a converted copy of the whole
+    # input.
+    block = jax.lax.optimization_barrier([rows_of(a) for a in (x2, *args2)])
+    block = [a if a is None or a.dtype == d else jax.lax.bitcast_convert_type(a, d)
+             for a, d in zip(block, dtypes)]
+    return jnp.sum(fn(*block))
 
   total = jnp.zeros((), jax.eval_shape(lambda: block_sum(0, per_block)).dtype)
   total = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + block_sum(i * per_block, per_block),
@@ -375,9 +387,11 @@ def sigmoid_focal(
   positive = labels > 0 if where is None else where & (labels > 0)
   if reduction != "none":
     # where and sample_weight as given (not broadcast): the blocked sum slices what varies.
-    raw_where = None if where is None else jnp.asarray(where_arg)
+    # At the rank of the labels (no implicit rank promotion).
+    at_rank = lambda a: jnp.reshape(a, (1,) * (labels.ndim - a.ndim) + a.shape)
+    raw_where = None if where is None else at_rank(jnp.asarray(where_arg))
     raw_weight = None if weight is None else jax.lax.stop_gradient(
-        jnp.asarray(sample_weight).astype(cdtype))
+        at_rank(jnp.asarray(sample_weight).astype(cdtype)))
     total = _focal_total(x, labels, alpha, gamma, raw_where, raw_weight, cfg)
     shape = jax.ShapeDtypeStruct(labels.shape, cdtype)  # what reduce_loss counts over
     return _reduce.reduce_loss(shape, valid=where, positive=positive, reduction=reduction,
