@@ -17,7 +17,8 @@ splits the computation. Checked here:
   logits gathered on purpose show that both checks can fail;
 - sigmoid_focal inside shard_map with its entries split over both axes of a 2 x 2 mesh needs
   only `axis_name=("d", "v")`;
-- the README snippet of "Classes split across devices" runs and gives the reference numbers.
+- the README snippets of "Classes split across devices" (plain jit; shard_map with
+  `class_axis_name` on a 2 x 2 mesh) run and give the reference numbers.
 """
 
 from __future__ import annotations
@@ -580,3 +581,27 @@ def test_readme_snippet_runs_and_matches_reference(refs):
         zi[None], ti[None], None, 2.0, eps))(h @ k + b[None], jnp.asarray(t)))
   for got, want in zip((d_hidden, d_kernel, d_bias), jax.grad(head, (0, 1, 2))(h, k, b)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+
+
+def test_readme_shard_map_snippet_matches_reference(refs):
+  """The section's second snippet (shard_map with class_axis_name on a 2 x 2 mesh, float32)."""
+  text = README.read_text()
+  start = text.index("## Classes split across devices")
+  end = text.find("\n## ", start + 1)
+  blocks = re.findall(r"```python\n(.*?)```", text[start:end if end >= 0 else None], re.S)
+  snippet = next(b for b in blocks if "class_axis_name=" in b and "jax.shard_map" in b)
+  namespace = {}
+  exec(compile(snippet, str(README), "exec"), namespace)  # noqa: S102
+  loss, d_h, d_k, d_b = (np.asarray(namespace[n]) for n in ("loss", "d_h", "d_k", "d_b"))
+  h, k, b, t, alpha = (np.asarray(namespace[n]) for n in ("h", "k", "b", "t", "alpha"))
+  h, k, b, alpha = (x.astype(np.float64) for x in (h, k, b, alpha))
+  eps = 0.1
+  np.testing.assert_allclose(float(loss), refs.softmax_focal(
+      h @ k + b[None], t, alpha=alpha, label_smoothing=eps, reduction="mean"), rtol=1e-5)
+
+  def head(h, k, b):
+    return jnp.mean(jax.vmap(lambda zi, ti: refs.jnp_softmax_focal_sum(
+        zi[None], ti[None], jnp.asarray(alpha), 2.0, eps))(h @ k + b[None], jnp.asarray(t)))
+  for got, want in zip((d_h, d_k, d_b), jax.grad(head, (0, 1, 2))(h, k, b)):
+    # float32 gradients against float64 ones: the whole (not a member's share of) d_h
+    np.testing.assert_allclose(got, np.asarray(want), rtol=2e-4, atol=2e-6)
