@@ -237,7 +237,12 @@ def sigmoid_focal(
       (sum divided by the number of valid entries whose unsmoothed label is > 0).
     where: optional bool mask of ``logits``' shape, or broadcastable to it.
     dim: the axis that ``(C,)`` ``alpha``/``gamma`` run along (default -1, the last).
-    process_group: as in :func:`softmax_focal`.
+    process_group: as in :func:`softmax_focal`. Each entry's loss depends on its own logit
+      only, so entries split over ranks in any way need nothing more than the group of all
+      the ranks that hold entries (e.g. ``"world"``). With the classes split over a class
+      group too (its slices' parameters averaged over the data group only, as DDP over the
+      data group does), divide the loss by the class group's size before ``backward``;
+      the whole loss is then the sum of the values over the class group.
     sample_weight: as in :func:`softmax_focal`, broadcastable to ``logits``' shape.
 
   Returns:

@@ -50,12 +50,15 @@ def make_data() -> dict:
   probs[1] = probs[0]
   probs[4] = 0.0
   probs[4, 0] = probs[4, 7] = 0.5  # a tie across ranks: argmax 0 (the first), background
+  soft = torch.rand(N, C, generator=g, dtype=F64)
+  soft[soft < 0.5] = 0.0  # soft labels, some hard 0 (positives: label > 0)
+  soft[:3] = 0.0  # no positive on data rank 0 of the 2 x 2 layout
   z_nf = z.clone()
   z_nf[5, 0] = float("nan")  # a valid row (label 10): NaN on every rank
   z_nf[7, 11] = float("nan")  # a masked row (where False): 0 loss, 0 gradient
   z_nf[3, 6:] = float("-inf")  # the last ranks' slices of a row hold no finite logit
   return dict(
-      z=z, z_nf=z_nf, labels=labels, where=where, z3=z3, labels3=labels3, probs=probs,
+      z=z, z_nf=z_nf, labels=labels, soft=soft, where=where, z3=z3, labels3=labels3, probs=probs,
       sw=2 * torch.rand(N, generator=g, dtype=F64),
       alpha=0.25 + torch.rand(C, generator=g, dtype=F64),
       gamma=torch.tensor([2.0, 0.0, 0.5, 1.0, 3.0, 2.0, 1.5, 0.25, 2.0, 1.0, 4.0, 2.0],
@@ -118,6 +121,11 @@ def cases(d: dict) -> list[tuple[str, str, dict]]:
       dtype=torch.float32)))
   # DistributedDataParallel over the data group (2 x 2 layout only): a column-parallel
   # nn.Linear whose rows are this rank's classes, the loss called from forward.
+  # sigmoid_focal needs no class group: process_group is the group of every rank that
+  # holds entries; the loss divided by the class group's size (see the worker).
+  for r in ("mean_positive", "none"):
+    out.append((f"sigmoid-{r}", "sigmoid", dict(
+        alpha=0.25, gamma=1.5, label_smoothing=0.1, reduction=r)))
   out.append(("ddp-softmax-mean_positive", "ddp-softmax", dict(
       alpha=d["alpha"], gamma=0.5, label_smoothing=0.1, where=d["where"],
       reduction="mean_positive", ignore_index=-100)))
@@ -168,6 +176,13 @@ def reference(kind: str, kw: dict, d: dict) -> tuple[torch.Tensor, dict]:
         z, d["probs"], alpha=kw.get("alpha"), gamma=kw.get("gamma", 2.0), axis=1,
         where=kw.get("where"), reduction=kw.get("reduction", "mean"),
         background_class=kw.get("background_class", 0), sample_weight=kw.get("sample_weight"))
+    (g,) = torch.autograd.grad(out.sum(), z)
+    return out.detach(), {"z": g}
+  if kind == "sigmoid":
+    z = d["z"].clone().requires_grad_()
+    out = focal_reference.sigmoid_focal(
+        z, d["soft"], alpha=kw["alpha"], gamma=kw["gamma"],
+        label_smoothing=kw["label_smoothing"], reduction=kw["reduction"])
     (g,) = torch.autograd.grad(out.sum(), z)
     return out.detach(), {"z": g}
   x, w, b = (d[k].clone().requires_grad_() for k in ("x", "w", "b"))
@@ -266,6 +281,26 @@ def run_case(kind: str, kw: dict, d: dict, lay: Layout) -> dict:
       loss = focal_torch.categorical_focal(z, y, **kw, **groups)
     loss.sum().backward()
     grads["z"] = z.grad
+  elif kind == "sigmoid":
+    z = d["z"][lay.rows][:, lay.cols].clone().requires_grad_()
+    loss = focal_torch.sigmoid_focal(z, d["soft"][lay.rows][:, lay.cols], **kw,
+                                     process_group=dist.group.WORLD)
+    if loss.ndim == 0:
+      # Every rank returns world * local_sum / denominator: divided by the class group's
+      # size, the gradient of each slice is what averaging over the data group expects,
+      # and the whole loss is the class group's sum.
+      loss = loss / lay.kc
+    loss.sum().backward()
+    grads["z"] = z.grad
+    value = loss.detach().clone()
+    if value.ndim == 0:
+      dist.all_reduce(value, group=lay.class_group)
+    else:
+      value = value.contiguous()
+    if value.ndim == 0 and lay.data_group is not None:
+      dist.all_reduce(value, group=lay.data_group)
+      value /= lay.nd
+    return dict(value=value, grads=grads)
   elif kind in ("linear", "linear-nobias"):
     x = d["x"][lay.rows].clone().requires_grad_()
     w = d["w"][lay.cols].clone().requires_grad_()
@@ -424,6 +459,8 @@ def _check(world: int, got: list[dict]) -> int:
         where = f"{name}, layout {nd}x{kc}, rank {rank}"
         reduced = value.ndim == 0
         want_value = value if reduced else value[rows]
+        if kind == "sigmoid" and not reduced:  # one loss per entry: this rank's classes
+          want_value = want_value[:, cols]
         dtype = kw.get("dtype", F64)
         assert res["value"].dtype == dtype, where
         torch.testing.assert_close(res["value"].to(F64), want_value, **TOL[dtype],
