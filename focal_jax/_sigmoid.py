@@ -235,17 +235,30 @@ def _total_dot(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels):
 
 
 # Reverse mode keeps the logits and the labels as they came; the backward recomputes the
-# label checks and every per-entry term in one fusion. prevent_cse: XLA must not merge this
-# recomputation with the forward's (the merged intermediates would be materialized).
-_total_dot_remat = jax.checkpoint(_total_dot, static_argnums=(6,), prevent_cse=True)
+# label checks and every per-entry term in one fusion. On CPU, prevent_cse: XLA must not merge
+# this recomputation with the forward's (the merged intermediates would be materialized). On
+# TPU and GPU XLA fuses the forward sum and the gradient into one pass over the logits when it
+# may merge them (the floor: read logits and labels, write the gradient), so there it may.
+_total_dot_remat_cpu = jax.checkpoint(_total_dot, static_argnums=(6,), prevent_cse=True)
+_total_dot_remat = jax.checkpoint(_total_dot, static_argnums=(6,), prevent_cse=False)
+
+
+def _total_tangent(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels):
+  def run(remat):
+    return lambda *a: jnp.sum(remat(*a[:6], cfg, *a[6:]))
+  return jax.lax.platform_dependent(x, labels, alpha, gamma, where, weight, dx, dlabels,
+                                    cpu=run(_total_dot_remat_cpu), default=run(_total_dot_remat))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _focal_total(x: jax.Array, labels: jax.Array, alpha: jax.Array, gamma: jax.Array,
                  where: jax.Array | None, weight: jax.Array | None, cfg: _Config) -> jax.Array:
   """The sum of the weighted, masked per-entry losses (the forward in blocks)."""
-  return _blocked_sum(lambda *a: _block_losses(*a, cfg), x, labels, alpha, gamma, where,
-                      weight)
+  losses = lambda *a: _block_losses(*a, cfg)
+  # The blocked loop on CPU only (see above); elsewhere XLA fuses the plain sum.
+  return jax.lax.platform_dependent(
+      x, labels, alpha, gamma, where, weight,
+      cpu=lambda *a: _blocked_sum(losses, *a), default=lambda *a: jnp.sum(losses(*a)))
 
 
 def _focal_total_jvp(cfg, primals, tangents):
@@ -258,8 +271,7 @@ def _focal_total_jvp(cfg, primals, tangents):
     dlabels = None  # integer or boolean labels: no tangent
   terms = []
   if dx is not None or dlabels is not None:
-    terms.append(jnp.sum(_total_dot_remat(x, labels, alpha, gamma, where, weight, cfg, dx,
-                                          dlabels)))
+    terms.append(_total_tangent(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels))
   has_dalpha = not isinstance(dalpha, SymbolicZero) and cfg.has_alpha
   has_dgamma = not isinstance(dgamma, SymbolicZero)
   if has_dalpha or has_dgamma:
