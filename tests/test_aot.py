@@ -87,7 +87,7 @@ def test_plan_compiles_each_loss_and_one_optax_peer_per_shape_and_dtype():
 def test_judge_ratios_targets_and_verdicts():
   recs = [
       _rec("softmax", "focal", 64, 30522, "float32", 2.9, 0.0),      # <= 1.5 x 2x floor
-      _rec("categorical", "focal", 64, 30522, "float32", 4.6, 0.0),  # > 1.5 x 3x floor
+      _rec("categorical", "focal", 64, 30522, "float32", 4.6, 0.0),  # > 1.5 x 3x floor + 2 %
       _rec("optax_int", "optax", 64, 30522, "float32", 4.0, 0.0),
       _rec("optax_prob", "optax", 64, 30522, "float32", 6.0, 0.0),
       _rec("softmax", "focal", 1024, 91, "bfloat16", 10.0, 0.05),    # <= 1.25 x optax's 8.0
@@ -105,7 +105,7 @@ def test_judge_ratios_targets_and_verdicts():
   assert r["floor_x"] == 2.0 and r["bytes_x_floor"] == pytest.approx(1.45)
   assert r["bytes_x_optax"] == pytest.approx(2.9 / 4.0) and r["verdict"] == "held"
   r = rows["categorical/focal/64x30522/float32"]
-  assert r["floor_x"] == 3.0 and r["bytes_limit_x"] == pytest.approx(4.5)
+  assert r["floor_x"] == 3.0 and r["bytes_limit_x"] == pytest.approx(4.5 * aot.ROW_SLACK)  # 4.59
   assert r["verdict"] == "MISSED"
   assert rows["softmax/focal/1024x91/bfloat16"]["bytes_limit_x"] == pytest.approx(10.0)
   assert rows["softmax/focal/1024x91/bfloat16"]["verdict"] == "held"
