@@ -126,7 +126,9 @@ def softmax_focal(logits, labels, *, alpha=None, gamma=2.0, label_smoothing=0.0,
     one_minus_p = 1 - xp.exp(log_p)
   focal = _pow(xp, one_minus_p, _per_class(xp, gamma, t, 2.0, dtype), stable)
   eps = float(label_smoothing)
-  ce = -(1 - eps) * log_p - (eps / c) * xp.sum(log_s, axis=-1)
+  ce = -(1 - eps) * log_p
+  if eps:  # without smoothing a -inf logit (log_s = -inf) must not enter as 0 * -inf = NaN
+    ce = ce - (eps / c) * xp.sum(log_s, axis=-1)
   loss = _per_class(xp, alpha, t, 1.0, dtype) * focal * ce
   loss = xp.where(in_range | ~valid, loss, float("nan"))
   return reduce(loss, valid, valid & (labels != background_class), reduction, sample_weight)
