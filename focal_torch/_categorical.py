@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from focal_torch import _chunking
-from focal_torch import _softmax
-from focal_torch._softmax import compute_dtype
+from focal_torch import _class_split
+from focal_torch._numerics import compute_dtype
+from focal_torch._numerics import exp_
 
 
 def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
@@ -77,7 +78,7 @@ def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, wit
   loss = -_weighted_log(weight, log_s).sum(1, keepdim=True) if with_loss else None
   if not with_grad:
     return loss, None, None
-  s = torch.exp(log_s) if differentiable else _softmax.exp_(log_s.clone())
+  s = torch.exp(log_s) if differentiable else exp_(log_s.clone())
   if plain:
     w = weight
   elif differentiable:
@@ -201,7 +202,7 @@ class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
     if torch.is_grad_enabled():
-      raise _softmax._no_double_backward(ctx.fn)  # pylint: disable=protected-access
+      raise _class_split.no_double_backward(ctx.fn)
     z3, y3, valid, lse, total, alpha_t, gamma_t = ctx.saved_tensors
     alpha = alpha_t if alpha_t is not None else ctx.floats[0]
     gamma = gamma_t if gamma_t is not None else ctx.floats[1]

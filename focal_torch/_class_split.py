@@ -161,3 +161,10 @@ def check_at_construction(fn: str, group: Any, **vectors: Any) -> Any:
     size = dist.get_world_size(group)
   check_divisible(fn, size, **vectors)
   return group
+
+
+def no_double_backward(fn: str) -> RuntimeError:
+  """The error a class-split Function raises when asked for a double backward."""
+  return RuntimeError(
+      f"{fn}: create_graph=True (double backward) is not supported with class_process_group: "
+      "the backward of the backward would need the other ranks' classes")

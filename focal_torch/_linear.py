@@ -32,6 +32,7 @@ import torch
 
 from focal_torch import _checks
 from focal_torch import _class_split
+from focal_torch import _numerics
 from focal_torch import _reduce
 from focal_torch import _softmax
 
@@ -60,7 +61,7 @@ class _Chunker:
 
   def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                rows: int) -> None:
-    self.cdt = _softmax.compute_dtype(hidden.dtype)
+    self.cdt = _numerics.compute_dtype(hidden.dtype)
     self.hidden = hidden
     self.weight = weight.to(self.cdt)
     self.bias = None if bias is None else bias.to(self.cdt)
@@ -167,7 +168,7 @@ def _double_backward(ctx, go: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
   hidden, weight, bias, t, valid, bad, alpha_t, gamma_t, sw = ctx.saved_tensors[:9]
   alpha = alpha_t if alpha_t is not None else ctx.floats[0]
   gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-  cdt = _softmax.compute_dtype(hidden.dtype)
+  cdt = _numerics.compute_dtype(hidden.dtype)
   h, w = hidden.to(cdt), weight.to(cdt)
   z = h @ w.t()
   if bias is not None:
@@ -354,7 +355,7 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
     if torch.is_grad_enabled():
-      raise _softmax._no_double_backward(ctx.fn)  # pylint: disable=protected-access
+      raise _class_split.no_double_backward(ctx.fn)
     nones = (None,) * 10
     saved = ctx.saved_tensors
     if ctx.summed:
@@ -508,7 +509,7 @@ def linear_softmax_focal(
       hidden, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
   where = _checks.where_mask(fn, where, expected, "the shape of labels", hidden)
-  cdt = _softmax.compute_dtype(hidden.dtype)
+  cdt = _numerics.compute_dtype(hidden.dtype)
   weights = _checks.sample_weight(fn, sample_weight, expected, hidden, cdt)
   valid, bad, safe, positive = _checks.softmax_masks(
       fn, labels, where, num_classes, ignore_index,
@@ -526,7 +527,7 @@ def linear_softmax_focal(
   rows = chunk_size or default_chunk_rows(n, v)
   summed = reduction != "none"
   args = (h2, weight, bias, t, valid2, None if bad is None else bad.reshape(n, 1),
-          _softmax.per_row(alpha, t, cdt), _softmax.per_row(gamma, t, cdt), eps, max(1, rows),
+          _numerics.per_row(alpha, t, cdt), _numerics.per_row(gamma, t, cdt), eps, max(1, rows),
           summed, sw)
   if split is None:
     out = LinearSoftmaxFocalFunction.apply(*args)

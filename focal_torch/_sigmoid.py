@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from focal_torch import _chunking
-from focal_torch import _softmax
-from focal_torch._softmax import compute_dtype
-from focal_torch._softmax import softplus
+from focal_torch._numerics import compute_dtype
+from focal_torch._numerics import exp_
+from focal_torch._numerics import softplus
 
 
 def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
@@ -38,7 +38,7 @@ def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
     # Label smoothing moves y toward 1/2 before everything else.
     y = y * (1.0 - eps) + eps / 2
   # BCE with logits, as torch computes it: relu(x) - x y + log1p(exp(-|x|)).
-  bce = torch.relu(x).sub_(x * y).add_(_softmax.exp_(x.abs().neg_()).log1p_())
+  bce = torch.relu(x).sub_(x * y).add_(exp_(x.abs().neg_()).log1p_())
   plain = isinstance(gamma, float) and gamma == 0.0
   if not plain or with_grad:
     p, q = torch.sigmoid(x), torch.sigmoid(-x)

@@ -26,35 +26,10 @@ from typing import Any
 import torch
 
 from focal_torch import _chunking
-
-
-def softplus(x: torch.Tensor) -> torch.Tensor:
-  """``log(1 + exp(x))``, exact in float64 too (``F.softplus`` returns ``x`` beyond 20, a
-  1e-10 relative error in float64), with a correct derivative everywhere (also at 0)."""
-  return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-  """float64 stays float64; everything else is computed in float32."""
-  return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def per_row(value: Any, t3: torch.Tensor, cdt: torch.dtype) -> Any:
-  """A hyperparameter at each row's label: None, a float, or a tensor."""
-  if isinstance(value, torch.Tensor):
-    value = value.to(device=t3.device, dtype=cdt)
-    return value[t3] if value.ndim == 1 else value
-  return value
-
-
-def exp_(x: torch.Tensor) -> torch.Tensor:
-  """In-place ``exp`` as ``exp2(x log2 e)``: torch's CPU ``exp2`` runs ~4x faster than its
-  ``exp`` (measured: 0.15 vs 0.65 ns per float32), for a relative error of about
-  ``3e-8 |x|`` from rounding the scaled argument (a few ulp for |x| < 100)."""
-  # The constant written out: a module-level float read inside an autograd.Function becomes
-  # a symbolic input under torch.compile(dynamic=True), which dynamo cannot lift into a
-  # second Function of the same graph (torch 2.13).
-  return x.mul_(1.4426950408889634).exp2_()
+from focal_torch import _class_split
+from focal_torch._numerics import compute_dtype
+from focal_torch._numerics import exp_
+from focal_torch._numerics import softplus
 
 
 def _padded_classes(shape: tuple[int, ...]) -> int:
@@ -349,12 +324,6 @@ def combine_split(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor,
   return zt, lse_from(big_m, s), sum_z
 
 
-def _no_double_backward(fn: str) -> RuntimeError:
-  return RuntimeError(
-      f"{fn}: create_graph=True (double backward) is not supported with class_process_group: "
-      "the backward of the backward would need the other ranks' classes")
-
-
 class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
   """:class:`SoftmaxFocalFunction` when ``z3`` holds this rank's slice of the classes
   (``split``, a ``_class_split.ClassSplit``; ``t3`` global labels). The forward all-reduces
@@ -376,7 +345,7 @@ class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
     if torch.is_grad_enabled():
-      raise _no_double_backward(ctx.fn)
+      raise _class_split.no_double_backward(ctx.fn)
     z3, t_loc, owned, valid, lse_o, a, b, g = ctx.saved_tensors
     go = go.to(lse_o.dtype)
     grad = grad_chunked(z3, t_loc, lse_o, a * go, None if b is None else b * go, g * go,

@@ -17,6 +17,7 @@ from focal_torch import _categorical
 from focal_torch import _checks
 from focal_torch import _class_split
 from focal_torch import _chunking
+from focal_torch import _numerics
 from focal_torch import _reduce
 from focal_torch import _sigmoid
 from focal_torch import _softmax
@@ -165,7 +166,7 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
       logits, integer=True)
   _checks.check_no_grad(fn, "labels", labels)
   where = _checks.where_mask(fn, where, expected, "the shape of labels", logits)
-  cdt = _softmax.compute_dtype(logits.dtype)
+  cdt = _numerics.compute_dtype(logits.dtype)
   weight = _checks.sample_weight(fn, sample_weight, expected, logits, cdt)
   valid, bad, safe, positive = _checks.softmax_masks(
       fn, labels, where, num_classes, ignore_index,
@@ -176,8 +177,8 @@ def softmax_focal_impl(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, a
   t3 = safe.reshape(rows)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
   args = (z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
-          _softmax.per_row(_traced(alpha, cdt, logits), t3, cdt),
-          _softmax.per_row(_traced(gamma, cdt, logits), t3, cdt), eps, elements)
+          _numerics.per_row(_traced(alpha, cdt, logits), t3, cdt),
+          _numerics.per_row(_traced(gamma, cdt, logits), t3, cdt), eps, elements)
   if split is None:
     loss = _softmax.SoftmaxFocalFunction.apply(*args)
   else:
@@ -291,7 +292,7 @@ def sigmoid_focal(
     raise TypeError(f"{fn}: labels must be real numbers in [0, 1], got dtype {labels.dtype}")
   _checks.check_labels(fn, labels, logits.shape, "the shape of logits", logits, integer=False)
   _checks.check_no_grad(fn, "labels", labels)
-  cdt = _softmax.compute_dtype(logits.dtype)
+  cdt = _numerics.compute_dtype(logits.dtype)
   if labels.dtype in _WIDE_UNSIGNED:  # torch has no comparisons for these
     labels = labels.to(cdt)
   where = _checks.where_mask(fn, where, logits.shape, "the shape of labels", logits)
@@ -444,7 +445,7 @@ def categorical_focal(
       fn, where, row_shape,
       lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
       logits)
-  cdt = _softmax.compute_dtype(logits.dtype)
+  cdt = _numerics.compute_dtype(logits.dtype)
   weight = _checks.sample_weight(fn, sample_weight, row_shape, logits, cdt)
 
   z3 = _chunking.as_rows(logits, dim)
