@@ -4,8 +4,9 @@ The memory budget is read from XLA's own buffer assignment (``compiled.memory_an
 deterministic for a given jax/XLA): under ``jit(value_and_grad)`` the step may use at most
 ``TEMP_BUDGET`` times the logits' size in temporaries beyond its outputs (float32 logits).
 Before the blocked sum the same programs took 6.0x (XLA on CPU materialized every
-intermediate shared by the forward sum and the gradient). The blocked path's values and gradients are checked against
-the float64 reference, with a block size small enough that every test shape takes it.
+intermediate shared by the forward sum and the gradient). The blocked path's values and
+gradients are checked against float64 references, with a block size small enough that every
+test shape takes it.
 """
 
 import jax
