@@ -15,8 +15,11 @@ from typing import Any
 
 import torch
 
+from focal_torch import _checks
 from focal_torch import _chunking
 from focal_torch import _class_split
+from focal_torch import _numerics
+from focal_torch import _reduce
 from focal_torch._numerics import compute_dtype
 from focal_torch._numerics import exp_
 
@@ -214,3 +217,137 @@ class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
                       with_loss=False, total=total[idx])
       out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
     return out, None, None, None, None, None, None
+
+
+_PER_CLASS = " (one per class)"
+
+
+def categorical_focal(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    alpha: Any = None,
+    gamma: Any = 2.0,
+    reduction: str = "mean",
+    where: Any = None,
+    background_class: int = 0,
+    dim: int = 1,
+    process_group: Any = None,
+    sample_weight: Any = None,
+    class_process_group: Any = None,
+) -> torch.Tensor:
+  r"""Softmax focal loss for probability targets (smoothed one-hot, mixup, distillation).
+
+  .. math::
+    \ell = -\sum_c \alpha_c\, y_c\, (1 - s_c)^{\gamma_c} \log s_c, \quad
+    s = \mathrm{softmax}(z)
+
+  keras' ``CategoricalFocalCrossentropy``; with one-hot ``y`` it equals
+  :func:`softmax_focal`. To smooth labels, smooth the targets first. Analytic, chunked
+  backward.
+
+  Args:
+    logits: floating-point scores, class axis at ``dim``.
+    targets: floating-point target probabilities of ``logits``' shape. They get no
+      gradient.
+    alpha: None, a number, or a ``(C,)`` tensor of per-class weights.
+    gamma: focusing exponent ``>= 0``: a number or a ``(C,)`` tensor (per class).
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` or ``"mean_positive"`` (a row is positive
+      iff ``argmax(targets) != background_class``).
+    where: optional bool mask of the rows (``logits``' shape without ``dim``), or
+      broadcastable to it.
+    background_class: see ``reduction``.
+    dim: the class axis.
+    process_group: as in :func:`softmax_focal`.
+    sample_weight: as in :func:`softmax_focal`, one weight per row (broadcastable to
+      ``logits``' shape without ``dim``).
+    class_process_group: as in :func:`softmax_focal`: each rank's ``logits`` and
+      ``targets`` hold its contiguous slice of the ``C`` classes along ``dim``;
+      ``alpha``/``gamma`` vectors are the global ``(C,)`` ones. The forward all-reduces
+      per-row numbers only (a MAX and two SUMs; ``"mean_positive"`` adds a MAX and a MIN
+      for the global argmax of the targets); the backward has no communication.
+
+  Returns:
+    Per-row losses (``logits``' shape without ``dim``) for ``"none"``, else a scalar; in
+    the logits' dtype.
+
+  Raises:
+    TypeError: non-tensor or integer ``logits`` or ``targets``; a non-bool ``where``.
+    ValueError: ``gamma < 0``; ``alpha``/``gamma`` of the wrong shape; an unknown
+      ``reduction``; ``targets``/``where`` of the wrong shape; with
+      ``class_process_group``, ``(C,)`` ``alpha``/``gamma`` whose length the group size
+      does not divide, or ranks holding different numbers of classes.
+    RuntimeError: ``create_graph=True`` with ``class_process_group``.
+
+  Shape:
+    - logits, targets: ``(N, C)`` or ``(N, C, d1, ...)``.
+    - where, output (``"none"``): ``(N,)`` or ``(N, d1, ...)``; otherwise a scalar.
+
+  Examples:
+    >>> focal_torch.categorical_focal(torch.tensor([[2.0, 0.0]]),
+    ...                               torch.tensor([[0.9, 0.1]]))
+    tensor(0.1666)
+  """
+  fn = "categorical_focal"
+  _checks.floating_array(fn, "logits", logits)
+  dim = _checks.normalize_dim(fn, dim, logits.ndim)
+  num_classes = logits.shape[dim]
+  if num_classes == 0:
+    raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
+                     f"{_checks.shape_str(logits.shape)}, class dim {dim})")
+  split = None
+  if class_process_group is not None:
+    split = _class_split.resolve(fn, class_process_group, num_classes, alpha=alpha,
+                                 gamma=gamma)
+    num_classes = split.num_classes
+  reduction = _checks.reduction(fn, reduction)
+  background_class = _checks.optional_int(fn, "background_class", background_class)
+  alpha = _checks.class_param(fn, "alpha", alpha, num_classes, what_classes=_PER_CLASS,
+                              device=logits.device)
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, allow_none=False,
+                              what_classes=_PER_CLASS, device=logits.device)
+  process_group = _checks.process_group(fn, process_group)
+  if not isinstance(targets, torch.Tensor):
+    raise TypeError(f"{fn}: targets must be a torch.Tensor, got {type(targets).__name__}")
+  if not targets.is_floating_point():
+    raise TypeError(f"{fn}: targets must be a floating-point tensor, got dtype "
+                    f"{targets.dtype}")
+  if tuple(targets.shape) != tuple(logits.shape):
+    raise ValueError(f"{fn}: targets must have shape {_checks.shape_str(logits.shape)} (the "
+                     f"shape of logits), got shape {_checks.shape_str(targets.shape)}")
+  _checks.check_same_device(fn, "targets", targets, logits)
+  _checks.check_no_grad(fn, "targets", targets)
+  row_shape = logits.shape[:dim] + logits.shape[dim + 1:]
+  where = _checks.where_mask(
+      fn, where, row_shape,
+      lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
+      logits)
+  cdt = _numerics.compute_dtype(logits.dtype)
+  weight = _checks.sample_weight(fn, sample_weight, row_shape, logits, cdt)
+
+  z3 = _chunking.as_rows(logits, dim)
+  y3 = _chunking.as_rows(targets, dim)
+  valid3 = None if where is None else where.reshape(_chunking.row_shape(z3.shape))
+  elements = _chunking.chunk_elements(z3.numel())
+  if split is None:
+    loss = CategoricalFocalFunction.apply(
+        z3, y3, valid3,
+        _chunking.class_vector(_numerics.traced(alpha, cdt, logits), cdt, logits.device,
+                               z3.shape),
+        _chunking.class_vector(_numerics.traced(gamma, cdt, logits), cdt, logits.device,
+                               z3.shape), elements)
+  else:
+    loss = ClassSplitCategoricalFocalFunction.apply(
+        z3, y3, valid3,
+        _chunking.class_vector(split.class_slice(alpha), cdt, logits.device, z3.shape),
+        _chunking.class_vector(split.class_slice(gamma), cdt, logits.device, z3.shape), elements,
+        split)
+  loss = _checks.weigh(loss.reshape(row_shape), weight, where)
+  positive = None
+  if reduction == "mean_positive":
+    top = targets.argmax(dim) if split is None else split.argmax(targets, dim)
+    positive = top != background_class
+    if where is not None:
+      positive = positive & where
+  return _reduce.reduce_loss(loss, reduction, valid=where, positive=positive,
+                             process_group=process_group, out_dtype=logits.dtype)

@@ -9,6 +9,7 @@ kernels vectorize 2-D rows far better than ``(rows, C, 1)``, hence the two layou
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -90,3 +91,14 @@ def max_chunk_rows(shape: tuple[int, ...], elements: int | None) -> int:
   """Rows x inner columns of the largest chunk: its size is this times ``C``."""
   rows, cols = _rows_per_chunk(shape, elements)
   return rows * cols
+
+
+def class_vector(value: Any, cdt: torch.dtype, device: torch.device,
+                  shape3: tuple[int, ...]) -> Any:
+  """A ``(C,)`` hyperparameter shaped to broadcast against a rows view (see
+  :func:`class_shape`); scalars as they are."""
+  if isinstance(value, torch.Tensor):
+    value = value.to(device=device, dtype=cdt)
+    if value.ndim == 1:
+      return value.reshape(class_shape(shape3))
+  return value

@@ -39,3 +39,12 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
   # a symbolic input under torch.compile(dynamic=True), which dynamo cannot lift into a
   # second Function of the same graph (torch 2.13).
   return x.mul_(1.4426950408889634).exp2_()
+
+
+def traced(value: Any, cdt: torch.dtype, logits: torch.Tensor) -> Any:
+  """Under torch.compile, a Python-number hyperparameter as a 0-d tensor: a number that
+  changes between calls (a gamma schedule) is symbolic there, and dynamo cannot pass a
+  symbolic float into the autograd.Function. Eager: as it is."""
+  if isinstance(value, float) and torch.compiler.is_compiling():
+    return torch.full((), value, dtype=cdt, device=logits.device)
+  return value

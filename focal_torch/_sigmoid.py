@@ -18,9 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import torch
 
+from focal_torch import _checks
 from focal_torch import _chunking
+from focal_torch import _numerics
+from focal_torch import _reduce
 from focal_torch._numerics import compute_dtype
 from focal_torch._numerics import exp_
 from focal_torch._numerics import softplus
@@ -154,3 +159,136 @@ class SigmoidFocalFunction(torch.autograd.Function):
       part = part * go[idx]
       out[idx] = _mask(part, None if valid is None else valid[idx])
     return (out,) + (None,) * 6
+
+
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _ndim(value: Any) -> int:
+  """The number of dimensions of a hyperparameter (numbers: 0; ragged lists: 1)."""
+  if isinstance(value, torch.Tensor):
+    return value.ndim
+  if isinstance(value, (list, tuple, np.ndarray)):
+    try:
+      return np.ndim(value)
+    except ValueError:
+      return 1
+  return 0
+
+
+def sigmoid_focal(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: Any = None,
+    gamma: Any = 2.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: Any = None,
+    dim: int = -1,
+    process_group: Any = None,
+    sample_weight: Any = None,
+) -> torch.Tensor:
+  r"""Sigmoid focal loss for binary and multi-label problems, hard or soft labels.
+
+  .. math::
+    \ell = \alpha_t (1 - p_t)^\gamma \mathrm{BCE}(x, y), \quad p = \sigma(x),\;
+    p_t = p y + (1 - p)(1 - y),\; \alpha_t = \alpha y + (1 - \alpha)(1 - y)
+
+  torchvision's ``sigmoid_focal_loss`` formula (``alpha=None`` for no weighting, where
+  torchvision uses ``alpha < 0``). ``label_smoothing`` first moves ``y`` toward 1/2:
+  ``y (1 - eps) + eps / 2``. Analytic, chunked backward; log space throughout.
+
+  Args:
+    logits: floating-point scores, any shape (0-d included).
+    labels: targets in ``[0, 1]`` (float, int or bool) of ``logits``' shape. They get no
+      gradient.
+    alpha: None, a number in ``[0, 1]`` (weight of the positive class), or a ``(C,)``
+      tensor of weights along ``dim`` (the last axis by default, as ``focal_jax``: for
+      channels-first ``(N, C, H, W)`` logits move the class axis last, pass ``dim=1``, or
+      pass a scalar). Lists, tuples and NumPy arrays are taken as tensors.
+    gamma: finite focusing exponent ``>= 0``: a number or a ``(C,)`` tensor along ``dim``.
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` (over valid entries) or ``"mean_positive"``
+      (sum divided by the number of valid entries whose unsmoothed label is > 0).
+    where: optional bool mask of ``logits``' shape, or broadcastable to it.
+    dim: the axis that ``(C,)`` ``alpha``/``gamma`` run along (default -1, the last).
+    process_group: as in :func:`softmax_focal`. Each entry's loss depends on its own logit
+      only, so entries split over ranks in any way need nothing more than the group of all
+      the ranks that hold entries (e.g. ``"world"``). With the classes split over a class
+      group too (its slices' parameters averaged over the data group only, as DDP over the
+      data group does), divide the loss by the class group's size before ``backward``;
+      the whole loss is then the sum of the values over the class group.
+    sample_weight: as in :func:`softmax_focal`, broadcastable to ``logits``' shape.
+
+  Returns:
+    Per-entry losses of ``logits``' shape for ``"none"``, else a scalar; logits' dtype.
+
+  Raises:
+    TypeError: non-tensor or integer ``logits``; a non-bool ``where``.
+    ValueError: ``gamma < 0``; ``alpha`` outside ``[0, 1]`` or of the wrong shape; an
+      unknown ``reduction``; ``label_smoothing`` outside ``[0, 1]``; ``labels``/``where``
+      of the wrong shape; labels outside ``[0, 1]`` (a value check).
+
+  Shape:
+    - logits, labels, where: ``(*)``, e.g. ``(N, C)`` or ``(N, C, H, W)``.
+    - output: scalar, or ``(*)`` for ``reduction="none"``.
+
+  Examples:
+    >>> focal_torch.sigmoid_focal(torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, 0.0]]),
+    ...                           alpha=0.25, reduction="sum")
+    tensor(0.0170)
+
+  References:
+    Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
+  """
+  fn = "sigmoid_focal"
+  _checks.floating_array(fn, "logits", logits, scalar_ok=True)
+  reduction = _checks.reduction(fn, reduction)
+  eps = _checks.label_smoothing(fn, label_smoothing)
+  process_group = _checks.process_group(fn, process_group)
+  if logits.ndim and any(_ndim(v) >= 1 for v in (alpha, gamma)):
+    dim = _checks.normalize_dim(fn, dim, logits.ndim)
+    num_classes = logits.shape[dim]
+    what = (" (one per entry of the last axis of logits)" if dim == logits.ndim - 1
+            else f" (one per entry of dim {dim} of logits)")
+  else:
+    _checks.optional_int(fn, "dim", dim)
+    dim, what = None, " (one per entry of the last axis of logits)"
+    num_classes = logits.shape[-1] if logits.ndim else 1  # for messages only
+  alpha = _checks.class_param(fn, "alpha", alpha, num_classes, low=0.0, high=1.0,
+                              hint=_checks.SIGMOID_ALPHA_HINT, what_classes=what,
+                              device=logits.device)
+  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, allow_none=False,
+                              what_classes=what, device=logits.device)
+  if not isinstance(labels, torch.Tensor):
+    raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
+  if labels.is_complex():
+    raise TypeError(f"{fn}: labels must be real numbers in [0, 1], got dtype {labels.dtype}")
+  _checks.check_labels(fn, labels, logits.shape, "the shape of logits", logits, integer=False)
+  _checks.check_no_grad(fn, "labels", labels)
+  cdt = _numerics.compute_dtype(logits.dtype)
+  if labels.dtype in _WIDE_UNSIGNED:  # torch has no comparisons for these
+    labels = labels.to(cdt)
+  where = _checks.where_mask(fn, where, logits.shape, "the shape of labels", logits)
+  weight = _checks.sample_weight(fn, sample_weight, logits.shape, logits, cdt)
+  _checks.check_unit_interval(fn, "labels", labels, where)
+
+  if dim is None:
+    x3 = logits.reshape(-1, 1)
+  else:
+    x3 = _chunking.as_rows(logits, dim)
+  y3 = labels.reshape(x3.shape)
+  valid3 = None if where is None else where.reshape(x3.shape)
+  elements = _chunking.chunk_elements(x3.numel())
+  loss = SigmoidFocalFunction.apply(
+      x3, y3, valid3,
+      _chunking.class_vector(_numerics.traced(alpha, cdt, logits), cdt, logits.device, x3.shape),
+      _chunking.class_vector(_numerics.traced(gamma, cdt, logits), cdt, logits.device, x3.shape),
+      eps, elements).reshape(logits.shape)
+  loss = _checks.weigh(loss, weight, where)
+  positive = None
+  if reduction == "mean_positive":
+    positive = labels > 0 if where is None else (labels > 0) & where
+  return _reduce.reduce_loss(loss, reduction, valid=where, positive=positive,
+                             process_group=process_group, out_dtype=logits.dtype)

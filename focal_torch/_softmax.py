@@ -25,8 +25,11 @@ from typing import Any
 
 import torch
 
+from focal_torch import _checks
 from focal_torch import _chunking
 from focal_torch import _class_split
+from focal_torch import _numerics
+from focal_torch import _reduce
 from focal_torch._numerics import compute_dtype
 from focal_torch._numerics import exp_
 from focal_torch._numerics import softplus
@@ -351,3 +354,166 @@ class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
     grad = grad_chunked(z3, t_loc, lse_o, a * go, None if b is None else b * go, g * go,
                         ctx.elements, valid, owned)
     return grad, None, None, None, None, None, None, None, None
+
+
+def softmax_focal(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: Any = None,
+    gamma: Any = 2.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    where: Any = None,
+    ignore_index: int | None = -100,
+    background_class: int = 0,
+    dim: int = 1,
+    process_group: Any = None,
+    sample_weight: Any = None,
+    class_process_group: Any = None,
+) -> torch.Tensor:
+  r"""Softmax focal loss for integer class labels.
+
+  .. math::
+    \ell = \alpha_t (1 - p_t)^{\gamma_t} \Big( -(1 - \varepsilon) \log p_t
+           - \frac{\varepsilon}{C} \sum_c \log s_c \Big), \quad s = \mathrm{softmax}(z)
+
+  with ``p_t = s[t]`` the unsmoothed probability of the label ``t``: smoothing acts on the
+  cross-entropy term only, as in ``F.cross_entropy(label_smoothing=...)``. With
+  ``gamma=0`` and ``alpha=None`` this is ``F.cross_entropy``. The backward is analytic
+  (a ``torch.autograd.Function``): it keeps the logits and a few numbers per row, and
+  writes the gradient chunk by chunk without other temporaries of the logits' size.
+  Log space throughout: finite losses and gradients at any margin and any ``gamma >= 0``.
+
+  Args:
+    logits: floating-point scores, class axis at ``dim``.
+    labels: integer class indices in ``[0, C)`` (or ``ignore_index``); shape of ``logits``
+      without ``dim``.
+    alpha: None (no weighting), a number ``>= 0``, or a ``(C,)`` tensor of class weights
+      (taken at the label). Lists, tuples and NumPy arrays are taken as tensors.
+    gamma: finite focusing exponent ``>= 0``: a number, or a ``(C,)`` tensor (taken at the
+      label).
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    reduction: ``"none"``, ``"sum"``, ``"mean"`` (over valid entries) or ``"mean_positive"``
+      (sum over valid entries divided by the number of valid entries whose label is not
+      ``background_class``; RetinaNet's normalization).
+    where: optional bool mask of ``labels``' shape, or broadcastable to it; False entries
+      give 0 loss and 0 gradient (whatever their logits) and are left out of every
+      denominator.
+    ignore_index: label value treated as masked; None to mask nothing.
+    background_class: the label that does not count as positive for ``"mean_positive"``.
+    dim: the class axis of ``logits``.
+    process_group: None (no cross-process reduction, the default), ``"world"`` (the
+      default group, looked up at each call: a loss built before ``init_process_group``
+      works), or a ``torch.distributed`` group whose denominators are summed. Each rank then
+      returns ``n * local_sum / global_denominator`` (``n`` the group size; for ``"sum"``
+      the denominator is 1), so DDP's gradient averaging gives exactly the single-process
+      value and gradient of the whole batch. Ignored for ``"none"``.
+    sample_weight: None, a number, or a tensor broadcastable to ``labels``' shape (bool,
+      integer or float; finite, ``>= 0``; never differentiated): multiplies each entry's
+      loss and gradient before the reduction. Denominators are unchanged (``"mean"`` still
+      divides by the number of valid entries).
+    class_process_group: None (the default), ``"world"`` (resolved at each call) or a
+      ``torch.distributed`` group over which the classes are split (vocabulary
+      parallelism, as Megatron's vocab-parallel cross-entropy): rank ``r`` of the ``k``
+      ranks of the group holds the contiguous slice ``[r C/k, (r + 1) C/k)`` of the ``C``
+      classes, so ``logits`` has ``C/k`` entries along ``dim``. ``labels`` are global class
+      ids and ``alpha``/``gamma`` vectors the global ``(C,)`` ones, the same on every rank.
+      Only per-row numbers cross the group (a MAX and a SUM all-reduce in the forward);
+      every rank returns the whole loss, and its backward writes the gradient of its own
+      slice with no communication. Combines with ``process_group`` (the data group) on a
+      2-D layout. ``create_graph=True`` is not supported with it.
+
+  Returns:
+    Per-entry losses of ``labels``' shape for ``reduction="none"``, else a scalar; in the
+    logits' dtype.
+
+  Raises:
+    TypeError: non-tensor, integer or float8 ``logits``; non-integer ``labels``; a non-bool
+      ``where``; arguments of the wrong type.
+    ValueError: ``gamma < 0``, ``alpha < 0`` or either not finite; ``alpha``/``gamma`` not
+      a scalar or ``(C,)``; a negative or non-finite ``sample_weight``; an unknown
+      ``reduction``; ``label_smoothing`` outside ``[0, 1]``; ``labels`` or ``where`` of the
+      wrong shape; a label outside ``[0, C)`` that is not ``ignore_index`` (see
+      :class:`focal_torch.value_checks` to skip this check in hot loops); with
+      ``class_process_group``, ``(C,)`` ``alpha``/``gamma`` whose length the group size
+      does not divide, or ranks holding different numbers of classes.
+    RuntimeError: ``create_graph=True`` with ``class_process_group``.
+
+  Shape:
+    - logits: ``(N, C)`` or ``(N, C, d1, ...)`` (``dim=1``), or any shape with the class
+      axis at ``dim``.
+    - labels, where: ``(N,)`` or ``(N, d1, ...)``.
+    - output: scalar, or ``labels``' shape for ``reduction="none"``.
+
+  Examples:
+    >>> logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    >>> focal_torch.softmax_focal(logits, torch.tensor([0, 1]), gamma=2.0)
+    tensor(1.1477)
+
+  References:
+    Lin et al., Focal Loss for Dense Object Detection, ICCV 2017.
+  """
+  return softmax_focal_with_options(
+      "softmax_focal", logits, labels, alpha=alpha, gamma=gamma,
+      label_smoothing=label_smoothing, reduction=reduction, where=where,
+      ignore_index=ignore_index, background_class=background_class, dim=dim,
+      process_group=process_group, sample_weight=sample_weight,
+      class_process_group=class_process_group)
+
+
+def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tensor, *,
+                               alpha: Any, gamma: Any, label_smoothing: Any, reduction: Any,
+                               where: Any, ignore_index: Any, background_class: Any, dim: Any,
+                               process_group: Any, sample_weight: Any = None,
+                               out_dtype: torch.dtype | None = None,
+                               chunk_elements: int | None = None,
+                               class_process_group: Any = None) -> torch.Tensor:
+  """:func:`softmax_focal` with the name used in messages and the output dtype as options
+  (the DeepSpeed drop-in returns float32 for half inputs, as DeepSpeed does)."""
+  _checks.floating_array(fn, "logits", logits)
+  dim = _checks.normalize_dim(fn, dim, logits.ndim)
+  num_classes = logits.shape[dim]
+  if num_classes == 0:
+    raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
+                     f"{_checks.shape_str(logits.shape)}, class dim {dim})")
+  split = None
+  if class_process_group is not None:
+    split = _class_split.resolve(fn, class_process_group, num_classes, alpha=alpha,
+                                 gamma=gamma)
+    num_classes = split.num_classes
+  alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
+      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
+                                   label_smoothing=label_smoothing, reduction=reduction,
+                                   ignore_index=ignore_index,
+                                   background_class=background_class,
+                                   process_group=process_group, device=logits.device))
+  expected = logits.shape[:dim] + logits.shape[dim + 1:]
+  _checks.check_labels(
+      fn, labels, expected,
+      lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
+      logits, integer=True)
+  _checks.check_no_grad(fn, "labels", labels)
+  where = _checks.where_mask(fn, where, expected, "the shape of labels", logits)
+  cdt = _numerics.compute_dtype(logits.dtype)
+  weight = _checks.sample_weight(fn, sample_weight, expected, logits, cdt)
+  valid, bad, safe, positive = _checks.softmax_masks(
+      fn, labels, where, num_classes, ignore_index,
+      background_class if reduction == "mean_positive" else None)
+
+  z3 = _chunking.as_rows(logits, dim)
+  rows = _chunking.row_shape(z3.shape)
+  t3 = safe.reshape(rows)
+  elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
+  args = (z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
+          _numerics.per_row(_numerics.traced(alpha, cdt, logits), t3, cdt),
+          _numerics.per_row(_numerics.traced(gamma, cdt, logits), t3, cdt), eps, elements)
+  if split is None:
+    loss = SoftmaxFocalFunction.apply(*args)
+  else:
+    loss = ClassSplitSoftmaxFocalFunction.apply(*args, split)
+  loss = loss.reshape(labels.shape)
+  loss = _checks.weigh(loss, weight, valid)
+  return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
+                             process_group=process_group,
+                             out_dtype=out_dtype or logits.dtype)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from focal_torch import _checks
-from focal_torch import functional
+from focal_torch import _softmax
 
 __all__ = ["FocalLoss"]
 
@@ -103,7 +103,7 @@ class FocalLoss(nn.Module):
       raise ValueError(f"{fn}: targets must have shape ({n},) or ({n}, 1) for inputs of "
                        f"shape {_checks.shape_str(inputs.shape)}, got "
                        f"{_checks.shape_str(targets.shape)}")
-    return functional.softmax_focal_impl(
+    return _softmax.softmax_focal_with_options(
         fn, inputs, targets.reshape(n), alpha=self.alpha.reshape(-1), gamma=self.gamma,
         label_smoothing=0.0, reduction="mean" if self.size_average else "sum", where=None,
         ignore_index=None, background_class=0, dim=1, process_group=None,
