@@ -491,29 +491,18 @@ def linear_softmax_focal(
     chunk_size = _checks.optional_int(fn, "chunk_size", chunk_size, allow_none=True)
     if chunk_size < 1:
       raise ValueError(f"{fn}: chunk_size must be None or >= 1, got {chunk_size}")
-  split = None
-  num_classes = v
-  if class_process_group is not None:
-    split = _class_split.resolve(fn, class_process_group, v, alpha=alpha, gamma=gamma)
-    num_classes = split.num_classes
-  alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
-                                   label_smoothing=label_smoothing, reduction=reduction,
-                                   ignore_index=ignore_index,
-                                   background_class=background_class,
-                                   process_group=process_group, device=hidden.device))
   expected = hidden.shape[:-1]
-  _checks.check_labels(
-      fn, labels, expected,
+  pre = _softmax.prepare_labels(
+      fn, labels, v, expected, hidden,
       lambda: f"the shape of hidden {_checks.shape_str(hidden.shape)} without its last axis",
-      hidden, integer=True)
-  _checks.check_no_grad(fn, "labels", labels)
-  where = _checks.where_mask(fn, where, expected, "the shape of labels", hidden)
-  cdt = _numerics.compute_dtype(hidden.dtype)
-  weights = _checks.sample_weight(fn, sample_weight, expected, hidden, cdt)
-  valid, bad, safe, positive = _checks.softmax_masks(
-      fn, labels, where, num_classes, ignore_index,
-      background_class if reduction == "mean_positive" else None)
+      alpha=alpha, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction,
+      where=where, ignore_index=ignore_index, background_class=background_class,
+      process_group=process_group, sample_weight=sample_weight,
+      class_process_group=class_process_group)
+  alpha, gamma, eps, reduction, process_group, split = (
+      pre.alpha, pre.gamma, pre.eps, pre.reduction, pre.process_group, pre.split)
+  cdt, weights, valid, bad, safe, positive = (
+      pre.cdt, pre.weight, pre.valid, pre.bad, pre.safe, pre.positive)
 
   h2 = hidden.reshape(-1, h)
   n = h2.shape[0]

@@ -21,7 +21,8 @@ NaN for ``0 < gamma < 1`` never appears. Backward needs the logits and these sca
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -462,6 +463,59 @@ def softmax_focal(
       class_process_group=class_process_group)
 
 
+class Prepared(NamedTuple):
+  """The checked keywords and per-row masks of a softmax focal loss (see
+  :func:`prepare_labels`)."""
+  alpha: Any
+  gamma: Any
+  eps: float
+  reduction: str
+  process_group: Any
+  split: Any                    # a _class_split.ClassSplit, or None
+  cdt: torch.dtype              # the compute dtype
+  weight: Any                   # the checked sample_weight, or None
+  valid: torch.Tensor           # rows that count
+  bad: torch.Tensor | None      # counted rows whose label is out of range (NaN rows)
+  safe: torch.Tensor            # labels clamped into range (a valid class index)
+  positive: torch.Tensor | None  # rows of a class other than background (mean_positive)
+
+
+def prepare_labels(fn: str, labels: Any, num_classes: int, expected: tuple[int, ...],
+                   ref: torch.Tensor, what_rows: Callable[[], str], *, alpha: Any, gamma: Any,
+                   label_smoothing: Any, reduction: Any, where: Any, ignore_index: Any,
+                   background_class: Any, process_group: Any, sample_weight: Any,
+                   class_process_group: Any) -> Prepared:
+  """Checks the labels and keywords of a softmax focal loss, and its per-row masks.
+
+  Shared by :func:`softmax_focal` and ``_linear.linear_softmax_focal`` (as
+  ``focal_jax._softmax.prepare_labels`` is in JAX). ``num_classes`` is the class count of
+  ``ref`` (this rank's slice with ``class_process_group``), ``expected`` the labels' shape,
+  ``ref`` the floating-point input (its device and dtype) and ``what_rows`` names
+  ``expected`` in messages.
+  """
+  split = None
+  if class_process_group is not None:
+    split = _class_split.resolve(fn, class_process_group, num_classes, alpha=alpha,
+                                 gamma=gamma)
+    num_classes = split.num_classes
+  alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
+      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
+                                   label_smoothing=label_smoothing, reduction=reduction,
+                                   ignore_index=ignore_index,
+                                   background_class=background_class,
+                                   process_group=process_group, device=ref.device))
+  _checks.check_labels(fn, labels, expected, what_rows, ref, integer=True)
+  _checks.check_no_grad(fn, "labels", labels)
+  where = _checks.where_mask(fn, where, expected, "the shape of labels", ref)
+  cdt = _numerics.compute_dtype(ref.dtype)
+  weight = _checks.sample_weight(fn, sample_weight, expected, ref, cdt)
+  valid, bad, safe, positive = _checks.softmax_masks(
+      fn, labels, where, num_classes, ignore_index,
+      background_class if reduction == "mean_positive" else None)
+  return Prepared(alpha, gamma, eps, reduction, process_group, split, cdt, weight, valid, bad,
+                  safe, positive)
+
+
 def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tensor, *,
                                alpha: Any, gamma: Any, label_smoothing: Any, reduction: Any,
                                where: Any, ignore_index: Any, background_class: Any, dim: Any,
@@ -477,43 +531,30 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   if num_classes == 0:
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
                      f"{_checks.shape_str(logits.shape)}, class dim {dim})")
-  split = None
-  if class_process_group is not None:
-    split = _class_split.resolve(fn, class_process_group, num_classes, alpha=alpha,
-                                 gamma=gamma)
-    num_classes = split.num_classes
-  alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
-                                   label_smoothing=label_smoothing, reduction=reduction,
-                                   ignore_index=ignore_index,
-                                   background_class=background_class,
-                                   process_group=process_group, device=logits.device))
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
-  _checks.check_labels(
-      fn, labels, expected,
+  pre = prepare_labels(
+      fn, labels, num_classes, expected, logits,
       lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
-      logits, integer=True)
-  _checks.check_no_grad(fn, "labels", labels)
-  where = _checks.where_mask(fn, where, expected, "the shape of labels", logits)
-  cdt = _numerics.compute_dtype(logits.dtype)
-  weight = _checks.sample_weight(fn, sample_weight, expected, logits, cdt)
-  valid, bad, safe, positive = _checks.softmax_masks(
-      fn, labels, where, num_classes, ignore_index,
-      background_class if reduction == "mean_positive" else None)
+      alpha=alpha, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction,
+      where=where, ignore_index=ignore_index, background_class=background_class,
+      process_group=process_group, sample_weight=sample_weight,
+      class_process_group=class_process_group)
+  cdt = pre.cdt
 
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)
-  t3 = safe.reshape(rows)
+  t3 = pre.safe.reshape(rows)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
-  args = (z3, t3, valid.reshape(rows), None if bad is None else bad.reshape(rows),
-          _numerics.per_row(_numerics.traced(alpha, cdt, logits), t3, cdt),
-          _numerics.per_row(_numerics.traced(gamma, cdt, logits), t3, cdt), eps, elements)
-  if split is None:
+  args = (z3, t3, pre.valid.reshape(rows), None if pre.bad is None else pre.bad.reshape(rows),
+          _numerics.per_row(_numerics.traced(pre.alpha, cdt, logits), t3, cdt),
+          _numerics.per_row(_numerics.traced(pre.gamma, cdt, logits), t3, cdt), pre.eps,
+          elements)
+  if pre.split is None:
     loss = SoftmaxFocalFunction.apply(*args)
   else:
-    loss = ClassSplitSoftmaxFocalFunction.apply(*args, split)
+    loss = ClassSplitSoftmaxFocalFunction.apply(*args, pre.split)
   loss = loss.reshape(labels.shape)
-  loss = _checks.weigh(loss, weight, valid)
-  return _reduce.reduce_loss(loss, reduction, valid=valid, positive=positive,
-                             process_group=process_group,
+  loss = _checks.weigh(loss, pre.weight, pre.valid)
+  return _reduce.reduce_loss(loss, pre.reduction, valid=pre.valid, positive=pre.positive,
+                             process_group=pre.process_group,
                              out_dtype=out_dtype or logits.dtype)
