@@ -32,8 +32,8 @@ def per_row(value: Any, t3: torch.Tensor, cdt: torch.dtype) -> Any:
 
 
 def exp_(x: torch.Tensor) -> torch.Tensor:
-  """In-place ``exp`` as ``exp2(x log2 e)``: torch's CPU ``exp2`` runs ~4x faster than its
-  ``exp`` (measured: 0.15 vs 0.65 ns per float32), for a relative error of about
+  """In-place ``exp`` as ``exp2(x log2 e)``: torch's CPU ``exp2`` is faster than its ``exp``
+  (BENCHMARKS.md, "Engine choices in focal_torch"), for a relative error of about
   ``3e-8 |x|`` from rounding the scaled argument (a few ulp for |x| < 100)."""
   # The constant written out: a module-level float read inside an autograd.Function becomes
   # a symbolic input under torch.compile(dynamic=True), which dynamo cannot lift into a

@@ -37,9 +37,9 @@ from focal_torch._numerics import softplus
 
 
 def _padded_classes(shape: tuple[int, ...]) -> int:
-  """Row length of the forward chunk buffer: torch's CPU ``amax`` is ~5x slower over short
-  rows whose length is not a multiple of the vector width (C = 91: 700 us against 120 us at
-  C = 96, 1.5M floats), so short 2-D rows are padded with -inf to a multiple of 16."""
+  """Row length of the forward chunk buffer: torch's CPU ``amax`` is much slower over short
+  rows whose length is not a multiple of the vector width (BENCHMARKS.md, "Engine choices in
+  focal_torch"), so short 2-D rows are padded with -inf to a multiple of 16."""
   c = shape[1]
   if len(shape) != 2 or c >= 512 or c % 16 == 0:
     return c
@@ -100,8 +100,8 @@ def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
   The only temporary is one chunk buffer, never a full ``(N, C)`` tensor. Under
   torch.compile the whole-tensor formulas instead: inductor fuses them into row reductions
   that read the logits and write nothing of their size, where the chunk buffer's in-place
-  ops would make it materialize a full ``(N, C)`` scratch tensor (measured: a 6x slower
-  compiled forward at (2048, 30522)).
+  ops would make it materialize a full ``(N, C)`` scratch tensor (a much slower compiled
+  forward: BENCHMARKS.md, "Engine choices in focal_torch").
   """
   cdt = compute_dtype(z3.dtype)
   if torch.compiler.is_compiling():
