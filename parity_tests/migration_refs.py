@@ -286,8 +286,9 @@ def ad003_focal(logits, targets, alpha=0.25, gamma=2.0, reduction="mean", label_
 
   As documented: ``FL = -alpha_t (1 - p_t) ** gamma log p_t``, alpha the weight of the positive
   class (class 1; class 0 gets ``1 - alpha``), targets smoothed as
-  ``target * (1 - eps) + eps / num_classes``. Read (as DESIGN.md does) as the per-class sum
-  ``-sum_c alpha_c y_c (1 - s_c) ** gamma log s_c`` over the smoothed targets y; "mean" over N.
+  ``target * (1 - eps) + eps / num_classes``. Read (as docs/design.md, "Categorical", does)
+  as the per-class sum ``-sum_c alpha_c y_c (1 - s_c) ** gamma log s_c`` over the smoothed
+  targets y; "mean" over N.
   """
   x = np.asarray(logits, np.float64)
   targets = np.asarray(targets)
