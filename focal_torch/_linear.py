@@ -4,7 +4,7 @@ without ever building the ``(N, V)`` logits.
 Rows of ``hidden`` are processed in chunks. Each chunk's logits go to one ``(rows, V)``
 float buffer; the per-row math is the softmax focal loss's (``_softmax.exp_others_`` and
 ``_softmax.row_terms``), and the chunk's logit gradient is formed in the same buffer
-(``exp(z_c - lse_o) = buffer_c / S``: no second exponential), then multiplied into the
+(``exp(z_c - lse_rest) = buffer_c / S``: no second exponential), then multiplied into the
 gradients of ``hidden``, ``weight`` and ``bias``.
 
 Two schedules, chosen by measurement:
@@ -269,27 +269,27 @@ def _split_chunk_terms(z: torch.Tensor, t: torch.Tensor, owned: torch.Tensor, ep
   local to it, ``owned`` the rows whose target it holds): the per-row statistics are
   all-reduced over the class group (one MAX, one SUM). ``z`` is overwritten with
   ``exp(z - m)`` (0 at owned targets), ``m`` this rank's largest non-target logit. Returns
-  ``(loss, m, lse_o, A, B, G)``."""
+  ``(loss, m, lse_rest, A, B, G)``."""
   zero = torch.zeros((), dtype=z.dtype, device=z.device)
   zt = torch.where(owned, z.gather(1, t), zero)
   sum_z = z.sum(1, keepdim=True) if eps else None
   m, s = _softmax.exp_others_(z, t, owned)
-  zt, lse_o, sum_z = _softmax.combine_split(m, s, zt, sum_z, split)
-  loss, a, b, g = _softmax.row_terms(zt, lse_o, sum_z, split.num_classes, alpha, gamma, eps,
+  zt, lse_rest, sum_z = _softmax.combine_split(m, s, zt, sum_z, split)
+  loss, a, b, g = _softmax.row_terms(zt, lse_rest, sum_z, split.num_classes, alpha, gamma, eps,
                                      valid, bad)
-  return loss, m, lse_o, a, b, g
+  return loss, m, lse_rest, a, b, g
 
 
 def _split_grad_in_place(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor,
-                         m: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
+                         m: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
                          b: torch.Tensor | None, g: torch.Tensor,
                          valid: torch.Tensor) -> torch.Tensor:
   """:func:`_grad_in_place` for a slice of the classes: ``e = exp(z - m)`` becomes
-  ``A exp(z - lse_o) - B`` (``exp(m - lse_o) <= 1`` per row), ``G`` at the owned targets;
+  ``A exp(z - lse_rest) - B`` (``exp(m - lse_rest) <= 1`` per row), ``G`` at the owned targets;
   rows not ``valid`` exactly 0."""
   zero = torch.zeros((), dtype=a.dtype, device=a.device)
-  scale = torch.where(valid, a * torch.exp(m - lse_o), zero)
-  fix = _softmax.masked_rows(valid, lse_o)
+  scale = torch.where(valid, a * torch.exp(m - lse_rest), zero)
+  fix = _softmax.masked_rows(valid, lse_rest)
   if fix is not None:
     e.masked_fill_(fix, 0.0)
   e.mul_(scale)
@@ -324,7 +324,7 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
     for start in range(0, n, rows):
       r = slice(start, min(n, start + rows))
       z = chunker.logits(r)
-      lr, m, lse_o, a, b, g = _split_chunk_terms(
+      lr, m, lse_rest, a, b, g = _split_chunk_terms(
           z, t_loc[r], owned[r], eps, split, _rows(alpha, r), _rows(gamma, r), valid[r],
           None if bad is None else bad[r])
       if sw is not None:  # per-row weights scale the loss and its gradient
@@ -333,10 +333,10 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
         b = None if b is None else b * wr
       loss[r] = lr
       if grads is not None:
-        grads.add(r, _split_grad_in_place(z, t_loc[r], owned[r], m, lse_o, a, b, g, valid[r]),
+        grads.add(r, _split_grad_in_place(z, t_loc[r], owned[r], m, lse_rest, a, b, g, valid[r]),
                   valid[r])
       elif per_row is not None:
-        per_row[0][r], per_row[2][r], per_row[3][r] = a, g, lse_o
+        per_row[0][r], per_row[2][r], per_row[3][r] = a, g, lse_rest
         if with_b:
           per_row[1][r] = b
     ctx.summed = summed
@@ -360,7 +360,7 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
     saved = ctx.saved_tensors
     if ctx.summed:
       return _finish(saved, ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
-    hidden, weight, bias, t_loc, owned, valid, a, b, g, lse_o = saved
+    hidden, weight, bias, t_loc, owned, valid, a, b, g, lse_rest = saved
     go = go.to(a.dtype)
     n = hidden.shape[0]
     chunker = _Chunker(hidden, weight, bias, ctx.rows)
@@ -368,9 +368,9 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
     for start in range(0, n, ctx.rows):
       r = slice(start, min(n, start + ctx.rows))
       z = chunker.logits(r)
-      _softmax.chunk_grad(z, t_loc[r], lse_o[r], a[r] * go[r],
+      _softmax.chunk_grad(z, t_loc[r], lse_rest[r], a[r] * go[r],
                           b[r] * go[r] if ctx.with_b else None, g[r] * go[r], z, None,
-                          _softmax.masked_rows(valid[r], lse_o[r]), owned[r])
+                          _softmax.masked_rows(valid[r], lse_rest[r]), owned[r])
       grads.add(r, z, valid[r])
     return _finish(grads.tensors(), ctx.dtypes) + nones
 

@@ -1,8 +1,8 @@
 """Softmax focal loss per row, and its analytic backward (an autograd.Function).
 
 Everything is written around three per-row numbers: the target logit ``z_t``, the
-log-sum-exp of the *other* classes ``lse_o = log sum_{c != t} exp(z_c)`` and (with label
-smoothing) the row sum of the logits. With ``d = lse_o - z_t``:
+log-sum-exp of the *other* classes ``lse_rest = log sum_{c != t} exp(z_c)`` and (with label
+smoothing) the row sum of the logits. With ``d = lse_rest - z_t``:
 
     log p       = -softplus(d)       (p = s_t, the target probability)
     log(1 - p)  = -softplus(-d)      (exact even where p rounds to 1)
@@ -11,12 +11,16 @@ smoothing) the row sum of the logits. With ``d = lse_o - z_t``:
 so the loss, its gradient and (through autograd of these formulas) its Hessian stay finite
 and accurate at any margin. The gradient is, for ``c != t`` and ``t``,
 
-    dL/dz_c = A * exp(z_c - lse_o) - B,        dL/dz_t = G,
+    dL/dz_c = A * exp(z_c - lse_rest) - B,        dL/dz_t = G,
 
 with per-row scalars ``A = alpha q^gamma (q + gamma p CE)``, ``B = alpha q^gamma eps / C``,
 ``G = alpha q^gamma (eps (1 - 1/C) - q - gamma p CE)`` and ``q = 1 - p``. Note
-``exp(z_c - lse_o) = s_c / q <= 1``: the ``q^(gamma - 1)`` that makes the naive gradient
+``exp(z_c - lse_rest) = s_c / q <= 1``: the ``q^(gamma - 1)`` that makes the naive gradient
 NaN for ``0 < gamma < 1`` never appears. Backward needs the logits and these scalars only.
+
+The derivation, and the names both packages are to use, are in docs/math.md ("Softmax",
+"Names"): there ``u = -d``, ``a = A``, ``b = C * B`` and ``dL/dz_t = b (1 - 1/C) - a = G``;
+the mask ``bad`` is ``~in_range`` on the ``valid`` rows.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def exp_others_(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor | None = N
   """Overwrites a scratch chunk ``e`` (compute dtype) with ``exp(e - m)``, 0 at the target,
   and returns the per-row ``(m, S)``: ``m`` the largest other logit (at least the lowest
   finite number) and ``S`` the row sums, so that ``log sum_{c != t} exp(e_c) = m + log S``
-  and ``exp(e_c - lse_o) = e_c / S``. ``S >= 1`` unless no other class is finite (then 0).
+  and ``exp(e_c - lse_rest) = e_c / S``. ``S >= 1`` unless no other class is finite (then 0).
   ``owned`` (classes split over ranks): the rows whose target this slice holds; the other
   rows have no target here and keep every entry."""
   if owned is None:
@@ -95,7 +99,7 @@ def chunk_lse_others(w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> tor
 
 def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-  """``(z_t, lse_o, sum_c z_c)`` per row of the rows view ``z3``, chunk by chunk.
+  """``(z_t, lse_rest, sum_c z_c)`` per row of the rows view ``z3``, chunk by chunk.
 
   The only temporary is one chunk buffer, never a full ``(N, C)`` tensor. Under
   torch.compile the whole-tensor formulas instead: inductor fuses them into row reductions
@@ -105,19 +109,19 @@ def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
   """
   cdt = compute_dtype(z3.dtype)
   if torch.compiler.is_compiling():
-    zt, lse_o, sum_z, _ = row_stats_autodiff(z3.to(cdt), t3, with_sum)
-    return zt, lse_o, sum_z
+    zt, lse_rest, sum_z, _ = row_stats_autodiff(z3.to(cdt), t3, with_sum)
+    return zt, lse_rest, sum_z
   zt = z3.gather(1, t3).to(cdt)
   rows = _chunking.row_shape(z3.shape)
-  lse_o = torch.empty(rows, dtype=cdt, device=z3.device)
+  lse_rest = torch.empty(rows, dtype=cdt, device=z3.device)
   sum_z = torch.empty(rows, dtype=cdt, device=z3.device) if with_sum else None
   buf = chunk_buffer(z3.shape, elements, cdt, z3.device)
   for idx in _chunking.chunks(z3.shape, elements):
     w = z3[idx]
     if sum_z is not None:
       sum_z[idx] = w.sum(1, keepdim=True, dtype=cdt)
-    lse_o[idx] = chunk_lse_others(w, t3[idx], buf)
-  return zt, lse_o, sum_z
+    lse_rest[idx] = chunk_lse_others(w, t3[idx], buf)
+  return zt, lse_rest, sum_z
 
 
 def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
@@ -129,12 +133,12 @@ def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
   # A select against the class index, not a scatter: elementwise, so it fuses when compiled.
   classes = torch.arange(zf.shape[1], device=zf.device).view(_chunking.class_shape(zf.shape))
   masked = torch.where(classes == t3, float("-inf"), zf)
-  lse_o = torch.logsumexp(masked, 1, keepdim=True).clamp_min(torch.finfo(zf.dtype).min)
+  lse_rest = torch.logsumexp(masked, 1, keepdim=True).clamp_min(torch.finfo(zf.dtype).min)
   sum_z = zf.sum(1, keepdim=True) if with_sum else None
-  return zt, lse_o, sum_z, masked
+  return zt, lse_rest, sum_z, masked
 
 
-def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
+def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | None,
               num_classes: int, alpha: Any, gamma: Any, eps: float,
               valid: torch.Tensor, bad: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -144,7 +148,7 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   the double backward. Rows not ``valid`` give 0; ``bad`` rows (a label out of range with
   the value checks off) give NaN.
   """
-  d = lse_o - zt
+  d = lse_rest - zt
   log_p = -softplus(d)
   # log(1 - p) from the other classes' log-sum-exp: finite and exact where p rounds to 1.
   log_q = (-softplus(-d)).clamp_min(torch.finfo(d.dtype).min)
@@ -152,8 +156,8 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   q = torch.exp(log_q)
   if eps:
     # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c). The
-    # log-sum-exp from the larger of z_t and lse_o: no inf - inf when z_t = -inf.
-    lse = torch.where(d > 0, lse_o + softplus(-d), zt + softplus(d))
+    # log-sum-exp from the larger of z_t and lse_rest: no inf - inf when z_t = -inf.
+    lse = torch.where(d > 0, lse_rest + softplus(-d), zt + softplus(d))
     ce = (1.0 - eps) * (-log_p) + eps * (lse - sum_z / num_classes)
   else:
     ce = -log_p
@@ -181,29 +185,29 @@ def row_terms(zt: torch.Tensor, lse_o: torch.Tensor, sum_z: torch.Tensor | None,
   return mask(loss), mask(a), (None if b is None else mask(b)), mask(g)
 
 
-def masked_rows(valid: torch.Tensor, lse_o: torch.Tensor) -> torch.Tensor | None:
+def masked_rows(valid: torch.Tensor, lse_rest: torch.Tensor) -> torch.Tensor | None:
   """The rows whose gradient must be forced to 0: masked rows, when some of them have
   non-finite logits (``A = B = G = 0`` there, but ``0 * exp(nan - nan)`` is NaN). On the
   CPU, None unless such a row exists (a cheap per-row test); elsewhere, and under
   torch.compile, every masked row (no device synchronization)."""
-  if torch.compiler.is_compiling() or lse_o.device.type != "cpu":
+  if torch.compiler.is_compiling() or lse_rest.device.type != "cpu":
     return ~valid
-  fix = ~valid & ~torch.isfinite(lse_o)
+  fix = ~valid & ~torch.isfinite(lse_rest)
   return fix if bool(fix.any()) else None
 
 
-def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
+def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
                b: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
                buf: torch.Tensor | None, fix: torch.Tensor | None = None,
                owned: torch.Tensor | None = None) -> None:
-  """Writes ``A exp(w - lse_o) - B`` off the target and ``G`` at it into ``out`` (a chunk
-  of the gradient). Computes in place in ``out`` when it has ``lse_o``'s dtype, else in
+  """Writes ``A exp(w - lse_rest) - B`` off the target and ``G`` at it into ``out`` (a chunk
+  of the gradient). Computes in place in ``out`` when it has ``lse_rest``'s dtype, else in
   ``buf`` (half-precision gradients: the math stays in float32). Rows of ``fix`` get 0
   (masked rows, whatever their logits). ``owned`` (classes split over ranks): the rows
   whose target lies in this slice; the others get no ``G``."""
   e = out if buf is None else buf[:w.numel()].view(w.shape)
-  # w - lse_o <= 0 off the target: exp never overflows; the target entry is overwritten.
-  torch.sub(w, lse_o, out=e)
+  # w - lse_rest <= 0 off the target: exp never overflows; the target entry is overwritten.
+  torch.sub(w, lse_rest, out=e)
   if fix is not None:
     e.masked_fill_(fix, float("-inf"))  # exp(-inf) = 0, and A = B = G = 0 on these rows
   exp_(e)
@@ -217,7 +221,7 @@ def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_o: torch.Tensor, a: torch.T
     out.copy_(e)
 
 
-def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_o: torch.Tensor, a: torch.Tensor,
+def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor | None, g: torch.Tensor, elements: int,
                  valid: torch.Tensor | None = None, owned: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -226,9 +230,9 @@ def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_o: torch.Tensor, a: tor
   out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
   cdt = compute_dtype(z3.dtype)
   buf = None if z3.dtype == cdt else chunk_buffer(z3.shape, elements, cdt, z3.device)
-  fix = None if valid is None else masked_rows(valid, lse_o)
+  fix = None if valid is None else masked_rows(valid, lse_rest)
   for idx in _chunking.chunks(z3.shape, elements):
-    chunk_grad(z3[idx], t3[idx], lse_o[idx], a[idx], None if b is None else b[idx], g[idx],
+    chunk_grad(z3[idx], t3[idx], lse_rest[idx], a[idx], None if b is None else b[idx], g[idx],
                out[idx], buf, None if fix is None else fix[idx],
                None if owned is None else owned[idx])
   return out
@@ -239,10 +243,10 @@ def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
                   go: torch.Tensor) -> torch.Tensor:
   """The same gradient from differentiable whole-tensor ops: the backward of the backward."""
   zf = z3.to(compute_dtype(z3.dtype))
-  zt, lse_o, sum_z, masked = row_stats_autodiff(zf, t3, bool(eps))
-  _, a, b, g = row_terms(zt, lse_o, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
-  # exp(masked - lse_o) is 0 at the target (masked to -inf) and <= 1 elsewhere.
-  grad = (a * go) * torch.exp(masked - lse_o)
+  zt, lse_rest, sum_z, masked = row_stats_autodiff(zf, t3, bool(eps))
+  _, a, b, g = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
+  # exp(masked - lse_rest) is 0 at the target (masked to -inf) and <= 1 elsewhere.
+  grad = (a * go) * torch.exp(masked - lse_rest)
   if b is not None:
     grad = grad - b * go
   grad = grad.scatter(1, t3, g * go)
@@ -261,10 +265,10 @@ class SoftmaxFocalFunction(torch.autograd.Function):
 
   @staticmethod
   def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements):  # pylint: disable=W0221
-    zt, lse_o, sum_z = row_stats(z3, t3, bool(eps), elements)
-    loss, a, b, g = row_terms(zt, lse_o, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
+    zt, lse_rest, sum_z = row_stats(z3, t3, bool(eps), elements)
+    loss, a, b, g = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(z3, t3, valid, bad, lse_o, a, b, g, *hyper)
+    ctx.save_for_backward(z3, t3, valid, bad, lse_rest, a, b, g, *hyper)
     ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
     ctx.eps = eps
     ctx.elements = elements
@@ -272,15 +276,15 @@ class SoftmaxFocalFunction(torch.autograd.Function):
 
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
-    z3, t3, valid, bad, lse_o, a, b, g, alpha_t, gamma_t = ctx.saved_tensors
-    go = go.to(lse_o.dtype)
+    z3, t3, valid, bad, lse_rest, a, b, g, alpha_t, gamma_t = ctx.saved_tensors
+    go = go.to(lse_rest.dtype)
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
       alpha = alpha_t if alpha_t is not None else ctx.floats[0]
       gamma = gamma_t if gamma_t is not None else ctx.floats[1]
       grad = grad_autodiff(z3, t3, valid, bad, alpha, gamma, ctx.eps, go)
     else:
-      grad = grad_chunked(z3, t3, lse_o, a * go, None if b is None else b * go, g * go,
+      grad = grad_chunked(z3, t3, lse_rest, a * go, None if b is None else b * go, g * go,
                           ctx.elements, valid)
     return grad, None, None, None, None, None, None, None
 
@@ -320,7 +324,7 @@ def split_row_stats(z3: torch.Tensor, t3: torch.Tensor, owned: torch.Tensor, wit
 def combine_split(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor,
                   sum_z: torch.Tensor | None, split: Any
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-  """``(z_t, lse_o, sum_z)`` of the whole rows from each rank's ``(m, S, z_t, sum_z)``:
+  """``(z_t, lse_rest, sum_z)`` of the whole rows from each rank's ``(m, S, z_t, sum_z)``:
   one MAX and one SUM all-reduce of per-row numbers."""
   big_m = split.row_max(m)
   s = s * torch.exp(m - big_m)
@@ -338,10 +342,10 @@ class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
   @staticmethod
   def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements, split):  # pylint: disable=W0221
     t_loc, owned = split.localize(t3)
-    zt, lse_o, sum_z = split_row_stats(z3, t_loc, owned, bool(eps), elements, split)
-    loss, a, b, g = row_terms(zt, lse_o, sum_z, split.num_classes, alpha, gamma, eps, valid,
+    zt, lse_rest, sum_z = split_row_stats(z3, t_loc, owned, bool(eps), elements, split)
+    loss, a, b, g = row_terms(zt, lse_rest, sum_z, split.num_classes, alpha, gamma, eps, valid,
                               bad)
-    ctx.save_for_backward(z3, t_loc, owned, valid, lse_o, a, b, g)
+    ctx.save_for_backward(z3, t_loc, owned, valid, lse_rest, a, b, g)
     ctx.elements = elements
     ctx.fn = split.fn
     return loss
@@ -350,9 +354,9 @@ class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
   def backward(ctx, go):  # pylint: disable=W0221
     if torch.is_grad_enabled():
       raise _class_split.no_double_backward(ctx.fn)
-    z3, t_loc, owned, valid, lse_o, a, b, g = ctx.saved_tensors
-    go = go.to(lse_o.dtype)
-    grad = grad_chunked(z3, t_loc, lse_o, a * go, None if b is None else b * go, g * go,
+    z3, t_loc, owned, valid, lse_rest, a, b, g = ctx.saved_tensors
+    go = go.to(lse_rest.dtype)
+    grad = grad_chunked(z3, t_loc, lse_rest, a * go, None if b is None else b * go, g * go,
                         ctx.elements, valid, owned)
     return grad, None, None, None, None, None, None, None, None
 
