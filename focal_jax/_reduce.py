@@ -47,10 +47,14 @@ def _count(mask: jax.Array | None, shape: tuple[int, ...], *, wide: bool | None 
     if wide:
       return jnp.asarray(size, jnp.int64)
     return jnp.asarray(size, jnp.int32) if size < 2**31 else jnp.asarray(float(size), jnp.float32)
+  if size < 2**31:
+    # Rows first, in int32 (exact below 2**31), then the row counts: XLA simplifies a row
+    # sum of a broadcast mask ((N, 1) `where` against (N, C) entries) to a product, where a
+    # sum over every entry at once would write the converted mask, (N, C) integers, to memory.
+    rows = mask if mask.ndim < 2 else jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    return jnp.sum(rows, dtype=jnp.int64 if wide else jnp.int32)
   if wide:
     return jnp.sum(mask, dtype=jnp.int64)
-  if size < 2**31:
-    return jnp.sum(mask, dtype=jnp.int32)
   flat = mask.reshape(-1)
   blocks = size // _BLOCK
   head = flat[:blocks * _BLOCK].reshape(blocks, _BLOCK)

@@ -51,11 +51,25 @@ def test_value_and_grad_needs_no_temporaries_of_the_logits_size(classes):
 def test_masked_weighted_smoothed_step_needs_no_temporaries_of_the_logits_size():
   shape = (ELEMENTS // 1000, 1000)
   extra = [((shape[0], 1), jnp.bool_), ((shape[1],), jnp.float32)]  # row mask, alpha vector
-  # "sum": the count of valid entries ("mean") sums the broadcast mask, which XLA
-  # materializes as an integer array (int64 with jax_enable_x64, as in these tests).
+  # "sum" here; the count of a broadcast mask ("mean") has its own test below.
   loss = lambda x, y, rows, alpha: focal_jax.sigmoid_focal(
       x, y, alpha=alpha, gamma=0.5, label_smoothing=0.1, where=rows, sample_weight=2.0,
       reduction="sum")
+  for grad_only in (False, True):
+    ratio = _temp_ratio(loss, shape, label_dtype=jnp.bool_, extra=extra, grad_only=grad_only)
+    assert ratio <= TEMP_BUDGET, f"grad_only={grad_only}: {ratio:.2f}x the logits"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the budget is XLA:CPU's")
+@pytest.mark.parametrize("reduction", ["mean", "mean_positive"])
+def test_counting_a_broadcast_mask_needs_no_temporaries_of_the_logits_size(reduction):
+  # The denominator counts the (N, 1) row mask broadcast over the (N, C) entries. Summed over
+  # every entry at once, XLA on CPU wrote the converted mask to memory: an (N, C) int64 array
+  # under jax_enable_x64, 2.0x the float32 logits. Counted row by row, it is a product.
+  shape = (ELEMENTS // 1000, 1000)
+  extra = [((shape[0], 1), jnp.bool_)]
+  loss = lambda x, y, rows: focal_jax.sigmoid_focal(x, y, alpha=0.25, gamma=2.0, where=rows,
+                                                    reduction=reduction)
   for grad_only in (False, True):
     ratio = _temp_ratio(loss, shape, label_dtype=jnp.bool_, extra=extra, grad_only=grad_only)
     assert ratio <= TEMP_BUDGET, f"grad_only={grad_only}: {ratio:.2f}x the logits"
