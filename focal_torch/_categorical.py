@@ -290,7 +290,7 @@ def categorical_focal(
   """
   fn = "categorical_focal"
   _checks.floating_array(fn, "logits", logits)
-  dim = _checks.normalize_dim(fn, dim, logits.ndim)
+  dim = _checks.axis(fn, dim, logits.ndim)
   num_classes = logits.shape[dim]
   if num_classes == 0:
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
@@ -315,8 +315,8 @@ def categorical_focal(
   if tuple(targets.shape) != tuple(logits.shape):
     raise ValueError(f"{fn}: targets must have shape {_checks.shape_str(logits.shape)} (the "
                      f"shape of logits), got shape {_checks.shape_str(targets.shape)}")
-  _checks.check_same_device(fn, "targets", targets, logits)
-  _checks.check_no_grad(fn, "targets", targets)
+  _checks.same_device(fn, "targets", targets, logits)
+  _checks.no_grad_needed(fn, "targets", targets)
   row_shape = logits.shape[:dim] + logits.shape[dim + 1:]
   where = _checks.where_mask(
       fn, where, row_shape,
@@ -342,7 +342,7 @@ def categorical_focal(
         _chunking.class_vector(split.class_slice(alpha), cdt, logits.device, z3.shape),
         _chunking.class_vector(split.class_slice(gamma), cdt, logits.device, z3.shape), elements,
         split)
-  loss = _checks.weigh(loss.reshape(row_shape), weight, where)
+  loss = _checks.apply_sample_weight(loss.reshape(row_shape), weight, where)
   positive = None
   if reduction == "mean_positive":
     top = targets.argmax(dim) if split is None else split.argmax(targets, dim)

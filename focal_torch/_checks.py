@@ -99,7 +99,7 @@ def floating_array(fn: str, name: str, x: Any, *, scalar_ok: bool = False) -> to
   return x
 
 
-def normalize_dim(fn: str, dim: Any, ndim: int) -> int:
+def axis(fn: str, dim: Any, ndim: int) -> int:
   """``dim`` as a non-negative axis of a tensor with ``ndim`` dimensions."""
   if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
     raise TypeError(f"{fn}: dim must be an int, got {type(dim).__name__}")
@@ -244,13 +244,14 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
   return value
 
 
-def check_same_device(fn: str, name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+def same_device(fn: str, name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+  """``x`` must be on ``ref``'s (the logits') device."""
   if x.device != ref.device:
     raise ValueError(f"{fn}: {name} must be on the logits' device {ref.device}, got {x.device}")
 
 
-def check_labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: Any,
-                 logits: torch.Tensor, *, integer: bool) -> torch.Tensor:
+def labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: Any,
+           logits: torch.Tensor, *, integer: bool) -> torch.Tensor:
   """Labels: a tensor of ``expected_shape`` (integer dtype if ``integer``)."""
   if not isinstance(labels, torch.Tensor):
     raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -262,7 +263,7 @@ def check_labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: An
     what = what() if callable(what) else what
     raise ValueError(f"{fn}: labels must have shape {shape_str(expected_shape)} ({what}), got "
                      f"shape {shape_str(labels.shape)}")
-  check_same_device(fn, "labels", labels, logits)
+  same_device(fn, "labels", labels, logits)
   return labels
 
 
@@ -293,7 +294,7 @@ def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: Any,
     what = what() if callable(what) else what  # built on error only (symbolic shapes)
     raise ValueError(f"{fn}: where must have shape {shape_str(shape)} ({what}) or broadcast "
                      f"to it, got shape {shape_str(where.shape)}")
-  check_same_device(fn, "where", where, logits)
+  same_device(fn, "where", where, logits)
   return where if tuple(where.shape) == tuple(shape) else where.expand(shape)
 
 
@@ -337,7 +338,7 @@ def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Ten
     raise ValueError(f"{fn}: {name} must be a scalar or broadcast to shape "
                      f"{shape_str(shape)}, got shape {shape_str(value.shape)}")
   if value.ndim and value.device != logits.device:
-    check_same_device(fn, name, value, logits)
+    same_device(fn, name, value, logits)
   w = value.detach().to(device=logits.device, dtype=cdt)
   if checks_enabled() and w.numel():
     lo, hi = torch.stack([w.min(), w.max()]).tolist()  # one synchronization
@@ -345,8 +346,8 @@ def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Ten
   return w
 
 
-def weigh(loss: torch.Tensor, weight: float | torch.Tensor | None,
-          valid: torch.Tensor | None) -> torch.Tensor:
+def apply_sample_weight(loss: torch.Tensor, weight: float | torch.Tensor | None,
+                        valid: torch.Tensor | None) -> torch.Tensor:
   """``loss * weight`` with masked entries exactly 0 (the loss of a masked entry is already
   0; the weight is masked too, so that a non-finite weight there cannot make it NaN)."""
   if weight is None:
@@ -387,8 +388,8 @@ class LabelValues:
     return value + 2 ** 64 if self.dtype == torch.uint64 and value < 0 else value
 
 
-def check_label_range(fn: str, labels: LabelValues, valid: torch.Tensor,
-                      num_classes: int, ignore_index: int | None) -> None:
+def label_range(fn: str, labels: LabelValues, valid: torch.Tensor,
+                num_classes: int, ignore_index: int | None) -> None:
   """Every valid label must lie in ``[0, C)`` (reads values: call while checks are on)."""
   values = labels.values
   if values.numel() == 0:
@@ -404,8 +405,8 @@ def check_label_range(fn: str, labels: LabelValues, valid: torch.Tensor,
         "check off with focal_torch.value_checks(False) to get NaN for such entries instead")
 
 
-def check_unit_interval(fn: str, name: str, x: torch.Tensor,
-                        valid: torch.Tensor | None) -> None:
+def unit_interval(fn: str, name: str, x: torch.Tensor,
+                  valid: torch.Tensor | None) -> None:
   """Soft labels must lie in [0, 1] (reads values: gated by value_checks)."""
   if not checks_enabled() or x.numel() == 0:
     return
@@ -455,7 +456,8 @@ def process_group(fn: str, group: Any, *, at_call: bool = True,
   return group
 
 
-def check_no_grad(fn: str, name: str, x: torch.Tensor) -> None:
+def no_grad_needed(fn: str, name: str, x: torch.Tensor) -> None:
+  """``x`` gets no gradient from the loss, so it must not require one."""
   if x.requires_grad:
     raise ValueError(f"{fn}: {name} gets no gradient from this loss; pass {name}.detach(), "
                      "got a tensor that requires grad")
@@ -470,11 +472,11 @@ SOFTMAX_ALPHA = " (one weight per class)"
 SOFTMAX_GAMMA = " (one exponent per class)"
 
 
-def check_softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
-                         label_smoothing: Any, reduction: Any, ignore_index: Any,
-                         background_class: Any, process_group: Any,
-                         device: torch.device | None = None, at_call: bool = True
-                         ) -> tuple[Any, Any, float, str, int | None, int, Any]:
+def softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
+                   label_smoothing: Any, reduction: Any, ignore_index: Any,
+                   background_class: Any, process_group: Any,
+                   device: torch.device | None = None, at_call: bool = True
+                   ) -> tuple[Any, Any, float, str, int | None, int, Any]:
   """Checks the softmax hyperparameters; returns them normalized."""
   reduction_ = _reduction(fn, reduction)
   eps = _label_smoothing(fn, label_smoothing)
@@ -512,7 +514,7 @@ def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
     positive = valid if background is None else valid & ~background
   zero = torch.zeros((), dtype=torch.int64, device=labels.device)
   if checks_enabled():
-    check_label_range(fn, lab, valid, num_classes, ignore_index)
+    label_range(fn, lab, valid, num_classes, ignore_index)
     return valid, None, torch.where(valid, values, zero), positive
   bad = valid & ((values < 0) | (values >= num_classes))
   return valid, bad, torch.where(valid & ~bad, values, zero), positive

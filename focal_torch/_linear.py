@@ -473,7 +473,7 @@ def linear_softmax_focal(
         f"{h}), got {_checks.shape_str(weight.shape)}")
   if weight.dtype != hidden.dtype:
     raise TypeError(f"{fn}: weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-  _checks.check_same_device(fn, "weight", weight, hidden)
+  _checks.same_device(fn, "weight", weight, hidden)
   v = weight.shape[0]
   if v == 0:
     # No shape in the message: the weight is (V, H) here and focal_jax's kernel (H, V).
@@ -486,7 +486,7 @@ def linear_softmax_focal(
                        f"{_checks.shape_str(bias.shape)}")
     if bias.dtype != hidden.dtype:
       raise TypeError(f"{fn}: bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-    _checks.check_same_device(fn, "bias", bias, hidden)
+    _checks.same_device(fn, "bias", bias, hidden)
   if chunk_size is not None:
     chunk_size = _checks.optional_int(fn, "chunk_size", chunk_size, allow_none=True)
     if chunk_size < 1:

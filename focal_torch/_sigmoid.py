@@ -248,7 +248,7 @@ def sigmoid_focal(
   eps = _checks.label_smoothing(fn, label_smoothing)
   process_group = _checks.process_group(fn, process_group)
   if logits.ndim and any(_ndim(v) >= 1 for v in (alpha, gamma)):
-    dim = _checks.normalize_dim(fn, dim, logits.ndim)
+    dim = _checks.axis(fn, dim, logits.ndim)
     num_classes = logits.shape[dim]
     what = (" (one per entry of the last axis of logits)" if dim == logits.ndim - 1
             else f" (one per entry of dim {dim} of logits)")
@@ -265,14 +265,14 @@ def sigmoid_focal(
     raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
   if labels.is_complex():
     raise TypeError(f"{fn}: labels must be real numbers in [0, 1], got dtype {labels.dtype}")
-  _checks.check_labels(fn, labels, logits.shape, "the shape of logits", logits, integer=False)
-  _checks.check_no_grad(fn, "labels", labels)
+  _checks.labels(fn, labels, logits.shape, "the shape of logits", logits, integer=False)
+  _checks.no_grad_needed(fn, "labels", labels)
   cdt = _numerics.compute_dtype(logits.dtype)
   if labels.dtype in _WIDE_UNSIGNED:  # torch has no comparisons for these
     labels = labels.to(cdt)
   where = _checks.where_mask(fn, where, logits.shape, "the shape of labels", logits)
   weight = _checks.sample_weight(fn, sample_weight, logits.shape, logits, cdt)
-  _checks.check_unit_interval(fn, "labels", labels, where)
+  _checks.unit_interval(fn, "labels", labels, where)
 
   if dim is None:
     x3 = logits.reshape(-1, 1)
@@ -286,7 +286,7 @@ def sigmoid_focal(
       _chunking.class_vector(_numerics.traced(alpha, cdt, logits), cdt, logits.device, x3.shape),
       _chunking.class_vector(_numerics.traced(gamma, cdt, logits), cdt, logits.device, x3.shape),
       eps, elements).reshape(logits.shape)
-  loss = _checks.weigh(loss, weight, where)
+  loss = _checks.apply_sample_weight(loss, weight, where)
   positive = None
   if reduction == "mean_positive":
     positive = labels > 0 if where is None else (labels > 0) & where

@@ -503,13 +503,12 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, expected: tuple[int, 
                                  gamma=gamma)
     num_classes = split.num_classes
   alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-      _checks.check_softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
-                                   label_smoothing=label_smoothing, reduction=reduction,
-                                   ignore_index=ignore_index,
-                                   background_class=background_class,
-                                   process_group=process_group, device=ref.device))
-  _checks.check_labels(fn, labels, expected, what_rows, ref, integer=True)
-  _checks.check_no_grad(fn, "labels", labels)
+      _checks.softmax_hypers(fn, num_classes, alpha=alpha, gamma=gamma,
+                             label_smoothing=label_smoothing, reduction=reduction,
+                             ignore_index=ignore_index, background_class=background_class,
+                             process_group=process_group, device=ref.device))
+  _checks.labels(fn, labels, expected, what_rows, ref, integer=True)
+  _checks.no_grad_needed(fn, "labels", labels)
   where = _checks.where_mask(fn, where, expected, "the shape of labels", ref)
   cdt = _numerics.compute_dtype(ref.dtype)
   weight = _checks.sample_weight(fn, sample_weight, expected, ref, cdt)
@@ -530,7 +529,7 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   """:func:`softmax_focal` with the name used in messages and the output dtype as options
   (the DeepSpeed drop-in returns float32 for half inputs, as DeepSpeed does)."""
   _checks.floating_array(fn, "logits", logits)
-  dim = _checks.normalize_dim(fn, dim, logits.ndim)
+  dim = _checks.axis(fn, dim, logits.ndim)
   num_classes = logits.shape[dim]
   if num_classes == 0:
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
@@ -558,7 +557,7 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   else:
     loss = ClassSplitSoftmaxFocalFunction.apply(*args, pre.split)
   loss = loss.reshape(labels.shape)
-  loss = _checks.weigh(loss, pre.weight, pre.valid)
+  loss = _checks.apply_sample_weight(loss, pre.weight, pre.valid)
   return _reduce.reduce_loss(loss, pre.reduction, valid=pre.valid, positive=pre.positive,
                              process_group=pre.process_group,
                              out_dtype=out_dtype or logits.dtype)

@@ -92,7 +92,7 @@ class SoftmaxFocalLoss(_FocalBase):
     self.class_process_group = _class_split.check_at_construction(
         fn, class_process_group, alpha=alpha, gamma=gamma)
     alpha, gamma, eps, reduction, ignore_index, background_class, process_group = (
-        _checks.check_softmax_hypers(
+        _checks.softmax_hypers(
             fn, None, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing,
             reduction=reduction, ignore_index=ignore_index,
             background_class=background_class, process_group=process_group, at_call=False))
