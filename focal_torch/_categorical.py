@@ -7,6 +7,8 @@ With ``l = log_softmax(z)``, ``s = exp(l)``, ``q = 1 - s = -expm1(l)``:
                              W = sum_c w_c,   r_c = -l_c / q_c = l_c / expm1(l_c)
 
 ``r`` tends to 1 as ``s_c -> 1``, so ``w`` stays finite where ``q^(gamma - 1)`` would not.
+The names (``log_s``, ``s``, ``focal``, ``coef = alpha_c y_c focal_c``, ``r``, ``w``,
+``w_sum = W``, ``valid``) are docs/math.md's ("Categorical", "Names").
 """
 
 from __future__ import annotations
@@ -32,17 +34,17 @@ def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
   return torch.where(pos, q_safe ** gamma, at_zero)
 
 
-def _weighted_log(weight: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-  """``weight * log s`` with 0 where the weight is 0 (no target mass): a class with a logit
-  of -inf and no target mass is a masked class, not ``0 * -inf``. A NaN weight (NaN logits)
+def _weighted_log(coef: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+  """``coef * log s`` with 0 where ``coef`` is 0 (no target mass): a class with a logit of
+  -inf and no target mass is a masked class, not ``0 * -inf``. A NaN ``coef`` (NaN logits)
   stays NaN."""
-  return torch.where(weight == 0, torch.zeros((), dtype=log_s.dtype, device=log_s.device),
-                     weight * log_s)
+  return torch.where(coef == 0, torch.zeros((), dtype=log_s.dtype, device=log_s.device),
+                     coef * log_s)
 
 
 def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
           differentiable: bool = False, with_loss: bool = True,
-          total: torch.Tensor | None = None
+          w_sum: torch.Tensor | None = None
           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
   """Per-row loss (class axis kept, size 1) and (optionally) dL/dz from a chunk's
   log-softmax.
@@ -51,13 +53,13 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
   to 1) is moved to ``-tiny``, where ``q = -expm1(l) = tiny`` and ``r = l / expm1(l) = 1``
   are the limits to float precision. ``differentiable=True`` (double backward) uses a
   ``where``-guarded power instead, whose derivative is 0, not NaN, at ``q = 0``.
-  ``total``: the per-row ``W`` when this chunk holds a slice of the classes (the sum over
+  ``w_sum``: the per-row ``W`` when this chunk holds a slice of the classes (the sum over
   every rank's slice); None: ``W`` is this chunk's own row sum.
   """
   loss, s, w = loss_and_w(log_s, y, alpha, gamma, with_grad, differentiable, with_loss)
   if not with_grad:
     return loss, None
-  return loss, s * (w.sum(1, keepdim=True) if total is None else total) - w
+  return loss, s * (w.sum(1, keepdim=True) if w_sum is None else w_sum) - w
 
 
 def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
@@ -65,25 +67,25 @@ def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, wit
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
   """The per-row loss, ``s`` and ``w`` (None unless ``with_grad``) of :func:`terms`."""
   y = y.to(log_s.dtype)
-  weight = y if alpha is None else alpha * y
+  coef = y if alpha is None else alpha * y  # alpha_c y_c focal_c once focal is in
   plain = isinstance(gamma, float) and gamma == 0.0
   finfo = torch.finfo(log_s.dtype)
   if not plain:
+    # em1 = expm1(log s) = s - 1 = -(1 - s): 1 - s without cancellation near s = 1.
     if differentiable:
-      # 1 - s as -expm1(log s): exact near s = 1.
       em1 = torch.expm1(log_s)
-      weight = weight * safe_pow(-em1, gamma)
+      coef = coef * safe_pow(-em1, gamma)
     else:
       # Clamped below too: r = l / expm1(l) stays finite (s r = 0) where l = -inf.
       log_c = log_s.clamp(min=finfo.min, max=-finfo.tiny)
       em1 = torch.expm1(log_c)
-      weight = weight * torch.exp2(torch.log2(-em1).mul_(gamma))
-  loss = -_weighted_log(weight, log_s).sum(1, keepdim=True) if with_loss else None
+      coef = coef * torch.exp2(torch.log2(-em1).mul_(gamma))
+  loss = -_weighted_log(coef, log_s).sum(1, keepdim=True) if with_loss else None
   if not with_grad:
     return loss, None, None
   s = torch.exp(log_s) if differentiable else exp_(log_s.clone())
   if plain:
-    w = weight
+    w = coef
   elif differentiable:
     # r = l / expm1(l) -> 1 as l -> 0 (s -> 1); the where keeps 0/0 out of value and grad.
     at_one = log_s == 0
@@ -91,10 +93,14 @@ def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, wit
                          log_s.clamp_min(finfo.min))
     r = torch.where(at_one, torch.ones((), dtype=s.dtype, device=s.device),
                     l_safe / torch.expm1(l_safe))
-    w = weight * (1.0 + gamma * s * r)
+    w = coef * (1.0 + gamma * s * r)
   else:
-    w = weight * (1.0 + gamma * s * (log_c / em1))
+    r = log_c / em1
+    w = coef * (1.0 + gamma * s * r)
   return loss, s, w
+
+
+# --- engine (torch-specific: chunking, log_softmax per chunk) ---
 
 
 def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -188,15 +194,15 @@ class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
     lse = _split_lse(z3, elements, split)
     rows = _chunking.row_shape(z3.shape)
     loss = torch.empty(rows, dtype=cdt, device=z3.device)
-    total = torch.empty(rows, dtype=cdt, device=z3.device)
+    w_sum = torch.empty(rows, dtype=cdt, device=z3.device)
     for idx in _chunking.chunks(z3.shape, elements):
       part, _, w = loss_and_w(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma,
                               with_grad=True)
       loss[idx] = part
-      total[idx] = w.sum(1, keepdim=True)
-    loss, total = split.row_sum(loss, total)
+      w_sum[idx] = w.sum(1, keepdim=True)
+    loss, w_sum = split.row_sum(loss, w_sum)
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(z3, y3, valid, lse, total, *hyper)
+    ctx.save_for_backward(z3, y3, valid, lse, w_sum, *hyper)
     ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
     ctx.elements = elements
     ctx.fn = split.fn
@@ -206,7 +212,7 @@ class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
   def backward(ctx, go):  # pylint: disable=W0221
     if torch.is_grad_enabled():
       raise _class_split.no_double_backward(ctx.fn)
-    z3, y3, valid, lse, total, alpha_t, gamma_t = ctx.saved_tensors
+    z3, y3, valid, lse, w_sum, alpha_t, gamma_t = ctx.saved_tensors
     alpha = alpha_t if alpha_t is not None else ctx.floats[0]
     gamma = gamma_t if gamma_t is not None else ctx.floats[1]
     cdt = compute_dtype(z3.dtype)
@@ -214,7 +220,7 @@ class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, ctx.elements):
       _, part = terms(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma, with_grad=True,
-                      with_loss=False, total=total[idx])
+                      with_loss=False, w_sum=w_sum[idx])
       out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
     return out, None, None, None, None, None, None
 

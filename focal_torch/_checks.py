@@ -394,9 +394,9 @@ def label_range(fn: str, labels: LabelValues, valid: torch.Tensor,
   values = labels.values
   if values.numel() == 0:
     return
-  bad = valid & ((values < 0) | (values >= num_classes))
-  if bool(bad.any()):
-    label = labels.shown(int(values[bad].reshape(-1)[0]))
+  out_of_range = valid & ((values < 0) | (values >= num_classes))
+  if bool(out_of_range.any()):
+    label = labels.shown(int(values[out_of_range].reshape(-1)[0]))
     allowed = f"[0, {num_classes})"
     if ignore_index is not None:
       allowed += f" or ignore_index={ignore_index}"
@@ -494,11 +494,13 @@ def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
                   num_classes: int, ignore_index: int | None, background_class: int | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
                              torch.Tensor | None]:
-  """``(valid, bad, safe_labels, positive)``: the entries that count; with the value checks
-  off, the valid labels outside ``[0, C)`` (their loss is NaN; with the checks on they raise
-  and ``bad`` is None); int64 labels that are safe to index with; and the valid labels not
-  equal to ``background_class`` (None if it is None). Labels of any integer dtype are
-  compared with ``ignore_index``, ``background_class`` and ``C`` without wrapping."""
+  """``(valid, in_range, t, positive)``: the entries that count; with the value checks off,
+  whether each label lies in ``[0, C)`` (a valid entry whose label does not has a NaN loss;
+  with the checks on such a label raises and ``in_range`` is None: every label counted is in
+  range); the labels as int64 class indices that are safe to index with (0 where masked or
+  out of range); and the valid labels not equal to ``background_class`` (None if it is
+  None). Labels of any integer dtype are compared with ``ignore_index``,
+  ``background_class`` and ``C`` without wrapping."""
   lab = LabelValues(labels)
   values = lab.values
   valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
@@ -516,5 +518,5 @@ def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
   if checks_enabled():
     label_range(fn, lab, valid, num_classes, ignore_index)
     return valid, None, torch.where(valid, values, zero), positive
-  bad = valid & ((values < 0) | (values >= num_classes))
-  return valid, bad, torch.where(valid & ~bad, values, zero), positive
+  in_range = (values >= 0) & (values < num_classes)
+  return valid, in_range, torch.where(valid & in_range, values, zero), positive

@@ -4,7 +4,7 @@ without ever building the ``(N, V)`` logits.
 Rows of ``hidden`` are processed in chunks. Each chunk's logits go to one ``(rows, V)``
 float buffer; the per-row math is the softmax focal loss's (``_softmax.exp_others_`` and
 ``_softmax.row_terms``), and the chunk's logit gradient is formed in the same buffer
-(``exp(z_c - lse_rest) = buffer_c / S``: no second exponential), then multiplied into the
+(``exp(z_c - lse_rest) = buffer_c / s_rest``: no second exponential), then multiplied into the
 gradients of ``hidden``, ``weight`` and ``bias``.
 
 Two schedules, chosen by measurement:
@@ -35,6 +35,9 @@ from focal_torch import _class_split
 from focal_torch import _numerics
 from focal_torch import _reduce
 from focal_torch import _softmax
+
+# --- engine (torch-specific: row chunks, one logits buffer per chunk, gradients formed in
+# place; the per-row math is _softmax.row_terms, docs/math.md "Softmax") ---
 
 # Elements of the per-chunk logits buffer when chunk_size is not given (16 MiB of float32).
 # At (4096 x 512) @ (512 x 32768) that is 128 rows. Measured there on a 2-core CPU (one
@@ -77,35 +80,36 @@ class _Chunker:
 
 
 def _chunk_terms(z: torch.Tensor, t: torch.Tensor, eps: float, num_classes: int, alpha: Any,
-                 gamma: Any, valid: torch.Tensor, bad: torch.Tensor | None
+                 gamma: Any, valid: torch.Tensor, in_range: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
                             torch.Tensor]:
   """Loss and gradient scalars of a chunk of logits ``z``, which is overwritten with
-  ``exp(z - m)`` (0 at the target). Returns ``(loss, S, A, B, G)``."""
+  ``exp(z - m)`` (0 at the target). Returns ``(loss, s_rest, a, b_over_c, grad_t)``."""
   zt = z.gather(1, t)
   sum_z = z.sum(1, keepdim=True) if eps else None
-  m, s = _softmax.exp_others_(z, t)
-  loss, a, b, g = _softmax.row_terms(zt, _softmax.lse_from(m, s), sum_z, num_classes, alpha,
-                                     gamma, eps, valid, bad)
-  return loss, s, a, b, g
+  m, s_rest = _softmax.exp_others_(z, t)
+  loss, a, b_over_c, grad_t = _softmax.row_terms(zt, _softmax.lse_from(m, s_rest), sum_z,
+                                                 num_classes, alpha, gamma, eps, valid,
+                                                 in_range)
+  return loss, s_rest, a, b_over_c, grad_t
 
 
-def _grad_in_place(e: torch.Tensor, t: torch.Tensor, s: torch.Tensor, a: torch.Tensor,
-                   b: torch.Tensor | None, g: torch.Tensor,
+def _grad_in_place(e: torch.Tensor, t: torch.Tensor, s_rest: torch.Tensor, a: torch.Tensor,
+                   b_over_c: torch.Tensor | None, grad_t: torch.Tensor,
                    valid: torch.Tensor | None = None) -> torch.Tensor:
-  """Turns ``e = exp(z - m)`` (0 at the target) into dL/dz: ``A e / S - B`` off the target,
-  ``G`` at it; rows not ``valid`` exactly 0 (whatever their logits)."""
-  # S >= 1 unless no other class is finite; then A = 0 and the clamp keeps 0 / 0 out.
-  scale = a / s.clamp_min(torch.finfo(s.dtype).tiny)
+  """Turns ``e = exp(z - m)`` (0 at the target) into dL/dz: ``a e / s_rest - b_over_c`` off
+  the target, ``grad_t`` at it; rows not ``valid`` exactly 0 (whatever their logits)."""
+  # s_rest >= 1 unless no other class is finite; then a = 0 and the clamp keeps 0 / 0 out.
+  scale = a / s_rest.clamp_min(torch.finfo(s_rest.dtype).tiny)
   if valid is not None:
     scale = torch.where(valid, scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
-    fix = _softmax.masked_rows(valid, s)
+    fix = _softmax.masked_rows(valid, s_rest)
     if fix is not None:
       e.masked_fill_(fix, 0.0)
   e.mul_(scale)
-  if b is not None:
-    e.sub_(b)
-  return e.scatter_(1, t, g)
+  if b_over_c is not None:
+    e.sub_(b_over_c)
+  return e.scatter_(1, t, grad_t)
 
 
 class _Grads:
@@ -165,7 +169,7 @@ def _finish(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | 
 def _double_backward(ctx, go: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
   """The gradients from differentiable whole-tensor ops (``create_graph=True``): they
   materialize the ``(N, V)`` logits, and have gradients themselves (double backward)."""
-  hidden, weight, bias, t, valid, bad, alpha_t, gamma_t, sw = ctx.saved_tensors[:9]
+  hidden, weight, bias, t, valid, in_range, alpha_t, gamma_t, sw = ctx.saved_tensors[:9]
   alpha = alpha_t if alpha_t is not None else ctx.floats[0]
   gamma = gamma_t if gamma_t is not None else ctx.floats[1]
   cdt = _numerics.compute_dtype(hidden.dtype)
@@ -176,7 +180,7 @@ def _double_backward(ctx, go: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
   go = go.to(cdt)
   if sw is not None:
     go = go * sw
-  dz = _softmax.grad_autodiff(z, t, valid, bad, alpha, gamma, ctx.eps, go)
+  dz = _softmax.grad_autodiff(z, t, valid, in_range, alpha, gamma, ctx.eps, go)
   needs = ctx.needs_input_grad
   h_valid = torch.where(valid, h, 0)  # masked rows' features out of the weight gradient
   grads = (dz @ w if needs[0] else None, dz.t() @ h_valid if needs[1] else None,
@@ -189,7 +193,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
   ``softmax_focal(hidden @ weight.T + bias)``, chunk by chunk; see the module docstring."""
 
   @staticmethod
-  def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps,  # pylint: disable=W0221
+  def forward(ctx, hidden, weight, bias, t, valid, in_range, alpha, gamma, eps,  # pylint: disable=W0221
               rows, summed, sw):
     n = hidden.shape[0]
     v = weight.shape[0]
@@ -203,19 +207,20 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     for start in range(0, n, rows):
       r = slice(start, min(n, start + rows))
       z = chunker.logits(r)
-      lr, s, a, b, g = _chunk_terms(z, t[r], eps, v, _rows(alpha, r), _rows(gamma, r),
-                                    valid[r], None if bad is None else bad[r])
+      lr, s_rest, a, b_over_c, grad_t = _chunk_terms(
+          z, t[r], eps, v, _rows(alpha, r), _rows(gamma, r), valid[r],
+          None if in_range is None else in_range[r])
       if sw is not None:  # per-row weights scale the loss and its gradient
         wr = sw[r]
-        lr, a, g = lr * wr, a * wr, g * wr
-        b = None if b is None else b * wr
+        lr, a, grad_t = lr * wr, a * wr, grad_t * wr
+        b_over_c = None if b_over_c is None else b_over_c * wr
       loss[r] = lr
       if grads is not None:
-        grads.add(r, _grad_in_place(z, t[r], s, a, b, g, valid[r]), valid[r])
+        grads.add(r, _grad_in_place(z, t[r], s_rest, a, b_over_c, grad_t, valid[r]), valid[r])
       elif per_row is not None:
-        per_row[0][r], per_row[2][r] = a, g
+        per_row[0][r], per_row[2][r] = a, grad_t
         if with_b:
-          per_row[1][r] = b
+          per_row[1][r] = b_over_c
     ctx.summed = summed
     ctx.rows = rows
     ctx.with_b = with_b
@@ -224,7 +229,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
     # The inputs (no copies) for the double backward, then the schedule's own tensors.
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    core = (hidden, weight, bias, t, valid, bad, *hyper, sw)
+    core = (hidden, weight, bias, t, valid, in_range, *hyper, sw)
     if summed:
       # The gradients for a unit cotangent; backward scales them by the incoming scalar.
       ctx.save_for_backward(*core,
@@ -247,7 +252,7 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
       # backward reads the saved gradients again.
       return _finish(saved[9:], ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
     hidden, weight, bias, t, valid = saved[:5]
-    a, b, g = saved[9:]
+    a, b_over_c, grad_t = saved[9:]
     go = go.to(a.dtype)
     n = hidden.shape[0]
     chunker = _Chunker(hidden, weight, bias, ctx.rows)
@@ -255,47 +260,48 @@ class LinearSoftmaxFocalFunction(torch.autograd.Function):
     for start in range(0, n, ctx.rows):
       r = slice(start, min(n, start + ctx.rows))
       z = chunker.logits(r)
-      _, s = _softmax.exp_others_(z, t[r])
-      dz = _grad_in_place(z, t[r], s, a[r] * go[r], b[r] * go[r] if ctx.with_b else None,
-                          g[r] * go[r], valid[r])
+      _, s_rest = _softmax.exp_others_(z, t[r])
+      dz = _grad_in_place(z, t[r], s_rest, a[r] * go[r],
+                          b_over_c[r] * go[r] if ctx.with_b else None, grad_t[r] * go[r],
+                          valid[r])
       grads.add(r, dz, valid[r])
     return _finish(grads.tensors(), ctx.dtypes) + nones
 
 
 def _split_chunk_terms(z: torch.Tensor, t: torch.Tensor, owned: torch.Tensor, eps: float,
                        split: Any, alpha: Any, gamma: Any, valid: torch.Tensor,
-                       bad: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                       in_range: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
   """:func:`_chunk_terms` when ``z`` holds this rank's slice of the classes (``t`` labels
   local to it, ``owned`` the rows whose target it holds): the per-row statistics are
   all-reduced over the class group (one MAX, one SUM). ``z`` is overwritten with
   ``exp(z - m)`` (0 at owned targets), ``m`` this rank's largest non-target logit. Returns
-  ``(loss, m, lse_rest, A, B, G)``."""
+  ``(loss, m, lse_rest, a, b_over_c, grad_t)``."""
   zero = torch.zeros((), dtype=z.dtype, device=z.device)
   zt = torch.where(owned, z.gather(1, t), zero)
   sum_z = z.sum(1, keepdim=True) if eps else None
-  m, s = _softmax.exp_others_(z, t, owned)
-  zt, lse_rest, sum_z = _softmax.combine_split(m, s, zt, sum_z, split)
-  loss, a, b, g = _softmax.row_terms(zt, lse_rest, sum_z, split.num_classes, alpha, gamma, eps,
-                                     valid, bad)
-  return loss, m, lse_rest, a, b, g
+  m, s_rest = _softmax.exp_others_(z, t, owned)
+  zt, lse_rest, sum_z = _softmax.combine_split(m, s_rest, zt, sum_z, split)
+  loss, a, b_over_c, grad_t = _softmax.row_terms(zt, lse_rest, sum_z, split.num_classes, alpha,
+                                                 gamma, eps, valid, in_range)
+  return loss, m, lse_rest, a, b_over_c, grad_t
 
 
 def _split_grad_in_place(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor,
                          m: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
-                         b: torch.Tensor | None, g: torch.Tensor,
+                         b_over_c: torch.Tensor | None, grad_t: torch.Tensor,
                          valid: torch.Tensor) -> torch.Tensor:
   """:func:`_grad_in_place` for a slice of the classes: ``e = exp(z - m)`` becomes
-  ``A exp(z - lse_rest) - B`` (``exp(m - lse_rest) <= 1`` per row), ``G`` at the owned targets;
-  rows not ``valid`` exactly 0."""
+  ``a exp(z - lse_rest) - b_over_c`` (``exp(m - lse_rest) <= 1`` per row), ``grad_t`` at the
+  owned targets; rows not ``valid`` exactly 0."""
   zero = torch.zeros((), dtype=a.dtype, device=a.device)
   scale = torch.where(valid, a * torch.exp(m - lse_rest), zero)
   fix = _softmax.masked_rows(valid, lse_rest)
   if fix is not None:
     e.masked_fill_(fix, 0.0)
   e.mul_(scale)
-  if b is not None:
-    e.sub_(b)
-  return e.scatter_(1, t, torch.where(owned, g, e.gather(1, t)))
+  if b_over_c is not None:
+    e.sub_(b_over_c)
+  return e.scatter_(1, t, torch.where(owned, grad_t, e.gather(1, t)))
 
 
 class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
@@ -310,7 +316,7 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
   """
 
   @staticmethod
-  def forward(ctx, hidden, weight, bias, t, valid, bad, alpha, gamma, eps,  # pylint: disable=W0221
+  def forward(ctx, hidden, weight, bias, t, valid, in_range, alpha, gamma, eps,  # pylint: disable=W0221
               rows, summed, sw, split):
     n = hidden.shape[0]
     t_loc, owned = split.localize(t)
@@ -324,21 +330,21 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
     for start in range(0, n, rows):
       r = slice(start, min(n, start + rows))
       z = chunker.logits(r)
-      lr, m, lse_rest, a, b, g = _split_chunk_terms(
+      lr, m, lse_rest, a, b_over_c, grad_t = _split_chunk_terms(
           z, t_loc[r], owned[r], eps, split, _rows(alpha, r), _rows(gamma, r), valid[r],
-          None if bad is None else bad[r])
+          None if in_range is None else in_range[r])
       if sw is not None:  # per-row weights scale the loss and its gradient
         wr = sw[r]
-        lr, a, g = lr * wr, a * wr, g * wr
-        b = None if b is None else b * wr
+        lr, a, grad_t = lr * wr, a * wr, grad_t * wr
+        b_over_c = None if b_over_c is None else b_over_c * wr
       loss[r] = lr
       if grads is not None:
-        grads.add(r, _split_grad_in_place(z, t_loc[r], owned[r], m, lse_rest, a, b, g, valid[r]),
-                  valid[r])
+        grads.add(r, _split_grad_in_place(z, t_loc[r], owned[r], m, lse_rest, a, b_over_c,
+                                          grad_t, valid[r]), valid[r])
       elif per_row is not None:
-        per_row[0][r], per_row[2][r], per_row[3][r] = a, g, lse_rest
+        per_row[0][r], per_row[2][r], per_row[3][r] = a, grad_t, lse_rest
         if with_b:
-          per_row[1][r] = b
+          per_row[1][r] = b_over_c
     ctx.summed = summed
     ctx.rows = rows
     ctx.with_b = with_b
@@ -360,7 +366,7 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
     saved = ctx.saved_tensors
     if ctx.summed:
       return _finish(saved, ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
-    hidden, weight, bias, t_loc, owned, valid, a, b, g, lse_rest = saved
+    hidden, weight, bias, t_loc, owned, valid, a, b_over_c, grad_t, lse_rest = saved
     go = go.to(a.dtype)
     n = hidden.shape[0]
     chunker = _Chunker(hidden, weight, bias, ctx.rows)
@@ -369,7 +375,7 @@ class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
       r = slice(start, min(n, start + ctx.rows))
       z = chunker.logits(r)
       _softmax.chunk_grad(z, t_loc[r], lse_rest[r], a[r] * go[r],
-                          b[r] * go[r] if ctx.with_b else None, g[r] * go[r], z, None,
+                          b_over_c[r] * go[r] if ctx.with_b else None, grad_t[r] * go[r], z, None,
                           _softmax.masked_rows(valid[r], lse_rest[r]), owned[r])
       grads.add(r, z, valid[r])
     return _finish(grads.tensors(), ctx.dtypes) + nones
@@ -501,12 +507,12 @@ def linear_softmax_focal(
       class_process_group=class_process_group)
   alpha, gamma, eps, reduction, process_group, split = (
       pre.alpha, pre.gamma, pre.eps, pre.reduction, pre.process_group, pre.split)
-  cdt, weights, valid, bad, safe, positive = (
-      pre.cdt, pre.weight, pre.valid, pre.bad, pre.safe, pre.positive)
+  cdt, weights, valid, in_range, positive = (
+      pre.cdt, pre.weight, pre.valid, pre.in_range, pre.positive)
 
   h2 = hidden.reshape(-1, h)
   n = h2.shape[0]
-  t = safe.reshape(n, 1)
+  t = pre.t.reshape(n, 1)
   valid2 = valid.reshape(n, 1)
   sw = None
   if weights is not None:  # per-row weights, 0 on masked rows
@@ -515,7 +521,7 @@ def linear_softmax_focal(
                                                            device=hidden.device))
   rows = chunk_size or default_chunk_rows(n, v)
   summed = reduction != "none"
-  args = (h2, weight, bias, t, valid2, None if bad is None else bad.reshape(n, 1),
+  args = (h2, weight, bias, t, valid2, None if in_range is None else in_range.reshape(n, 1),
           _numerics.per_row(alpha, t, cdt), _numerics.per_row(gamma, t, cdt), eps, max(1, rows),
           summed, sw)
   if split is None:

@@ -11,7 +11,9 @@ cancellation):
 
 ``R`` is ``d(1 - p_t)/dx / (1 - p_t)``, so no ``(1 - p_t)^(gamma - 1)`` (infinite for
 ``gamma < 1`` where ``p_t`` rounds to 1) is ever formed. The double backward
-(``create_graph=True``) differentiates the same quantities written in log space.
+(``create_graph=True``) differentiates the same quantities written in log space. The names
+(``bce``, ``one_m_pt``, ``log_1m_pt``, ``focal``, ``alpha_t``, ``r``, ``p_minus_y``, ...) are
+docs/math.md's ("Sigmoid", "Names"), as in ``focal_jax._sigmoid``.
 """
 
 from __future__ import annotations
@@ -51,27 +53,28 @@ def terms(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, eps: float,
   focal = None
   if not plain:
     # 1 - p_t = (1 - y) p + y (1 - p): exact where p_t rounds to 1.
-    omp = one_minus_y * p + y * q
+    one_m_pt = one_minus_y * p + y * q
     if isinstance(gamma, torch.Tensor):  # may hold 0: pow gives 0 ** 0 = 1 (exp2 log2: NaN)
-      focal = torch.pow(omp, gamma)
+      focal = torch.pow(one_m_pt, gamma)
     else:
-      focal = torch.exp2(torch.log2(omp).mul_(gamma))
-  weight = focal
+      focal = torch.exp2(torch.log2(one_m_pt).mul_(gamma))
+  alpha_focal = focal  # alpha_t * focal, None when both are 1
   if alpha is not None:
     alpha_t = alpha * y + (1.0 - alpha) * one_minus_y if not plain or with_grad else (
         alpha * y + (1.0 - alpha) * (1.0 - y))
-    weight = alpha_t if weight is None else alpha_t * weight
-  loss = bce if weight is None else weight * bce
+    alpha_focal = alpha_t if alpha_focal is None else alpha_t * alpha_focal
+  loss = bce if alpha_focal is None else alpha_focal * bce
   if not with_grad:
     return loss, None
   # p - y without cancellation at y in {0, 1}.
-  inner = one_minus_y * p - y * q
+  p_minus_y = one_minus_y * p - y * q
+  bracket = p_minus_y  # dloss/dx = alpha_t focal (gamma r bce + p_minus_y)
   if not plain:
-    # R = (1 - 2y) p q / (1 - p_t), bounded by 1; where 1 - p_t underflows, focal = 0.
-    r = (1.0 - 2.0 * y) * p * q / omp.clamp_min(torch.finfo(omp.dtype).tiny)
-    inner = inner + gamma * r * bce
-  grad = inner if weight is None else weight * inner
-  return loss, grad
+    # r = (1 - 2y) p q / (1 - p_t), bounded by 1; where 1 - p_t underflows, focal = 0.
+    r = (1.0 - 2.0 * y) * p * q / one_m_pt.clamp_min(torch.finfo(one_m_pt.dtype).tiny)
+    bracket = p_minus_y + gamma * r * bce
+  dloss_dx = bracket if alpha_focal is None else alpha_focal * bracket
+  return loss, dloss_dx
 
 
 def terms_autodiff(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any,
@@ -81,22 +84,25 @@ def terms_autodiff(x: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any,
   y = y.to(x.dtype)
   if eps:
     y = y * (1.0 - eps) + eps / 2
-  sp_pos = softplus(x)   # -log(1 - p)
-  sp_neg = softplus(-x)  # -log p
-  bce = y * sp_neg + (1.0 - y) * sp_pos
+  neg_log_q = softplus(x)   # -log q = -log(1 - p)
+  neg_log_p = softplus(-x)  # -log p
+  bce = y * neg_log_p + (1.0 - y) * neg_log_q
   p_minus_y = (1.0 - y) * torch.sigmoid(x) - y * torch.sigmoid(-x)
   if isinstance(gamma, float) and gamma == 0.0:
-    weight, inner = None, p_minus_y
+    alpha_focal, bracket = None, p_minus_y
   else:
     # log(1 - p_t) = logaddexp(log y + log(1 - p), log(1 - y) + log p).
-    log_1m_pt = torch.logaddexp(torch.log(y) - sp_pos, torch.log1p(-y) - sp_neg)
-    weight = torch.exp(gamma * log_1m_pt)
-    r = (1.0 - 2.0 * y) * torch.exp(-(sp_neg + sp_pos) - log_1m_pt)
-    inner = gamma * r * bce + p_minus_y
+    log_1m_pt = torch.logaddexp(torch.log(y) - neg_log_q, torch.log1p(-y) - neg_log_p)
+    alpha_focal = torch.exp(gamma * log_1m_pt)  # focal; alpha_t below
+    r = (1.0 - 2.0 * y) * torch.exp(-(neg_log_p + neg_log_q) - log_1m_pt)
+    bracket = gamma * r * bce + p_minus_y
   if alpha is not None:
     alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y)
-    weight = alpha_t if weight is None else alpha_t * weight
-  return inner if weight is None else weight * inner
+    alpha_focal = alpha_t if alpha_focal is None else alpha_t * alpha_focal
+  return bracket if alpha_focal is None else alpha_focal * bracket
+
+
+# --- engine (torch-specific: chunking; exp as exp2 in terms above) ---
 
 
 def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

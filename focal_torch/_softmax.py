@@ -2,25 +2,20 @@
 
 Everything is written around three per-row numbers: the target logit ``z_t``, the
 log-sum-exp of the *other* classes ``lse_rest = log sum_{c != t} exp(z_c)`` and (with label
-smoothing) the row sum of the logits. With ``d = lse_rest - z_t``:
+smoothing) the row sum of the logits. With the margin ``u = z_t - lse_rest``,
+``log p = -softplus(-u)`` and ``log q = log(1 - p) = -softplus(u)`` (exact even where ``p``
+rounds to 1), so the loss, its gradient and (through autograd of these formulas) its Hessian
+stay finite and accurate at any margin. The gradient is, for ``c != t`` and at ``t``,
 
-    log p       = -softplus(d)       (p = s_t, the target probability)
-    log(1 - p)  = -softplus(-d)      (exact even where p rounds to 1)
-    lse         = z_t + softplus(d)
+    dL/dz_c = a * exp(z_c - lse_rest) - b_over_c,        dL/dz_t = grad_t,
 
-so the loss, its gradient and (through autograd of these formulas) its Hessian stay finite
-and accurate at any margin. The gradient is, for ``c != t`` and ``t``,
-
-    dL/dz_c = A * exp(z_c - lse_rest) - B,        dL/dz_t = G,
-
-with per-row scalars ``A = alpha q^gamma (q + gamma p CE)``, ``B = alpha q^gamma eps / C``,
-``G = alpha q^gamma (eps (1 - 1/C) - q - gamma p CE)`` and ``q = 1 - p``. Note
+with per-row scalars ``a``, ``b_over_c = b / C`` and ``grad_t = b (1 - 1/C) - a``.
 ``exp(z_c - lse_rest) = s_c / q <= 1``: the ``q^(gamma - 1)`` that makes the naive gradient
 NaN for ``0 < gamma < 1`` never appears. Backward needs the logits and these scalars only.
 
-The derivation, and the names both packages are to use, are in docs/math.md ("Softmax",
-"Names"): there ``u = -d``, ``a = A``, ``b = C * B`` and ``dL/dz_t = b (1 - 1/C) - a = G``;
-the mask ``bad`` is ``~in_range`` on the ``valid`` rows.
+The derivation and the names (``u``, ``lse_rest``, ``log_p``, ``log_q``, ``ce``, ``focal``,
+``h``, ``a``, ``b_over_c``, ``grad_t``, ``valid``, ``in_range``, ``m``, ``s_rest``, ``z_t``)
+are docs/math.md's ("Softmax", "Names"); ``focal_jax._softmax`` uses the same.
 """
 
 from __future__ import annotations
@@ -38,6 +33,90 @@ from focal_torch import _reduce
 from focal_torch._numerics import compute_dtype
 from focal_torch._numerics import exp_
 from focal_torch._numerics import softplus
+
+
+def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | None,
+              num_classes: int, alpha: Any, gamma: Any, eps: float,
+              valid: torch.Tensor, in_range: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+  """Per-row loss and gradient scalars ``(loss, a, b_over_c, grad_t)`` (docs/math.md,
+  "Softmax"); ``b_over_c`` is None without label smoothing.
+
+  Differentiable torch ops only: the same code serves the forward pass and, under autograd,
+  the double backward. Rows not ``valid`` give 0; valid rows not ``in_range`` (a label out
+  of range with the value checks off) give NaN; ``in_range`` None: every label is in range.
+  """
+  u = zt - lse_rest
+  log_p = -softplus(-u)
+  # log(1 - p) from the other classes' log-sum-exp: finite and exact where p rounds to 1.
+  log_q = (-softplus(u)).clamp_min(torch.finfo(u.dtype).min)
+  p = torch.exp(log_p)
+  q = torch.exp(log_q)
+  if eps:
+    # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c). The
+    # log-sum-exp from the larger of z_t and lse_rest: no inf - inf when z_t = -inf.
+    lse = torch.where(u < 0, lse_rest + softplus(u), zt + softplus(-u))
+    ce = (1.0 - eps) * (-log_p) + eps * (lse - sum_z / num_classes)
+  else:
+    ce = -log_p
+  if isinstance(gamma, float) and gamma == 0.0:
+    focal = torch.ones_like(q)
+    h = q
+  else:
+    # (1 - p)^gamma in log space: 0^0 = 1 and no inf * 0 in the derivative.
+    focal = torch.exp(gamma * log_q)
+    # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf, p = 0).
+    pce = p * ce
+    h = q + gamma * torch.where(p > 0, pce, torch.zeros((), dtype=u.dtype, device=u.device))
+  alpha_focal = focal if alpha is None else alpha * focal
+  loss = alpha_focal * ce
+  a = alpha_focal * h
+  b_over_c = alpha_focal * (eps / num_classes) if eps else None
+  grad_t = alpha_focal * (eps * (1.0 - 1.0 / num_classes) - h) if eps else -a
+  zero = torch.zeros((), dtype=u.dtype, device=u.device)
+  nan = torch.full((), float("nan"), dtype=u.dtype, device=u.device)
+
+  def mask(x):
+    # Masked rows: 0. Counted rows with a label out of range: NaN (never a wrapped index).
+    x = x if in_range is None else torch.where(in_range, x, nan)
+    return torch.where(valid, x, zero)
+
+  return (mask(loss), mask(a), (None if b_over_c is None else mask(b_over_c)),
+          mask(grad_t))
+
+
+def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                  torch.Tensor]:
+  """:func:`row_stats` from differentiable whole-tensor ops (for double backward); also
+  returns the logits with the target masked to -inf."""
+  zt = zf.gather(1, t3)
+  # A select against the class index, not a scatter: elementwise, so it fuses when compiled.
+  classes = torch.arange(zf.shape[1], device=zf.device).view(_chunking.class_shape(zf.shape))
+  masked = torch.where(classes == t3, float("-inf"), zf)
+  lse_rest = torch.logsumexp(masked, 1, keepdim=True).clamp_min(torch.finfo(zf.dtype).min)
+  sum_z = zf.sum(1, keepdim=True) if with_sum else None
+  return zt, lse_rest, sum_z, masked
+
+
+def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
+                  in_range: torch.Tensor | None, alpha: Any, gamma: Any, eps: float,
+                  go: torch.Tensor) -> torch.Tensor:
+  """The gradient from differentiable whole-tensor ops: the backward of the backward."""
+  zf = z3.to(compute_dtype(z3.dtype))
+  zt, lse_rest, sum_z, masked = row_stats_autodiff(zf, t3, bool(eps))
+  _, a, b_over_c, grad_t = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps,
+                                     valid, in_range)
+  # exp(masked - lse_rest) is 0 at the target (masked to -inf) and <= 1 elsewhere.
+  grad = (a * go) * torch.exp(masked - lse_rest)
+  if b_over_c is not None:
+    grad = grad - b_over_c * go
+  grad = grad.scatter(1, t3, grad_t * go)
+  grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+  return grad.to(z3.dtype)
+
+
+# --- engine (torch-specific: chunking, exp2, padding for vector width, in-place buffers) ---
 
 
 def _padded_classes(shape: tuple[int, ...]) -> int:
@@ -60,11 +139,11 @@ def chunk_buffer(shape: tuple[int, ...], elements: int, cdt: torch.dtype,
 def exp_others_(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
   """Overwrites a scratch chunk ``e`` (compute dtype) with ``exp(e - m)``, 0 at the target,
-  and returns the per-row ``(m, S)``: ``m`` the largest other logit (at least the lowest
-  finite number) and ``S`` the row sums, so that ``log sum_{c != t} exp(e_c) = m + log S``
-  and ``exp(e_c - lse_rest) = e_c / S``. ``S >= 1`` unless no other class is finite (then 0).
-  ``owned`` (classes split over ranks): the rows whose target this slice holds; the other
-  rows have no target here and keep every entry."""
+  and returns the per-row ``(m, s_rest)``: ``m`` the largest other logit (at least the
+  lowest finite number) and ``s_rest`` the row sums, so that ``lse_rest = m + log s_rest``
+  and ``exp(e_c - lse_rest) = e_c / s_rest``. ``s_rest >= 1`` unless no other class is
+  finite (then 0). ``owned`` (classes split over ranks): the rows whose target this slice
+  holds; the other rows have no target here and keep every entry."""
   if owned is None:
     e.scatter_(1, t, float("-inf"))
   else:
@@ -74,10 +153,10 @@ def exp_others_(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor | None = N
   return m, e.sum(1, keepdim=True)
 
 
-def lse_from(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-  """``m + log S``, the log-sum-exp of the other classes, kept finite (no other class:
-  the lowest finite number, so that no inf - inf occurs later)."""
-  return (m + s.log()).clamp_min_(torch.finfo(m.dtype).min)
+def lse_from(m: torch.Tensor, s_rest: torch.Tensor) -> torch.Tensor:
+  """``lse_rest = m + log s_rest``, the log-sum-exp of the other classes, kept finite (no
+  other class: the lowest finite number, so that no inf - inf occurs later)."""
+  return (m + s_rest.log()).clamp_min_(torch.finfo(m.dtype).min)
 
 
 def chunk_lse_others(w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -124,72 +203,11 @@ def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
   return zt, lse_rest, sum_z
 
 
-def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                  torch.Tensor]:
-  """:func:`row_stats` from differentiable whole-tensor ops (for double backward); also
-  returns the logits with the target masked to -inf."""
-  zt = zf.gather(1, t3)
-  # A select against the class index, not a scatter: elementwise, so it fuses when compiled.
-  classes = torch.arange(zf.shape[1], device=zf.device).view(_chunking.class_shape(zf.shape))
-  masked = torch.where(classes == t3, float("-inf"), zf)
-  lse_rest = torch.logsumexp(masked, 1, keepdim=True).clamp_min(torch.finfo(zf.dtype).min)
-  sum_z = zf.sum(1, keepdim=True) if with_sum else None
-  return zt, lse_rest, sum_z, masked
-
-
-def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | None,
-              num_classes: int, alpha: Any, gamma: Any, eps: float,
-              valid: torch.Tensor, bad: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-  """Per-row loss and gradient scalars ``(loss, A, B, G)`` (module docstring).
-
-  Differentiable torch ops only: the same code serves the forward pass and, under autograd,
-  the double backward. Rows not ``valid`` give 0; ``bad`` rows (a label out of range with
-  the value checks off) give NaN.
-  """
-  d = lse_rest - zt
-  log_p = -softplus(d)
-  # log(1 - p) from the other classes' log-sum-exp: finite and exact where p rounds to 1.
-  log_q = (-softplus(-d)).clamp_min(torch.finfo(d.dtype).min)
-  p = torch.exp(log_p)
-  q = torch.exp(log_q)
-  if eps:
-    # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c). The
-    # log-sum-exp from the larger of z_t and lse_rest: no inf - inf when z_t = -inf.
-    lse = torch.where(d > 0, lse_rest + softplus(-d), zt + softplus(d))
-    ce = (1.0 - eps) * (-log_p) + eps * (lse - sum_z / num_classes)
-  else:
-    ce = -log_p
-  if isinstance(gamma, float) and gamma == 0.0:
-    focal = torch.ones_like(q)
-    h = q
-  else:
-    # (1 - p)^gamma in log space: 0^0 = 1 and no inf * 0 in the derivative.
-    focal = torch.exp(gamma * log_q)
-    # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf, p = 0).
-    pce = p * ce
-    h = q + gamma * torch.where(p > 0, pce, torch.zeros((), dtype=d.dtype, device=d.device))
-  weight = focal if alpha is None else alpha * focal
-  loss = weight * ce
-  a = weight * h
-  b = weight * (eps / num_classes) if eps else None
-  g = weight * (eps * (1.0 - 1.0 / num_classes) - h) if eps else -a
-  zero = torch.zeros((), dtype=d.dtype, device=d.device)
-  nan = torch.full((), float("nan"), dtype=d.dtype, device=d.device)
-
-  def mask(x):
-    x = torch.where(valid, x, zero)
-    return x if bad is None else torch.where(bad, nan, x)
-
-  return mask(loss), mask(a), (None if b is None else mask(b)), mask(g)
-
-
 def masked_rows(valid: torch.Tensor, lse_rest: torch.Tensor) -> torch.Tensor | None:
   """The rows whose gradient must be forced to 0: masked rows, when some of them have
-  non-finite logits (``A = B = G = 0`` there, but ``0 * exp(nan - nan)`` is NaN). On the
-  CPU, None unless such a row exists (a cheap per-row test); elsewhere, and under
-  torch.compile, every masked row (no device synchronization)."""
+  non-finite logits (``a = b_over_c = grad_t = 0`` there, but ``0 * exp(nan - nan)`` is
+  NaN). On the CPU, None unless such a row exists (a cheap per-row test); elsewhere, and
+  under torch.compile, every masked row (no device synchronization)."""
   if torch.compiler.is_compiling() or lse_rest.device.type != "cpu":
     return ~valid
   fix = ~valid & ~torch.isfinite(lse_rest)
@@ -197,32 +215,32 @@ def masked_rows(valid: torch.Tensor, lse_rest: torch.Tensor) -> torch.Tensor | N
 
 
 def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
-               b: torch.Tensor | None, g: torch.Tensor, out: torch.Tensor,
+               b_over_c: torch.Tensor | None, grad_t: torch.Tensor, out: torch.Tensor,
                buf: torch.Tensor | None, fix: torch.Tensor | None = None,
                owned: torch.Tensor | None = None) -> None:
-  """Writes ``A exp(w - lse_rest) - B`` off the target and ``G`` at it into ``out`` (a chunk
-  of the gradient). Computes in place in ``out`` when it has ``lse_rest``'s dtype, else in
-  ``buf`` (half-precision gradients: the math stays in float32). Rows of ``fix`` get 0
-  (masked rows, whatever their logits). ``owned`` (classes split over ranks): the rows
-  whose target lies in this slice; the others get no ``G``."""
+  """Writes ``a exp(w - lse_rest) - b_over_c`` off the target and ``grad_t`` at it into
+  ``out`` (a chunk of the gradient). Computes in place in ``out`` when it has ``lse_rest``'s
+  dtype, else in ``buf`` (half-precision gradients: the math stays in float32). Rows of
+  ``fix`` get 0 (masked rows, whatever their logits). ``owned`` (classes split over ranks):
+  the rows whose target lies in this slice; the others get no ``grad_t``."""
   e = out if buf is None else buf[:w.numel()].view(w.shape)
   # w - lse_rest <= 0 off the target: exp never overflows; the target entry is overwritten.
   torch.sub(w, lse_rest, out=e)
   if fix is not None:
-    e.masked_fill_(fix, float("-inf"))  # exp(-inf) = 0, and A = B = G = 0 on these rows
+    e.masked_fill_(fix, float("-inf"))  # exp(-inf) = 0, and a = b_over_c = grad_t = 0 here
   exp_(e)
   e.mul_(a)
-  if b is not None:
-    e.sub_(b)
+  if b_over_c is not None:
+    e.sub_(b_over_c)
   if owned is not None:
-    g = torch.where(owned, g, e.gather(1, t))
-  e.scatter_(1, t, g)
+    grad_t = torch.where(owned, grad_t, e.gather(1, t))
+  e.scatter_(1, t, grad_t)
   if buf is not None:
     out.copy_(e)
 
 
 def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
-                 b: torch.Tensor | None, g: torch.Tensor, elements: int,
+                 b_over_c: torch.Tensor | None, grad_t: torch.Tensor, elements: int,
                  valid: torch.Tensor | None = None, owned: torch.Tensor | None = None
                  ) -> torch.Tensor:
   """The gradient, chunk by chunk: no temporary beyond it (half inputs: one float32
@@ -232,26 +250,10 @@ def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_rest: torch.Tensor, a: 
   buf = None if z3.dtype == cdt else chunk_buffer(z3.shape, elements, cdt, z3.device)
   fix = None if valid is None else masked_rows(valid, lse_rest)
   for idx in _chunking.chunks(z3.shape, elements):
-    chunk_grad(z3[idx], t3[idx], lse_rest[idx], a[idx], None if b is None else b[idx], g[idx],
-               out[idx], buf, None if fix is None else fix[idx],
-               None if owned is None else owned[idx])
+    chunk_grad(z3[idx], t3[idx], lse_rest[idx], a[idx],
+               None if b_over_c is None else b_over_c[idx], grad_t[idx], out[idx], buf,
+               None if fix is None else fix[idx], None if owned is None else owned[idx])
   return out
-
-
-def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
-                  bad: torch.Tensor | None, alpha: Any, gamma: Any, eps: float,
-                  go: torch.Tensor) -> torch.Tensor:
-  """The same gradient from differentiable whole-tensor ops: the backward of the backward."""
-  zf = z3.to(compute_dtype(z3.dtype))
-  zt, lse_rest, sum_z, masked = row_stats_autodiff(zf, t3, bool(eps))
-  _, a, b, g = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
-  # exp(masked - lse_rest) is 0 at the target (masked to -inf) and <= 1 elsewhere.
-  grad = (a * go) * torch.exp(masked - lse_rest)
-  if b is not None:
-    grad = grad - b * go
-  grad = grad.scatter(1, t3, g * go)
-  grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-  return grad.to(z3.dtype)
 
 
 class SoftmaxFocalFunction(torch.autograd.Function):
@@ -264,11 +266,12 @@ class SoftmaxFocalFunction(torch.autograd.Function):
   """
 
   @staticmethod
-  def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements):  # pylint: disable=W0221
+  def forward(ctx, z3, t3, valid, in_range, alpha, gamma, eps, elements):  # pylint: disable=W0221
     zt, lse_rest, sum_z = row_stats(z3, t3, bool(eps), elements)
-    loss, a, b, g = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps, valid, bad)
+    loss, a, b_over_c, grad_t = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps,
+                                          valid, in_range)
     hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(z3, t3, valid, bad, lse_rest, a, b, g, *hyper)
+    ctx.save_for_backward(z3, t3, valid, in_range, lse_rest, a, b_over_c, grad_t, *hyper)
     ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
     ctx.eps = eps
     ctx.elements = elements
@@ -276,16 +279,16 @@ class SoftmaxFocalFunction(torch.autograd.Function):
 
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
-    z3, t3, valid, bad, lse_rest, a, b, g, alpha_t, gamma_t = ctx.saved_tensors
+    z3, t3, valid, in_range, lse_rest, a, b_over_c, grad_t, alpha_t, gamma_t = ctx.saved_tensors
     go = go.to(lse_rest.dtype)
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
       alpha = alpha_t if alpha_t is not None else ctx.floats[0]
       gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-      grad = grad_autodiff(z3, t3, valid, bad, alpha, gamma, ctx.eps, go)
+      grad = grad_autodiff(z3, t3, valid, in_range, alpha, gamma, ctx.eps, go)
     else:
-      grad = grad_chunked(z3, t3, lse_rest, a * go, None if b is None else b * go, g * go,
-                          ctx.elements, valid)
+      grad = grad_chunked(z3, t3, lse_rest, a * go, None if b_over_c is None else b_over_c * go,
+                          grad_t * go, ctx.elements, valid)
     return grad, None, None, None, None, None, None, None
 
 
@@ -295,10 +298,10 @@ def split_row_stats(z3: torch.Tensor, t3: torch.Tensor, owned: torch.Tensor, wit
   """:func:`row_stats` of the whole rows when ``z3`` holds this rank's slice of the classes
   (``t3``: labels local to the slice, ``owned``: the rows whose target it holds).
 
-  Each rank reduces its slice chunk by chunk to ``(m, S)`` (its largest non-target logit and
+  Each rank reduces its slice chunk by chunk to ``(m, s_rest)`` (its largest non-target logit and
   its sum of ``exp(z - m)``), the target logit (0 where not owned) and the row sum; then one
-  MAX all-reduce of ``m`` and one SUM all-reduce of ``S exp(m - M)``, ``z_t`` and the row
-  sum give every rank the statistics of the whole rows. ``S exp(m - M)`` cannot overflow
+  MAX all-reduce of ``m`` and one SUM all-reduce of ``s_rest exp(m - M)``, ``z_t`` and the row
+  sum give every rank the statistics of the whole rows. ``s_rest exp(m - M)`` cannot overflow
   (``m <= M``, both finite unless a logit is ``+inf`` or NaN, which then gives NaN as
   without the split).
   """
@@ -307,7 +310,7 @@ def split_row_stats(z3: torch.Tensor, t3: torch.Tensor, owned: torch.Tensor, wit
   zero = torch.zeros((), dtype=cdt, device=z3.device)
   zt = torch.where(owned, z3.gather(1, t3).to(cdt), zero)
   m = torch.empty(rows, dtype=cdt, device=z3.device)
-  s = torch.empty(rows, dtype=cdt, device=z3.device)
+  s_rest = torch.empty(rows, dtype=cdt, device=z3.device)
   sum_z = torch.empty(rows, dtype=cdt, device=z3.device) if with_sum else None
   buf = torch.empty(_chunking.max_chunk_rows(z3.shape, elements) * z3.shape[1], dtype=cdt,
                     device=z3.device)
@@ -317,19 +320,19 @@ def split_row_stats(z3: torch.Tensor, t3: torch.Tensor, owned: torch.Tensor, wit
       sum_z[idx] = w.sum(1, keepdim=True, dtype=cdt)
     e = buf[:w.numel()].view(w.shape)
     e.copy_(w)
-    m[idx], s[idx] = exp_others_(e, t3[idx], owned[idx])
-  return combine_split(m, s, zt, sum_z, split)
+    m[idx], s_rest[idx] = exp_others_(e, t3[idx], owned[idx])
+  return combine_split(m, s_rest, zt, sum_z, split)
 
 
-def combine_split(m: torch.Tensor, s: torch.Tensor, zt: torch.Tensor,
+def combine_split(m: torch.Tensor, s_rest: torch.Tensor, zt: torch.Tensor,
                   sum_z: torch.Tensor | None, split: Any
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-  """``(z_t, lse_rest, sum_z)`` of the whole rows from each rank's ``(m, S, z_t, sum_z)``:
+  """``(z_t, lse_rest, sum_z)`` of the whole rows from each rank's ``(m, s_rest, z_t, sum_z)``:
   one MAX and one SUM all-reduce of per-row numbers."""
   big_m = split.row_max(m)
-  s = s * torch.exp(m - big_m)
-  s, zt, sum_z = split.row_sum(s, zt, sum_z)
-  return zt, lse_from(big_m, s), sum_z
+  s_rest = s_rest * torch.exp(m - big_m)
+  s_rest, zt, sum_z = split.row_sum(s_rest, zt, sum_z)
+  return zt, lse_from(big_m, s_rest), sum_z
 
 
 class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
@@ -340,12 +343,12 @@ class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
   scalars, with no communication."""
 
   @staticmethod
-  def forward(ctx, z3, t3, valid, bad, alpha, gamma, eps, elements, split):  # pylint: disable=W0221
+  def forward(ctx, z3, t3, valid, in_range, alpha, gamma, eps, elements, split):  # pylint: disable=W0221
     t_loc, owned = split.localize(t3)
     zt, lse_rest, sum_z = split_row_stats(z3, t_loc, owned, bool(eps), elements, split)
-    loss, a, b, g = row_terms(zt, lse_rest, sum_z, split.num_classes, alpha, gamma, eps, valid,
-                              bad)
-    ctx.save_for_backward(z3, t_loc, owned, valid, lse_rest, a, b, g)
+    loss, a, b_over_c, grad_t = row_terms(zt, lse_rest, sum_z, split.num_classes, alpha, gamma,
+                                          eps, valid, in_range)
+    ctx.save_for_backward(z3, t_loc, owned, valid, lse_rest, a, b_over_c, grad_t)
     ctx.elements = elements
     ctx.fn = split.fn
     return loss
@@ -354,10 +357,10 @@ class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
   def backward(ctx, go):  # pylint: disable=W0221
     if torch.is_grad_enabled():
       raise _class_split.no_double_backward(ctx.fn)
-    z3, t_loc, owned, valid, lse_rest, a, b, g = ctx.saved_tensors
+    z3, t_loc, owned, valid, lse_rest, a, b_over_c, grad_t = ctx.saved_tensors
     go = go.to(lse_rest.dtype)
-    grad = grad_chunked(z3, t_loc, lse_rest, a * go, None if b is None else b * go, g * go,
-                        ctx.elements, valid, owned)
+    grad = grad_chunked(z3, t_loc, lse_rest, a * go, None if b_over_c is None else b_over_c * go,
+                        grad_t * go, ctx.elements, valid, owned)
     return grad, None, None, None, None, None, None, None, None
 
 
@@ -479,8 +482,8 @@ class Prepared(NamedTuple):
   cdt: torch.dtype              # the compute dtype
   weight: Any                   # the checked sample_weight, or None
   valid: torch.Tensor           # rows that count
-  bad: torch.Tensor | None      # counted rows whose label is out of range (NaN rows)
-  safe: torch.Tensor            # labels clamped into range (a valid class index)
+  in_range: torch.Tensor | None  # labels in [0, C) (None: all; counted rows outside: NaN)
+  t: torch.Tensor               # the labels as safe class indices (0 where masked or out of range)
   positive: torch.Tensor | None  # rows of a class other than background (mean_positive)
 
 
@@ -512,11 +515,11 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, expected: tuple[int, 
   where = _checks.where_mask(fn, where, expected, "the shape of labels", ref)
   cdt = _numerics.compute_dtype(ref.dtype)
   weight = _checks.sample_weight(fn, sample_weight, expected, ref, cdt)
-  valid, bad, safe, positive = _checks.softmax_masks(
+  valid, in_range, t, positive = _checks.softmax_masks(
       fn, labels, where, num_classes, ignore_index,
       background_class if reduction == "mean_positive" else None)
-  return Prepared(alpha, gamma, eps, reduction, process_group, split, cdt, weight, valid, bad,
-                  safe, positive)
+  return Prepared(alpha, gamma, eps, reduction, process_group, split, cdt, weight, valid,
+                  in_range, t, positive)
 
 
 def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tensor, *,
@@ -546,9 +549,10 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
 
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)
-  t3 = pre.safe.reshape(rows)
+  t3 = pre.t.reshape(rows)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
-  args = (z3, t3, pre.valid.reshape(rows), None if pre.bad is None else pre.bad.reshape(rows),
+  args = (z3, t3, pre.valid.reshape(rows),
+          None if pre.in_range is None else pre.in_range.reshape(rows),
           _numerics.per_row(_numerics.traced(pre.alpha, cdt, logits), t3, cdt),
           _numerics.per_row(_numerics.traced(pre.gamma, cdt, logits), t3, cdt), pre.eps,
           elements)
