@@ -202,9 +202,10 @@ _BITS = {"pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 1
          "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (.+?) ([a-z][\w-]*)\((.*?)\)(?:, |$)")
-# Instructions that move no data themselves (views, tuples, the end of an async copy).
+# Instructions that move no data themselves (views, tuples; the "-done" end of an async copy
+# or slice, whose "-start" is counted).
 _NO_TRAFFIC = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
-                         "copy-done", "after-all", "partition-id", "replica-id"})
+                         "after-all", "partition-id", "replica-id"})
 
 
 def _arrays(shape: str) -> list[tuple[int, bool]]:
@@ -244,7 +245,8 @@ def hbm_bytes(hlo: str) -> int:
   their tiled size. An async ``copy-start`` counts its source and its destination (the first
   element of its result). XLA's ``bytes accessed`` counts every memory space: where a TPU
   program prefetches an array into on-chip memory it counts that copy and every later read of
-  the copy, overstating HBM traffic. Instructions inside loops are not descended into (the
+  the copy, overstating HBM traffic. Async ``copy-start`` / ``slice-start`` count the bytes they
+  move: the destination's size read from the source, and written if the destination is HBM. Instructions inside loops are not descended into (the
   losses' steps have none; linear_softmax_focal's scan is judged on temporaries only).
   """
   shapes: dict[str, str] = {}
@@ -262,14 +264,19 @@ def hbm_bytes(hlo: str) -> int:
       continue
     name, shape, opcode, operands = m.groups()
     shapes[name] = shape
-    if opcode in _NO_TRAFFIC:
+    if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
       continue
     results = _arrays(shape)
-    if opcode == "copy-start":
-      results = results[:1]
-    total += sum(b for b, in_hbm in results if in_hbm)
-    for op in re.findall(r"%([\w.-]+)", operands):
-      total += sum(b for b, in_hbm in _arrays(shapes.get(op, "")) if in_hbm)
+    sources = [a for op in re.findall(r"%([\w.-]+)", operands)
+               for a in _arrays(shapes.get(op, ""))]
+    if opcode in ("copy-start", "slice-start"):
+      # An async copy of (part of) its operand: the result tuple is (dest, source, context)
+      # for a copy, ((source,), dest, context) for a slice. It reads the destination's worth
+      # of the source and writes the destination.
+      dest = results[0] if opcode == "copy-start" else results[1]
+      total += dest[0] * (any(in_hbm for _, in_hbm in sources[:1]) + dest[1])
+      continue
+    total += sum(b for b, in_hbm in results + sources if in_hbm)
   return total
 
 

@@ -220,6 +220,8 @@ ENTRY %main (z: f32[16,91], t: s32[16]) -> f32[16,91] {
   %z = f32[16,91]{0,1:T(8,128)} parameter(0)
   %t = s32[16]{0:T(1024)} parameter(1)
   %cs = (f32[16,91]{0,1:T(8,128)S(1)}, f32[16,91]{0,1:T(8,128)}, u32[]{:S(2)}) copy-start(%z)
+  %ss = ((f32[16,91]{0,1:T(8,128)}), f32[8,91]{0,1:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%z), slice={[0:8], [0:91]}
+  %sd = f32[8,91]{0,1:T(8,128)S(1)} slice-done(%ss)
   %r = (f32[16]{0:T(1024)S(1)}, f32[16]{0:T(1024)}) fusion(%z, %t), kind=kLoop, calls=%f
   %r0 = f32[16]{0:T(1024)S(1)} get-tuple-element(%r), index=0
   %cd = f32[16,91]{0,1:T(8,128)S(1)} copy-done(%cs)
@@ -229,9 +231,11 @@ ENTRY %main (z: f32[16,91], t: s32[16]) -> f32[16,91] {
   # (16, 91) laid out minor-to-major {0,1} in (8, 128) tiles: 96 x 128 elements.
   z = 96 * 128 * 4
   t = row = 1024 * 4
-  # copy-start: z read; fusion r: z and t read, its HBM result written; g: the gradient
-  # written (its operands are on chip).
-  assert aot.hbm_bytes(hlo) == z + (z + t + row) + z
+  # copy-start: z read; slice-start: 8 of z's 16 rows read, (91, 8) physically, padded to
+  # the same (96, 128) tiles as z; fusion r: z and t read, its HBM result written; g: the
+  # gradient written (its operands are on chip).
+  half = 96 * 128 * 4
+  assert aot.hbm_bytes(hlo) == z + half + (z + t + row) + z
   # Without a layout: dense, row-major, in HBM.
   assert aot.hbm_bytes("ENTRY %e {\n  %a = f32[3,5] parameter(0)\n"
                        "  ROOT %b = f32[3,5] negate(%a)\n}\n") == 2 * 15 * 4
