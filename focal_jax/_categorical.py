@@ -1,4 +1,11 @@
-"""Categorical focal loss: softmax with probability targets, per-class focal terms."""
+"""Categorical focal loss: softmax with probability targets, per-class focal terms.
+
+The quantities and their names are docs/math.md's ("Categorical", its "Names" table: `z`, `y`,
+`top`, `m`, `s_rest`, `log_s`, `s`, `log_1m_s`, `focal`, `coef`, `r`, `w`, `w_sum`, `w_rest`,
+`valid`), and so is the reason for the `custom_jvp` ("Why a `custom_jvp` in JAX and an
+`autograd.Function` in torch"). The one-pass row statistics are the engine module
+`_rowreduce`'s; the remat of the derivatives sits below a marked boundary.
+"""
 
 from __future__ import annotations
 
@@ -96,11 +103,12 @@ def _rows(z, y, alpha, gamma, valid, split=None) -> _Rows:
     m, top, s_rest = _rowreduce.split_top_stats(z, split)
   is_top = _is_top(top, z.shape, split)
   # A NaN logit (m is NaN) or no finite logit (m = -inf): no defined loss, NaN.
-  bad = jnp.isnan(m) | (m == -jnp.inf)
+  undefined = jnp.isnan(m) | (m == -jnp.inf)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   el = _elems(z, y, alpha, gamma, top, m, s_rest, split)
-  loss = -jnp.sum(_y_log_s(alpha * y * el.focal, el), axis=-1)
-  loss = jnp.where(bad, jnp.nan, loss)
+  coef = alpha * y * el.focal
+  loss = -jnp.sum(_y_log_s(coef, el), axis=-1)
+  loss = jnp.where(undefined, jnp.nan, loss)
   w_sum = jnp.sum(el.w, axis=-1)
   w_rest = jnp.sum(jnp.where(is_top, 0.0, el.w), axis=-1)
   if split is not None:  # the sums over the classes of every member
@@ -130,10 +138,12 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, split=None):
   return out
 
 
+# --- engine (JAX-specific: jax.checkpoint, the (.., C) derivatives recomputed in the backward)
 # Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
 # recomputed in the backward pass from them. prevent_cse: shared with the forward's row sums,
 # XLA would write those (.., C) terms to memory instead of recomputing them in the fusion.
 _dot_remat = jax.checkpoint(_dot, prevent_cse=True, static_argnums=(8,))
+# --- end of engine -----------------------------------------------------------------------
 
 
 # A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is

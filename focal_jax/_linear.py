@@ -1,4 +1,11 @@
-"""Fused linear + softmax focal loss: chunked over rows, never builds the (N, V) logits."""
+"""Fused linear + softmax focal loss: chunked over rows, never builds the (N, V) logits.
+
+The per-row math is `_softmax`'s (`row_stats`, `grad_from_stats`: docs/math.md, "Softmax" and
+its "Names" table, "Why a `custom_jvp` in JAX and an `autograd.Function` in torch"). What this
+module adds is engine work (JAX-specific, below its marked boundary): a `lax.scan` over chunks
+of rows for the per-row scalars, and one over (tile_rows, block) tiles of the logits for the
+tangent, which reverse mode transposes into the parameter gradients.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from focal_jax import _checks
 from focal_jax import _reduce
 from focal_jax import _rowreduce
 from focal_jax import _softmax
+
+# --- engine (JAX-specific: lax.scan over row chunks and (tile_rows, block) tiles) -------------
 
 # Automatic chunk size: about this many logits (chunk * V) per chunk, i.e. 16 MiB in float32.
 # Big enough for an efficient (chunk, H) @ (H, V) matmul, small enough that the few
@@ -85,9 +94,9 @@ def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, ch
                                    split.num_classes)
 
   def body(_, xs):
-    h_c, t_c, a_c, g_c, v_c, r_c = xs
+    h_c, t_c, alpha_c, gamma_c, valid_c, in_range_c = xs
     z = _logits(h_c, kernel, bias, cdtype)
-    return None, _softmax.row_stats(z, t_c, a_c, g_c, v_c, r_c, eps)
+    return None, _softmax.row_stats(z, t_c, alpha_c, gamma_c, valid_c, in_range_c, eps)
   xs = tuple(_chunked(x, chunk) for x in (h, t, alpha, gamma, valid, in_range))
   stats = lax.scan(body, None, xs)[1]
   return _softmax.RowStats(*(x.reshape(-1) for x in stats))
@@ -218,6 +227,8 @@ def _linear_rows_jvp(eps, chunk, tile, cdtype, split, primals, tangents):
 
 
 _linear_rows.defjvp(_linear_rows_jvp, symbolic_zeros=True)
+
+# --- end of engine -----------------------------------------------------------------------
 
 
 def linear_softmax_focal(

@@ -1,5 +1,10 @@
 """One-pass row statistics of the softmax losses: a single variadic `lax.reduce` per row.
 
+Engine (JAX-specific): the whole module. It computes docs/math.md's per-row scalars, `m` (the
+row max), `s_rest` (the mass outside the target, or outside the top class for the categorical
+loss) and `z_t` ("Softmax" and "Categorical", their "Names" tables), that the loss modules
+derive the rest from.
+
 A max pass followed by a pass summing `exp(z - max)` reads the logits twice; carrying
 (max, sum of exp(z - max)) pairs through one reduction and rescaling a partial sum whenever the
 max grows (the "online softmax" merge) reads them once. The conversion of bfloat16 / float16
@@ -24,10 +29,10 @@ def _class_iota(dtype, shape):
   return lax.broadcasted_iota(dtype, shape, len(shape) - 1)
 
 
-def _merge_softmax(a, b):
+def _merge_softmax(lhs, rhs):
   """Merges (max, sum of exp(z - max) over non-targets, target logit) triples."""
-  m1, s1, t1 = a
-  m2, s2, t2 = b
+  m1, s1, t1 = lhs
+  m2, s2, t2 = rhs
   m = jnp.maximum(m1, m2)  # NaN propagates
   # exp(m_i - m) with m_i = m = -inf would be NaN: the side at the max is scaled by exactly 1.
   f1 = jnp.where(m1 == m, 1.0, jnp.exp(m1 - m))
@@ -70,10 +75,10 @@ def _softmax_stats_jvp(dtype, primals, tangents):
   return out, tans
 
 
-def _merge_top(a, b):
+def _merge_top(lhs, rhs):
   """Merges (max, its first index, sum of exp(z - max) over every other element) triples."""
-  m1, i1, s1 = a
-  m2, i2, s2 = b
+  m1, i1, s1 = lhs
+  m2, i2, s2 = rhs
   # The larger max wins; a tie goes to the smaller index (the first one, as jnp.argmax).
   take1 = (m1 > m2) | ((m1 == m2) & (i1 < i2))
   m = jnp.where(take1, m1, m2)
@@ -222,8 +227,8 @@ def split_top_stats(z: jax.Array, split: ClassSplit):
   mass = jnp.where(other, (s_loc + 1.0) * jnp.exp(diff), jnp.where(winner & fin, s_loc, 0.0))
   mass = jnp.where(nan, jnp.nan, mass)  # a NaN on any member: NaN on every member
   s_rest = lax.psum(mass, split.axis_name)
-  bad_nan = jnp.isnan(s_rest)
-  m = jnp.where(bad_nan, jnp.nan, m)
+  undefined = jnp.isnan(s_rest)  # a NaN logit on some member: no defined loss
+  m = jnp.where(undefined, jnp.nan, m)
   return m, top, jnp.where(jnp.isfinite(m), s_rest, 0.0)
 
 

@@ -1,4 +1,12 @@
-"""Sigmoid focal loss for binary and multi-label tasks, hard or soft labels."""
+"""Sigmoid focal loss for binary and multi-label tasks, hard or soft labels.
+
+The entry-wise quantities and their names are docs/math.md's ("Sigmoid", its "Names" table:
+`x`, `y`, `log_p`, `log_q`, `bce`, `log_1m_pt`, `focal`, `alpha_t`, `r`, `p_minus_y`,
+`dloss_dx`, `dloss_dy`, `valid`), and so is the reason for the `custom_jvp` ("Why a
+`custom_jvp` in JAX and an `autograd.Function` in torch"). The engine work (the remat of the
+derivatives; the reduced losses' forward sum in blocks on CPU, chosen by
+`lax.platform_dependent`) sits below marked boundaries.
+"""
 
 from __future__ import annotations
 
@@ -43,11 +51,11 @@ def _entry_stats(x: jax.Array, y: jax.Array, alpha: jax.Array, gamma: jax.Array,
   focal = jnp.exp(gamma * log_1m_pt)
   alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y) if has_alpha else jnp.ones_like(y)
   loss = alpha_t * focal * bce
-  # d(1 - p_t)/dx / (1 - p_t) = (1 - 2y) p (1 - p) / (1 - p_t), as an exp of logs (<= 1);
-  # dbce/dx = p - y = (1 - y) p - y (1 - p), without cancellation near p = y in {0, 1}.
-  dlog_1m_pt_dx = (1.0 - 2.0 * y) * jnp.exp(log_p + log_q - log_1m_pt)
-  dloss_dx = alpha_t * focal * (gamma * bce * dlog_1m_pt_dx
-                                + (1.0 - y) * jnp.exp(log_p) - y * jnp.exp(log_q))
+  # r = d(1 - p_t)/dx / (1 - p_t) = (1 - 2y) p (1 - p) / (1 - p_t), as an exp of logs (<= 1);
+  # dbce/dx = p_minus_y = (1 - y) p - y (1 - p), without cancellation near p = y in {0, 1}
+  # (its two terms are added to gamma * bce * r one after the other).
+  r = (1.0 - 2.0 * y) * jnp.exp(log_p + log_q - log_1m_pt)
+  dloss_dx = alpha_t * focal * (gamma * bce * r + (1.0 - y) * jnp.exp(log_p) - y * jnp.exp(log_q))
   # dloss/dy: dbce/dy = -x; d(1 - p_t)/dy = 1 - 2p, times (1 - p_t)**(gamma - 1) * bce, taken
   # as one exp of logs (bce -> 0 exactly where 1 - p_t -> 0).
   one_m_2p = jnp.exp(log_q) - jnp.exp(log_p)
@@ -75,9 +83,11 @@ def _dot(x, y, alpha, gamma, valid, has_alpha, dx, dy):
   return out
 
 
+# --- engine (JAX-specific: jax.checkpoint, the derivatives recomputed in the backward) -------
 # Reverse mode keeps x and y only; the elementwise derivatives are recomputed in the backward
 # pass (under jit XLA fuses them with the cotangent multiply).
 _dot_remat = jax.checkpoint(_dot, static_argnums=(5,), prevent_cse=False)
+# --- end of engine -----------------------------------------------------------------------
 
 
 # A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
@@ -108,7 +118,8 @@ def _focal_entries_jvp(has_alpha, primals, tangents):
 _focal_entries.defjvp(_focal_entries_jvp, symbolic_zeros=True)
 
 
-# --- reduced losses: the forward sum in blocks, the backward one elementwise pass ----------
+# --- engine (JAX-specific: reduced losses, the forward sum in blocks of rows on CPU chosen by
+# lax.platform_dependent, the backward one elementwise pass under jax.checkpoint) ---
 #
 # With a reduction, ``jit(value_and_grad)`` compiles the forward sum and the backward
 # gradient into one program. Written as plain elementwise ops, XLA on CPU materializes every
@@ -286,6 +297,8 @@ def _focal_total_jvp(cfg, primals, tangents):
 
 
 _focal_total.defjvp(_focal_total_jvp, symbolic_zeros=True)
+
+# --- end of engine -----------------------------------------------------------------------
 
 
 def sigmoid_focal(

@@ -1,4 +1,13 @@
-"""Softmax focal loss for integer labels, with its analytic derivative."""
+"""Softmax focal loss for integer labels, with its analytic derivative.
+
+The per-row quantities and their names are docs/math.md's ("Softmax", its "Names" table:
+`u`, `log_p`, `log_q`, `focal`, `a`, `b`, `a_rest`, `undefined`, `valid`, `in_range`, `m`,
+`s_rest`, `z_t`), and so is the reason for the `custom_jvp` ("Why a `custom_jvp` in JAX and
+an `autograd.Function` in torch"). `focal_torch._softmax` derives the same quantities under
+the same names. The one-pass row statistics (a variadic `lax.reduce`) are JAX engine work of
+their own module, `_rowreduce`; the engine work of this one (the remat of the `(.., C)`
+gradient) sits below its marked boundary.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +30,11 @@ _NO_REST_MARGIN = 1e30
 
 class RowStats(NamedTuple):
   """Per-row scalars of the softmax focal loss (all of shape `z.shape[:-1]`)."""
-  loss: jax.Array  # alpha_t * (1 - p)**gamma_t * CE, 0 on masked rows, NaN on bad labels
-  k1: jax.Array  # gradient = k1 * v + k2 * (onehot - 1/C), v = (s - onehot) / (1 - p)
-  k2: jax.Array
+  loss: jax.Array  # alpha_t * (1 - p)**gamma_t * CE, 0 on masked rows, NaN on out-of-range labels
+  a: jax.Array  # gradient = a * v + b * (onehot - 1/C), v = (s - onehot) / (1 - p)
+  b: jax.Array
   m: jax.Array  # max logit (finite)
-  k1_rest: jax.Array  # k1 / sum_{c != t} exp(z_c - m) (0 where that sum is 0)
+  a_rest: jax.Array  # a / sum_{c != t} exp(z_c - m) (0 where that sum is 0)
   dloss_dalpha: jax.Array  # (1 - p)**gamma * CE
   dloss_dgamma: jax.Array  # loss * log(1 - p)
 
@@ -35,12 +44,12 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
               one_pass: bool = False, split: _rowreduce.ClassSplit | None = None) -> RowStats:
   """Loss and gradient coefficients of each row of `z` (class axis last).
 
-  `t` are in-range labels (bad ones replaced by 0; `in_range` says which were bad), `alpha` and
-  `gamma` per-row values, `valid` the rows that count. Written in differentiable jnp ops (and
-  the one-pass reduction, which has its own JVP): the custom JVP below, and its derivative (the
-  Hessian), are built from this function. With `one_pass` the row max, non-target mass and
-  target logit come from one read of `z` (`_rowreduce.softmax_stats`, what `softmax_focal`
-  uses); otherwise from a max, a masked sum and a gather (as
+  `t` are in-range labels (out-of-range ones replaced by 0; `in_range` says which were not),
+  `alpha` and `gamma` per-row values, `valid` the rows that count. Written in differentiable
+  jnp ops (and the one-pass reduction, which has its own JVP): the custom JVP below, and its
+  derivative (the Hessian), are built from this function. With `one_pass` the row max,
+  non-target mass and target logit come from one read of `z` (`_rowreduce.softmax_stats`, what
+  `softmax_focal` uses); otherwise from a max, a masked sum and a gather (as
   `linear_softmax_focal`'s scan over blocks of rows uses it), the same numbers up to rounding.
   With `split` (classes split over a named axis), `z` is this member's slice of the classes,
   `t` global labels: the one-pass statistics of the slice are combined over the axis
@@ -63,7 +72,7 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
   if one_pass:
     # bfloat16 / float16 z is converted inside the reduction's fusion, never copied in memory.
     m, s_rest, z_t = _rowreduce.softmax_stats(z, t, alpha.dtype)
-    bad = jnp.isnan(m) | (m == -jnp.inf)
+    undefined = jnp.isnan(m) | (m == -jnp.inf)
     # A non-finite max: s_rest as the two-pass form's against m = 0, up to a positive factor
     # (same loss and same NaN / zero pattern of the gradient). +inf: infinite when a non-target
     # logit is +inf, else u = +inf - log s_rest = +inf; NaN: positive (whole gradient row NaN)
@@ -77,23 +86,24 @@ def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
     is_t = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) == t[..., None]
     z_t = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
     m = lax.stop_gradient(jnp.max(z, axis=-1))
-    bad = jnp.isnan(m) | (m == -jnp.inf)
+    undefined = jnp.isnan(m) | (m == -jnp.inf)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     s_rest = jnp.sum(jnp.where(is_t, 0.0, jnp.exp(z - m[..., None])), axis=-1)
-  return _finish(m, s_rest, z_t, bad, lambda: jnp.mean(z, axis=-1), alpha, gamma, valid,
-                 in_range, eps)
+  return _finish(m, s_rest, z_t, undefined, lambda: jnp.mean(z, axis=-1), alpha, gamma,
+                 valid, in_range, eps)
 
 
-def _finish(m, s_rest, z_t, bad, row_mean, alpha, gamma, valid, in_range, eps) -> RowStats:
+def _finish(m, s_rest, z_t, undefined, row_mean, alpha, gamma, valid, in_range,
+            eps) -> RowStats:
   """The rest of `row_stats` from the row max `m` (finite), the non-target mass `s_rest`
-  against it, the target logit, the rows without a defined loss (`bad`) and `row_mean()`, the
-  mean of the logits (called only with label smoothing)."""
+  against it, the target logit, the rows without a defined loss (`undefined`) and
+  `row_mean()`, the mean of the logits (called only with label smoothing)."""
   # No mass outside the target (one class, other logits -inf, or a margin beyond the dtype's
   # exp range): p = 1 exactly. Double where: log() never sees that 0, so no NaN in derivatives.
   has_rest = s_rest > 0.0
   s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
   u = jnp.where(has_rest, z_t - m - jnp.log(s_rest_safe), _NO_REST_MARGIN)
-  u = jnp.where(bad, jnp.nan, u)
+  u = jnp.where(undefined, jnp.nan, u)
   log_p = jax.nn.log_sigmoid(u)
   log_q = jax.nn.log_sigmoid(-u)  # log(1 - p)
   p = jnp.exp(log_p)
@@ -111,8 +121,8 @@ def _finish(m, s_rest, z_t, bad, row_mean, alpha, gamma, valid, in_range, eps) -
   # dloss/dz = alpha q**g [(1 + g p CE / q)(s - onehot) + eps (onehot - 1/C)], and
   # s - onehot = q * v with v the softmax of the non-target logits (and -1 at the target):
   # multiplying q in before dividing keeps every factor finite as q -> 0.
-  k1 = alpha * focal * (q + gamma * p_ce)
-  k2 = alpha * focal * eps
+  a = alpha * focal * (q + gamma * p_ce)
+  b = alpha * focal * eps
   dloss_dalpha = focal * ce
   loss = alpha * dloss_dalpha
   # loss * log(1 - p) -> 0 as p -> 0 (also when the loss is +inf there).
@@ -122,8 +132,8 @@ def _finish(m, s_rest, z_t, bad, row_mean, alpha, gamma, valid, in_range, eps) -
     # Masked rows: 0. Unmasked rows with an out-of-range label: NaN (never wrap around).
     return jnp.where(valid, jnp.where(in_range, x, jnp.nan), 0.0)
 
-  k1_rest = jnp.where(has_rest, k1 / s_rest_safe, 0.0)
-  return RowStats(finish(loss), finish(k1), finish(k2), m, finish(k1_rest), finish(dloss_dalpha),
+  a_rest = jnp.where(has_rest, a / s_rest_safe, 0.0)
+  return RowStats(finish(loss), finish(a), finish(b), m, finish(a_rest), finish(dloss_dalpha),
                   finish(dloss_dgamma))
 
 
@@ -134,19 +144,19 @@ def stats_from_raw(m: jax.Array, s_rest: jax.Array, z_t: jax.Array, z_sum: jax.A
 
   For rows whose classes are split over members: the statistics combined across them.
   """
-  bad = jnp.isnan(m) | (m == -jnp.inf)
+  undefined = jnp.isnan(m) | (m == -jnp.inf)
   # As row_stats' one-pass branch: a non-finite max, s_rest as the two-pass form's.
   s_rest = jnp.where(m == jnp.inf, jnp.where(s_rest > 0.0, jnp.inf, 1.0),
                      jnp.where(jnp.isfinite(m), s_rest, jnp.where(jnp.isnan(z_t), 1.0, 0.0)))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  return _finish(m, s_rest, z_t, bad, lambda: z_sum / num_classes, alpha, gamma, valid,
+  return _finish(m, s_rest, z_t, undefined, lambda: z_sum / num_classes, alpha, gamma, valid,
                  in_range, eps)
 
 
 def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
                     eps: float, *, first_class: Any = 0,
                     num_classes: int | None = None) -> jax.Array:
-  """dloss/dz for each row: k1 * v + k2 * (onehot - 1/C), 0 on masked rows.
+  """dloss/dz for each row: a * v + b * (onehot - 1/C), 0 on masked rows.
 
   v is -1 at the target and exp(z_c - m) / sum_{c' != t} exp(z_c' - m) elsewhere; exp(z - m)
   never overflows. One elementwise pass over z (fused with the cotangent under jit).
@@ -159,10 +169,13 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
   classes = lax.broadcasted_iota(t.dtype, z.shape, z.ndim - 1) + jnp.asarray(first_class, t.dtype)
   is_t = classes == t[..., None]
   e_rest = jnp.where(is_t, 0.0, jnp.exp(z - st.m[..., None]))  # as in row_stats
-  g = jnp.where(is_t, -st.k1[..., None], e_rest * st.k1_rest[..., None])
+  g = jnp.where(is_t, -st.a[..., None], e_rest * st.a_rest[..., None])
   if eps > 0.0:
-    g = g + st.k2[..., None] * (is_t.astype(z.dtype) - 1.0 / num_classes)
+    g = g + st.b[..., None] * (is_t.astype(z.dtype) - 1.0 / num_classes)
   return jnp.where(valid[..., None], g, 0.0)
+
+
+# --- engine (JAX-specific: jax.checkpoint, the (.., C) gradient recomputed in the backward) ---
 
 
 def _dot_grad(z, t, st, valid, dz, eps, split=None):
@@ -178,6 +191,8 @@ def _dot_grad(z, t, st, valid, dz, eps, split=None):
 # mode keeps the logits and the per-row scalars, and recomputes the gradient in the backward
 # pass (XLA fuses it with the cotangent multiply under jit).
 _dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5, 6), prevent_cse=False)
+
+# --- end of engine: the custom_jvp (docs/math.md, "Why a `custom_jvp` in JAX ...") ----------
 
 
 # Why a custom_jvp and not a custom_vjp: jax.hessian is jacfwd(jacrev(f)), and a custom_vjp
