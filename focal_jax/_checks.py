@@ -3,6 +3,10 @@
 Every check runs at trace time on shapes, dtypes and Python values; the values of traced arrays
 are never inspected (that would fail under `jit`). Messages name the function, the argument,
 what was expected and what came.
+
+The names are focal_torch._checks' for the same checks (nouns for what is checked): `axis`,
+`labels`, `apply_sample_weight`, `softmax_hypers`, `softmax_masks`, `floating_array`,
+`reduction`, `label_smoothing`, `optional_int`, `class_param`, `where_mask`, `sample_weight`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ def integer_array(fn: str, arg: str, x: Any) -> jax.Array:
   if not jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
     raise TypeError(f"{fn}: {arg} must be an integer array of class indices, got dtype {x.dtype}")
   return x
+
+
+def labels(fn: str, labels: Any, expected_shape: tuple[int, ...], what: str) -> jax.Array:
+  """Class-index labels: `labels` as an integer jax array of `expected_shape` (`what` says what
+  that shape is). TypeError for a non-integer dtype, ValueError for another shape."""
+  labels = integer_array(fn, "labels", labels)
+  same_shape(fn, "labels", labels.shape, expected_shape, what)
+  return labels
 
 
 def real_array(fn: str, arg: str, x: Any) -> jax.Array:
@@ -155,6 +167,18 @@ def class_param(fn: str, arg: str, value: Any, num_classes: int, dtype: Any, *,
   return arr.astype(dtype)
 
 
+def softmax_hypers(fn: str, num_classes: int, dtype: Any, *, alpha: Any,
+                   gamma: Any) -> tuple[jax.Array | None, jax.Array]:
+  """`(alpha, gamma)` of a softmax focal loss as arrays of `dtype`: each a scalar or one value
+  per class, finite and >= 0 (`class_param`); `alpha` None stays None (no weighting)."""
+  if alpha is not None:
+    alpha = class_param(fn, "alpha", alpha, num_classes, dtype, nonnegative=True,
+                        what_classes=" (one weight per class)")
+  gamma = class_param(fn, "gamma", gamma, num_classes, dtype, nonnegative=True,
+                      what_classes=" (one exponent per class)")
+  return alpha, gamma
+
+
 def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: str) -> jax.Array | None:
   """`where` as a boolean array of `shape`; it may be given in any shape broadcastable to it."""
   if where is None:
@@ -199,6 +223,29 @@ def in_classes(labels: jax.Array, num_classes: int) -> jax.Array:
   if not fits(labels.dtype, num_classes):
     return lower  # every value the dtype holds is below num_classes
   return lower & (labels < jnp.asarray(num_classes, labels.dtype))
+
+
+def softmax_masks(labels: jax.Array, where: jax.Array | None, num_classes: int,
+                  ignore_index: int | None, background_class: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`(valid, in_range, t, positive)` of integer `labels` (`where` of their shape, or None).
+
+  `valid`: the entries that count (`where`, and the label not `ignore_index`); `in_range`: the
+  label lies in `[0, num_classes)` (a valid entry whose label does not has a NaN loss; the
+  values of traced labels are never checked); `t`: the labels as int32 class indices that are
+  safe to index with (0 where out of range); `positive`: the valid entries whose label is not
+  `background_class`. Labels of any integer dtype are compared without wrapping a value into
+  their dtype.
+  """
+  valid = jnp.ones(labels.shape, dtype=bool) if where is None else where
+  # Comparisons in the labels' dtype only with values it can hold (never wrapped into it).
+  if ignore_index is not None:
+    valid = valid & not_equal(labels, ignore_index)
+  in_range = in_classes(labels, num_classes)
+  # Class indices in int32 (C is an array dimension): narrow label dtypes never wrap.
+  t = jnp.where(in_range, labels, jnp.zeros((), labels.dtype)).astype(jnp.int32)
+  positive = valid & not_equal(labels, background_class)
+  return valid, in_range, t, positive
 
 
 def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], dtype: Any,

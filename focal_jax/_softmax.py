@@ -260,8 +260,7 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int,
 
   Shared by `softmax_focal` and `linear_softmax_focal`.
   """
-  labels = _checks.integer_array(fn, "labels", labels)
-  _checks.same_shape(fn, "labels", labels.shape, row_shape, what_rows)
+  labels = _checks.labels(fn, labels, row_shape, what_rows)
   cdtype = _checks.compute_dtype(dtype)
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.label_smoothing(fn, label_smoothing)
@@ -270,19 +269,10 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int,
                                           allow_none=False)
   where = _checks.where_mask(fn, where, row_shape, "the shape of labels")
   weight = _checks.sample_weight(fn, sample_weight, row_shape, cdtype, "the shape of labels")
-  if alpha is not None:
-    alpha = _checks.class_param(fn, "alpha", alpha, num_classes, cdtype, nonnegative=True,
-                                what_classes=" (one weight per class)")
-  gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
-                              what_classes=" (one exponent per class)")
+  alpha, gamma = _checks.softmax_hypers(fn, num_classes, cdtype, alpha=alpha, gamma=gamma)
 
-  valid = jnp.ones(row_shape, dtype=bool) if where is None else where
-  # Comparisons in the labels' dtype only with values it can hold (never wrapped into it).
-  if ignore_index is not None:
-    valid = valid & _checks.not_equal(labels, ignore_index)
-  in_range = _checks.in_classes(labels, num_classes)
-  # Class indices in int32 (C is an array dimension): narrow label dtypes never wrap.
-  t = jnp.where(in_range, labels, jnp.zeros((), labels.dtype)).astype(jnp.int32)
+  valid, in_range, t, positive = _checks.softmax_masks(labels, where, num_classes, ignore_index,
+                                                       background_class)
   if alpha is None:
     alpha_row = jnp.ones(row_shape, cdtype)
   elif alpha.ndim == 0:
@@ -290,7 +280,6 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int,
   else:
     alpha_row = alpha[t]
   gamma_row = jnp.broadcast_to(gamma, row_shape) if gamma.ndim == 0 else gamma[t]
-  positive = valid & _checks.not_equal(labels, background_class)
   return Prepared(t, alpha_row, gamma_row, valid, in_range, positive, weight, eps, reduction,
                   dtype, cdtype)
 
