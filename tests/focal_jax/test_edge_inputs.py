@@ -1,6 +1,12 @@
 """Unusual input (issue 12): non-finite logits, -inf masked classes, bad soft labels, narrow and
 unsigned label dtypes, ignore_index outside the label dtype, empty class axes and batches, and
-counts beyond 2**31. References are float64 NumPy formulas (conftest) or optax."""
+counts beyond 2**31. References are float64 NumPy formulas (conftest) or optax.
+
+Most losses and gradients run under `jax.jit` (`_jit`): an eager call dispatches op by op, and
+an eager linear_softmax_focal traces and compiles its scan again at every call. Keywords are
+closed over, so alpha and gamma stay concrete and their values are still checked at trace time.
+Argument errors (raised while tracing) are checked by eager calls.
+"""
 
 import math
 
@@ -25,6 +31,11 @@ def _linear_from_logits(z, labels, **kw):
 
 
 SOFTMAX_LIKE = {"softmax": focal_jax.softmax_focal, "linear": _linear_from_logits}
+
+
+def _jit(fn, *args, **kw):
+  """fn(*args, **kw) as one compiled program: the arrays in args traced, the keywords fixed."""
+  return jax.jit(lambda *a: fn(*a, **kw))(*args)
 
 
 def _loss_of_logits(name, z, t, **kw):
@@ -62,20 +73,20 @@ def test_nan_logit_or_all_minus_inf_row_gives_nan_masked_rows_give_exact_zero(re
   t = np.array([1, 1, 0, 2, 0, -100, 3])
   where = np.array([True, True, True, True, False, True, False])
   kw = dict(alpha=0.25, gamma=0.5, where=where, ignore_index=-100)
-  loss = np.asarray(fn(z, t, **kw))
+  loss = np.asarray(_jit(fn, z, t, **kw))
   assert np.all(np.isnan(loss[:3])), loss
   np.testing.assert_allclose(loss[3], refs.softmax_focal(z[3:4], t[3:4], alpha=0.25,
                                                          gamma=0.5)[0], rtol=1e-12)
   assert np.all(loss[4:] == 0.0), loss
   # A single non-finite row poisons the reductions (a "skip non-finite steps" guard fires).
-  assert np.isnan(fn(z, t, reduction="mean", **kw))
+  assert np.isnan(_jit(fn, z, t, reduction="mean", **kw))
   # Masked rows: exactly 0 gradient whatever their logits; the finite row's gradient is right.
   keep = np.arange(7) >= 3
-  grad = jax.grad(lambda z: fn(z, t, reduction="sum", alpha=0.25, gamma=0.5, ignore_index=-100,
-                               where=where & keep))(jnp.asarray(z))
+  grad = jax.jit(jax.grad(lambda z: fn(z, t, reduction="sum", alpha=0.25, gamma=0.5,
+                                       ignore_index=-100, where=where & keep)))(jnp.asarray(z))
   assert np.all(np.asarray(grad)[4:] == 0.0), grad
-  want = jax.grad(lambda z: refs.jnp_softmax_focal_sum(z, jnp.asarray(t[3:4]), 0.25, 0.5))(
-      jnp.asarray(z[3:4]))
+  want = jax.jit(jax.grad(lambda z: refs.jnp_softmax_focal_sum(z, jnp.asarray(t[3:4]), 0.25,
+                                                                0.5)))(jnp.asarray(z[3:4]))
   np.testing.assert_allclose(grad[3:4], want, rtol=1e-10, atol=1e-14)
 
 
@@ -83,10 +94,10 @@ def test_categorical_nan_logit_gives_nan_and_masked_rows_exact_zero():
   z = np.array([[0.2, NAN, -0.5], [NAN, 0.0, 1.0], [-INF, -INF, -INF], [NAN, INF, -INF]])
   y = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
   where = np.array([True, True, True, False])
-  loss = np.asarray(focal_jax.categorical_focal(z, y, where=where))
+  loss = np.asarray(_jit(focal_jax.categorical_focal, z, y, where=where))
   assert np.all(np.isnan(loss[:3])) and loss[3] == 0.0, loss
-  grad = jax.grad(lambda z: focal_jax.categorical_focal(
-      z, y, where=np.array([False, False, False, False]), reduction="sum"))(jnp.asarray(z))
+  grad = jax.jit(jax.grad(lambda z: focal_jax.categorical_focal(
+      z, y, where=np.array([False, False, False, False]), reduction="sum")))(jnp.asarray(z))
   assert np.all(np.asarray(grad) == 0.0)
 
 
@@ -96,8 +107,8 @@ def test_categorical_nan_logit_gives_nan_and_masked_rows_exact_zero():
 def test_categorical_minus_inf_logit_without_target_mass_is_a_masked_class(refs):
   z = np.array([[-INF, 0.0, 0.0]])
   y = np.array([[0.0, 0.5, 0.5]])
-  value, grad = jax.value_and_grad(lambda z: focal_jax.categorical_focal(
-      z, y, gamma=0.0, reduction="sum"))(jnp.asarray(z))
+  value, grad = jax.jit(jax.value_and_grad(lambda z: focal_jax.categorical_focal(
+      z, y, gamma=0.0, reduction="sum")))(jnp.asarray(z))
   np.testing.assert_allclose(value, math.log(2.0), rtol=1e-12)
   np.testing.assert_allclose(value, optax.safe_softmax_cross_entropy(z, y)[0], rtol=1e-12)
   assert np.all(np.isfinite(grad)) and grad[0, 0] == 0.0, grad
@@ -106,16 +117,16 @@ def test_categorical_minus_inf_logit_without_target_mass_is_a_masked_class(refs)
   z = np.array([[-INF, 0.3, -1.0, 2.0], [1.0, -INF, 0.5, -INF]])
   y = np.array([[0.0, 0.2, 0.3, 0.5], [0.6, 0.0, 0.4, 0.0]])
   alpha = np.array([0.3, 0.2, 0.25, 0.25])
-  value, grad = jax.value_and_grad(lambda z: focal_jax.categorical_focal(
-      z, y, gamma=2.0, alpha=alpha, reduction="sum"))(jnp.asarray(z))
+  value, grad = jax.jit(jax.value_and_grad(lambda z: focal_jax.categorical_focal(
+      z, y, gamma=2.0, alpha=alpha, reduction="sum")))(jnp.asarray(z))
   live = [np.array([1, 2, 3]), np.array([0, 2])]
   want = sum(refs.categorical_focal(z[i:i + 1, c], y[i:i + 1, c], gamma=2.0, alpha=alpha[c])[0]
              for i, c in enumerate(live))
   np.testing.assert_allclose(value, want, rtol=1e-12)
   assert np.all(np.isfinite(grad)) and grad[0, 0] == 0.0 and grad[1, 1] == grad[1, 3] == 0.0
   for i, c in enumerate(live):
-    want_g = jax.grad(lambda zz: refs.jnp_categorical_focal_sum(
-        zz, jnp.asarray(y[i:i + 1, c]), jnp.asarray(alpha[c]), 2.0))(jnp.asarray(z[i:i + 1, c]))
+    want_g = jax.jit(jax.grad(lambda zz: refs.jnp_categorical_focal_sum(
+        zz, jnp.asarray(y[i:i + 1, c]), jnp.asarray(alpha[c]), 2.0)))(jnp.asarray(z[i:i + 1, c]))
     np.testing.assert_allclose(grad[i:i + 1, c], want_g, rtol=1e-10, atol=1e-14)
 
 
@@ -125,14 +136,14 @@ def test_one_hot_target_on_a_row_with_minus_inf_classes(refs, name):
   t = np.array([2, 1])
   alpha = np.array([0.3, 0.2, 0.25, 0.25, 0.4])
   f, x = _loss_of_logits(name, z, t, alpha=alpha, gamma=2.0, reduction="sum")
-  value, grad = jax.value_and_grad(f)(jnp.asarray(x))
+  value, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(x))
   live = np.array([1, 2, 4])
   sub_t = np.array([1, 0])  # the labels within the remaining classes
   want = refs.softmax_focal_rows(z[:, live], sub_t, alpha[live], 2.0).sum()
   np.testing.assert_allclose(value, want, rtol=1e-12)
   assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[:, [0, 3]] == 0.0), grad
-  want_g = jax.grad(lambda zz: refs.jnp_softmax_focal_sum(
-      zz, jnp.asarray(sub_t), jnp.asarray(alpha[live]), 2.0))(jnp.asarray(z[:, live]))
+  want_g = jax.jit(jax.grad(lambda zz: refs.jnp_softmax_focal_sum(
+      zz, jnp.asarray(sub_t), jnp.asarray(alpha[live]), 2.0)))(jnp.asarray(z[:, live]))
   np.testing.assert_allclose(grad[:, live], want_g, rtol=1e-10, atol=1e-14)
 
 
@@ -143,9 +154,9 @@ def test_minus_inf_target_logit_gives_inf_loss_and_the_p_to_zero_gradient(name, 
   t = np.array([0, 1])
   alpha = np.array([0.3, 0.2, 0.5])
   f, x = _loss_of_logits(name, z, t, alpha=alpha, gamma=gamma)
-  loss = f(jnp.asarray(x))
+  loss = jax.jit(f)(jnp.asarray(x))
   assert loss[0] == np.inf and np.isfinite(loss[1]), loss
-  grad = jax.grad(lambda x: f(x)[0])(jnp.asarray(x))
+  grad = jax.jit(jax.grad(lambda x: f(x)[0]))(jnp.asarray(x))
   s = np.exp(z[0] - np.log(np.sum(np.exp(z[0]))))
   np.testing.assert_allclose(grad[0], alpha[0] * (s - np.eye(3)[0]), rtol=1e-12, atol=1e-15)
   assert np.all(np.asarray(grad[1]) == 0.0)
@@ -158,15 +169,15 @@ def test_linear_bias_of_minus_inf_everywhere_gives_nan_on_unmasked_rows():
   where = np.array([True, False, True])
   f = lambda h: focal_jax.linear_softmax_focal(h, kernel, np.array([0, 1, 2]), bias=bias,
                                                where=where, chunk_size=2)
-  loss = f(h)
+  loss = jax.jit(f)(h)
   assert np.isnan(loss[0]) and loss[1] == 0.0 and np.isnan(loss[2]), loss
   # A masked row of NaN features: loss 0, and exactly 0 in every gradient (also the kernel's).
   h = np.array([[0.5, -1.0], [NAN, INF], [1.0, 0.2]])
-  grads = jax.grad(lambda h, w: focal_jax.linear_softmax_focal(
-      h, w, np.array([0, 1, 2]), where=where, reduction="sum", chunk_size=2), argnums=(0, 1))(
+  grads = jax.jit(jax.grad(lambda h, w: focal_jax.linear_softmax_focal(
+      h, w, np.array([0, 1, 2]), where=where, reduction="sum", chunk_size=2), argnums=(0, 1)))(
           jnp.asarray(h), jnp.asarray(kernel))
-  want = jax.grad(lambda h, w: focal_jax.linear_softmax_focal(
-      h, w, np.array([0, 2]), reduction="sum"), argnums=(0, 1))(
+  want = jax.jit(jax.grad(lambda h, w: focal_jax.linear_softmax_focal(
+      h, w, np.array([0, 2]), reduction="sum"), argnums=(0, 1)))(
           jnp.asarray(h[[0, 2]]), jnp.asarray(kernel))
   assert np.all(np.asarray(grads[0])[1] == 0.0)
   np.testing.assert_allclose(np.asarray(grads[0])[[0, 2]], want[0], rtol=1e-12)
@@ -182,18 +193,18 @@ def test_sigmoid_labels_outside_unit_interval_give_nan(refs, label_smoothing):
   y = np.array([2.0, -0.5, NAN, 1.0, 0.3, 3.0, 0.0])
   where = np.array([True, True, True, True, True, False, True])
   kw = dict(alpha=0.25, gamma=2.0, label_smoothing=label_smoothing)
-  loss = np.asarray(focal_jax.sigmoid_focal(x, y, where=where, **kw))
+  loss = np.asarray(_jit(focal_jax.sigmoid_focal, x, y, where=where, **kw))
   assert np.all(np.isnan(loss[:3])), loss
   np.testing.assert_allclose(loss[[3, 4, 6]], refs.sigmoid_focal(x, y, **kw)[[3, 4, 6]],
                              rtol=1e-12)
   assert loss[5] == 0.0
   # Integer class ids passed by mistake.
-  loss = focal_jax.sigmoid_focal(np.zeros(3), np.array([0, 1, 2]))
+  loss = _jit(focal_jax.sigmoid_focal, np.zeros(3), np.array([0, 1, 2]))
   assert np.isfinite(loss[0]) and np.isfinite(loss[1]) and np.isnan(loss[2])
   # Masked bad labels: exactly 0 gradient.
   keep = ~np.isin(np.arange(7), [0, 1, 2, 5])
-  grad = jax.grad(lambda x: focal_jax.sigmoid_focal(x, y, where=keep, reduction="sum", **kw))(
-      jnp.asarray(x))
+  grad = jax.jit(jax.grad(lambda x: focal_jax.sigmoid_focal(x, y, where=keep, reduction="sum",
+                                                          **kw)))(jnp.asarray(x))
   assert np.all(np.asarray(grad)[[0, 1, 2, 5]] == 0.0) and np.all(np.isfinite(grad))
 
 
@@ -202,6 +213,8 @@ def test_sigmoid_labels_outside_unit_interval_give_nan(refs, label_smoothing):
 
 @pytest.mark.parametrize("name", list(SOFTMAX_LIKE))
 def test_ignore_index_outside_the_label_dtype_ignores_nothing(refs, name):
+  # Eager: five calls, each with other static keywords, so jit would compile five programs;
+  # measured slower than eager for the linear head (8 s against 5 s on 2 busy cores).
   fn = SOFTMAX_LIKE[name]
   rng = np.random.default_rng(0)
   z = rng.normal(size=(4, 200))
@@ -236,11 +249,11 @@ def test_label_dtypes_narrower_than_the_class_count_and_unsigned(refs, name, dty
   z = rng.normal(size=(5, num_classes)).astype(np.float32)
   alpha = rng.uniform(0.1, 1.0, size=num_classes).astype(np.float32)
   want = refs.softmax_focal(z, t.astype(np.int64), alpha=alpha, gamma=0.5)
-  got = fn(z, t, alpha=alpha, gamma=0.5)
+  got = _jit(fn, z, t, alpha=alpha, gamma=0.5)
   np.testing.assert_allclose(got, want, rtol=2e-5)
   if top < info.max:  # a label >= C that the dtype holds: NaN, no wrap
     bad = np.array([top + 1], dtype)
-    assert np.isnan(fn(z[:1], bad, alpha=alpha, gamma=0.5)[0])
+    assert np.isnan(_jit(fn, z[:1], bad, alpha=alpha, gamma=0.5)[0])
 
 
 # -- 15 / 11. empty class axis and empty batch --------------------------------------------------
@@ -274,12 +287,12 @@ def test_linear_with_no_rows_gives_zero_loss_and_zero_gradients(reduction):
     out = focal_jax.linear_softmax_focal(h, w, t, bias=b, reduction=reduction)
     return jnp.sum(out)
 
-  value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(h, w, b)
+  value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w, b)
   assert value == 0.0
   assert grads[0].shape == (0, 3)
   assert np.all(np.asarray(grads[1]) == 0.0) and np.all(np.asarray(grads[2]) == 0.0)
-  out = focal_jax.linear_softmax_focal(jnp.zeros((2, 0, 3)), w, jnp.zeros((2, 0), jnp.int32),
-                                       reduction=reduction)
+  out = _jit(focal_jax.linear_softmax_focal, jnp.zeros((2, 0, 3)), w,
+             jnp.zeros((2, 0), jnp.int32), reduction=reduction)
   assert out.shape == ((2, 0) if reduction == "none" else ())
 
 
