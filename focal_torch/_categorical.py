@@ -13,6 +13,7 @@ The names (``log_s``, ``s``, ``focal``, ``coef = alpha_c y_c focal_c``, ``r``, `
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -113,51 +114,6 @@ def _log_softmax_chunk(w: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
   return torch.log_softmax(w.to(cdt), dim=1)
 
 
-class CategoricalFocalFunction(torch.autograd.Function):
-  """Per-row categorical focal loss of a rows view ``z3``, chunked analytic backward.
-
-  It exists because autograd through the formula saves several ``(N, C)`` temporaries;
-  this saves the logits and targets (inputs anyway) and recomputes chunk by chunk. With
-  ``create_graph=True`` the backward is built from differentiable ops (double backward).
-  ``alpha``/``gamma``: None, floats, 0-d tensors or class vectors shaped by
-  ``_chunking.class_shape``.
-  """
-
-  @staticmethod
-  def forward(ctx, z3, y3, valid, alpha, gamma, elements):  # pylint: disable=W0221
-    cdt = compute_dtype(z3.dtype)
-    loss = torch.empty(_chunking.row_shape(z3.shape), dtype=cdt, device=z3.device)
-    for idx in _chunking.chunks(z3.shape, elements):
-      part, _ = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
-                      with_grad=False)
-      loss[idx] = part
-    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(z3, y3, valid, *hyper)
-    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
-    ctx.elements = elements
-    return _mask(loss, valid)
-
-  @staticmethod
-  def backward(ctx, go):  # pylint: disable=W0221
-    z3, y3, valid, alpha_t, gamma_t = ctx.saved_tensors
-    alpha = alpha_t if alpha_t is not None else ctx.floats[0]
-    gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-    cdt = compute_dtype(z3.dtype)
-    go = _mask(go.to(cdt), valid)
-    if torch.is_grad_enabled():
-      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
-      _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True,
-                      differentiable=True, with_loss=False)
-      return _mask(grad * go, valid).to(z3.dtype), None, None, None, None, None
-    out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
-    for idx in _chunking.chunks(z3.shape, ctx.elements):
-      _, part = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
-                      with_grad=True, with_loss=False)
-      # Masked rows are exactly 0, whatever their logits (NaN * 0 is NaN).
-      out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
-    return out, None, None, None, None, None
-
-
 def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tensor:
   """The log-sum-exp of the whole rows when ``z3`` holds this rank's slice of the classes:
   each rank's ``(m, S)`` chunk by chunk (``m`` its row maximum, at least the lowest finite
@@ -177,52 +133,90 @@ def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tens
   return big_m + s.log()
 
 
-class ClassSplitCategoricalFocalFunction(torch.autograd.Function):
-  """:class:`CategoricalFocalFunction` when ``z3`` and ``y3`` hold this rank's slice of the
-  classes (``split``, a ``_class_split.ClassSplit``; ``alpha``/``gamma`` cut to the slice).
+# --- the autograd.Function and the loss ---
 
-  Forward: the whole rows' log-sum-exp (a MAX and a SUM all-reduce), then each rank's
-  per-row loss and ``W`` (the sum of ``w_c`` over its classes) summed over the group in one
-  more SUM all-reduce. Every rank returns the whole rows' losses; the backward writes
-  ``s_j W - w_j`` for its own classes from the saved log-sum-exp and ``W``, with no
-  communication.
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalOptions:
+  """The checked settings of one categorical focal loss call that are not tensors, passed
+  whole to :class:`CategoricalFocalFunction` (frozen and hashable).
+
+  Attributes:
+    chunk_elements: elements per chunk of the logits (None: one chunk, under torch.compile).
+    split: the ``_class_split.ClassSplit`` of ``class_process_group`` (this rank holds a
+      slice of the classes), or None.
+    compute_dtype: the dtype of the math (float32, or float64 for float64 logits).
+  """
+  chunk_elements: int | None
+  split: _class_split.ClassSplit | None
+  compute_dtype: torch.dtype
+
+
+class CategoricalFocalFunction(torch.autograd.Function):
+  """Per-row categorical focal loss of a rows view ``z3``, chunked analytic backward.
+
+  It exists because autograd through the formula saves several ``(N, C)`` temporaries;
+  this saves the logits and targets (inputs anyway) and recomputes chunk by chunk. With
+  ``create_graph=True`` the backward is built from differentiable ops (double backward).
+  ``alpha``/``gamma``: None, floats, 0-d tensors or class vectors shaped by
+  ``_chunking.class_shape``.
+
+  With ``options.split`` ``z3`` and ``y3`` hold this rank's slice of the classes
+  (``alpha``/``gamma`` cut to the slice). Forward: the whole rows' log-sum-exp (a MAX and a
+  SUM all-reduce), then each rank's per-row loss and ``w_sum`` (the sum of ``w_c`` over its
+  classes) summed over the group in one more SUM all-reduce. Every rank returns the whole
+  rows' losses; the backward writes ``s_j W - w_j`` for its own classes from the saved
+  log-sum-exp and ``W``, with no communication (and no double backward).
   """
 
   @staticmethod
-  def forward(ctx, z3, y3, valid, alpha, gamma, elements, split):  # pylint: disable=W0221
-    cdt = compute_dtype(z3.dtype)
-    lse = _split_lse(z3, elements, split)
+  def forward(ctx, z3, y3, valid, alpha, gamma, options):  # pylint: disable=W0221
+    cdt, elements, split = options.compute_dtype, options.chunk_elements, options.split
     rows = _chunking.row_shape(z3.shape)
     loss = torch.empty(rows, dtype=cdt, device=z3.device)
-    w_sum = torch.empty(rows, dtype=cdt, device=z3.device)
-    for idx in _chunking.chunks(z3.shape, elements):
-      part, _, w = loss_and_w(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma,
-                              with_grad=True)
-      loss[idx] = part
-      w_sum[idx] = w.sum(1, keepdim=True)
-    loss, w_sum = split.row_sum(loss, w_sum)
-    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(z3, y3, valid, lse, w_sum, *hyper)
-    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
-    ctx.elements = elements
-    ctx.fn = split.fn
+    if split is None:
+      lse = w_sum = None
+      for idx in _chunking.chunks(z3.shape, elements):
+        part, _ = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
+                        with_grad=False)
+        loss[idx] = part
+    else:
+      lse = _split_lse(z3, elements, split)
+      w_sum = torch.empty(rows, dtype=cdt, device=z3.device)
+      for idx in _chunking.chunks(z3.shape, elements):
+        part, _, w = loss_and_w(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma,
+                                with_grad=True)
+        loss[idx] = part
+        w_sum[idx] = w.sum(1, keepdim=True)
+      loss, w_sum = split.row_sum(loss, w_sum)
+    _numerics.save_hypers(ctx, (z3, y3, valid, lse, w_sum), alpha, gamma)
+    ctx.options = options
     return _mask(loss, valid)
 
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
-    if torch.is_grad_enabled():
-      raise _class_split.no_double_backward(ctx.fn)
-    z3, y3, valid, lse, w_sum, alpha_t, gamma_t = ctx.saved_tensors
-    alpha = alpha_t if alpha_t is not None else ctx.floats[0]
-    gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-    cdt = compute_dtype(z3.dtype)
+    options = ctx.options
+    if torch.is_grad_enabled() and options.split is not None:
+      raise _class_split.no_double_backward(options.split.fn)
+    (z3, y3, valid, lse, w_sum), alpha, gamma = _numerics.saved_hypers(ctx)
+    cdt = options.compute_dtype
     go = _mask(go.to(cdt), valid)
+    if torch.is_grad_enabled():
+      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
+      _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True,
+                      differentiable=True, with_loss=False)
+      return _mask(grad * go, valid).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
-    for idx in _chunking.chunks(z3.shape, ctx.elements):
-      _, part = terms(z3[idx].to(cdt) - lse[idx], y3[idx], alpha, gamma, with_grad=True,
-                      with_loss=False, w_sum=w_sum[idx])
+    for idx in _chunking.chunks(z3.shape, options.chunk_elements):
+      if lse is None:
+        log_s = _log_softmax_chunk(z3[idx], cdt)
+      else:
+        log_s = z3[idx].to(cdt) - lse[idx]
+      _, part = terms(log_s, y3[idx], alpha, gamma, with_grad=True, with_loss=False,
+                      w_sum=None if w_sum is None else w_sum[idx])
+      # Masked rows are exactly 0, whatever their logits (NaN * 0 is NaN).
       out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
-    return out, None, None, None, None, None, None
+    return out, None, None, None, None, None
 
 
 _PER_CLASS = " (one per class)"
@@ -334,20 +328,15 @@ def categorical_focal(
   z3 = _chunking.as_rows(logits, dim)
   y3 = _chunking.as_rows(targets, dim)
   valid3 = None if where is None else where.reshape(_chunking.row_shape(z3.shape))
-  elements = _chunking.chunk_elements(z3.numel())
+  options = CategoricalOptions(chunk_elements=_chunking.chunk_elements(z3.numel()), split=split,
+                               compute_dtype=cdt)
   if split is None:
-    loss = CategoricalFocalFunction.apply(
-        z3, y3, valid3,
-        _chunking.class_vector(_numerics.traced(alpha, cdt, logits), cdt, logits.device,
-                               z3.shape),
-        _chunking.class_vector(_numerics.traced(gamma, cdt, logits), cdt, logits.device,
-                               z3.shape), elements)
+    alpha, gamma = _numerics.traced(alpha, cdt, logits), _numerics.traced(gamma, cdt, logits)
   else:
-    loss = ClassSplitCategoricalFocalFunction.apply(
-        z3, y3, valid3,
-        _chunking.class_vector(split.class_slice(alpha), cdt, logits.device, z3.shape),
-        _chunking.class_vector(split.class_slice(gamma), cdt, logits.device, z3.shape), elements,
-        split)
+    alpha, gamma = split.class_slice(alpha), split.class_slice(gamma)
+  loss = CategoricalFocalFunction.apply(
+      z3, y3, valid3, _chunking.class_vector(alpha, cdt, logits.device, z3.shape),
+      _chunking.class_vector(gamma, cdt, logits.device, z3.shape), options)
   loss = _checks.apply_sample_weight(loss.reshape(row_shape), weight, where)
   positive = None
   if reduction == "mean_positive":

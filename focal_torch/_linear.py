@@ -26,6 +26,7 @@ does), which adds a float32 copy of the weight and float32 gradient accumulators
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -63,8 +64,8 @@ class _Chunker:
   use ``preferred_element_type=float32``): one float32 copy of the weight per pass."""
 
   def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               rows: int) -> None:
-    self.cdt = _numerics.compute_dtype(hidden.dtype)
+               rows: int, cdt: torch.dtype) -> None:
+    self.cdt = cdt
     self.hidden = hidden
     self.weight = weight.to(self.cdt)
     self.bias = None if bias is None else bias.to(self.cdt)
@@ -166,108 +167,6 @@ def _finish(grads: tuple[torch.Tensor | None, ...], dtypes: tuple[torch.dtype | 
   return tuple(out)
 
 
-def _double_backward(ctx, go: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-  """The gradients from differentiable whole-tensor ops (``create_graph=True``): they
-  materialize the ``(N, V)`` logits, and have gradients themselves (double backward)."""
-  hidden, weight, bias, t, valid, in_range, alpha_t, gamma_t, sw = ctx.saved_tensors[:9]
-  alpha = alpha_t if alpha_t is not None else ctx.floats[0]
-  gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-  cdt = _numerics.compute_dtype(hidden.dtype)
-  h, w = hidden.to(cdt), weight.to(cdt)
-  z = h @ w.t()
-  if bias is not None:
-    z = z + bias.to(cdt)
-  go = go.to(cdt)
-  if sw is not None:
-    go = go * sw
-  dz = _softmax.grad_autodiff(z, t, valid, in_range, alpha, gamma, ctx.eps, go)
-  needs = ctx.needs_input_grad
-  h_valid = torch.where(valid, h, 0)  # masked rows' features out of the weight gradient
-  grads = (dz @ w if needs[0] else None, dz.t() @ h_valid if needs[1] else None,
-           dz.sum(0) if bias is not None and needs[2] else None)
-  return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-
-
-class LinearSoftmaxFocalFunction(torch.autograd.Function):
-  """Per-row losses (``summed=False``) or their sum (``summed=True``) of
-  ``softmax_focal(hidden @ weight.T + bias)``, chunk by chunk; see the module docstring."""
-
-  @staticmethod
-  def forward(ctx, hidden, weight, bias, t, valid, in_range, alpha, gamma, eps,  # pylint: disable=W0221
-              rows, summed, sw):
-    n = hidden.shape[0]
-    v = weight.shape[0]
-    chunker = _Chunker(hidden, weight, bias, rows)
-    loss = torch.empty((n, 1), dtype=chunker.cdt, device=hidden.device)
-    needs = tuple(ctx.needs_input_grad[:3])
-    grads = _Grads(chunker, bias, needs) if summed and any(needs) else None
-    per_row = None if summed else [torch.empty((n, 1), dtype=chunker.cdt,
-                                               device=hidden.device) for _ in range(3)]
-    with_b = bool(eps)
-    for start in range(0, n, rows):
-      r = slice(start, min(n, start + rows))
-      z = chunker.logits(r)
-      lr, s_rest, a, b_over_c, grad_t = _chunk_terms(
-          z, t[r], eps, v, _rows(alpha, r), _rows(gamma, r), valid[r],
-          None if in_range is None else in_range[r])
-      if sw is not None:  # per-row weights scale the loss and its gradient
-        wr = sw[r]
-        lr, a, grad_t = lr * wr, a * wr, grad_t * wr
-        b_over_c = None if b_over_c is None else b_over_c * wr
-      loss[r] = lr
-      if grads is not None:
-        grads.add(r, _grad_in_place(z, t[r], s_rest, a, b_over_c, grad_t, valid[r]), valid[r])
-      elif per_row is not None:
-        per_row[0][r], per_row[2][r] = a, grad_t
-        if with_b:
-          per_row[1][r] = b_over_c
-    ctx.summed = summed
-    ctx.rows = rows
-    ctx.with_b = with_b
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.eps = eps
-    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
-    # The inputs (no copies) for the double backward, then the schedule's own tensors.
-    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    core = (hidden, weight, bias, t, valid, in_range, *hyper, sw)
-    if summed:
-      # The gradients for a unit cotangent; backward scales them by the incoming scalar.
-      ctx.save_for_backward(*core,
-                            *(grads.tensors() if grads is not None else (None,) * 3))
-      return loss.sum()
-    if not with_b:
-      per_row[1] = None
-    ctx.save_for_backward(*core, *per_row)
-    return loss
-
-  @staticmethod
-  def backward(ctx, go):  # pylint: disable=W0221
-    nones = (None,) * 9
-    if torch.is_grad_enabled():
-      # create_graph=True: differentiable formulas, so that the gradients have gradients.
-      return _double_backward(ctx, go) + nones
-    saved = ctx.saved_tensors
-    if ctx.summed:
-      # In place only when this backward is the last (retain_graph=False): a second
-      # backward reads the saved gradients again.
-      return _finish(saved[9:], ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
-    hidden, weight, bias, t, valid = saved[:5]
-    a, b_over_c, grad_t = saved[9:]
-    go = go.to(a.dtype)
-    n = hidden.shape[0]
-    chunker = _Chunker(hidden, weight, bias, ctx.rows)
-    grads = _Grads(chunker, bias, tuple(ctx.needs_input_grad[:3]))
-    for start in range(0, n, ctx.rows):
-      r = slice(start, min(n, start + ctx.rows))
-      z = chunker.logits(r)
-      _, s_rest = _softmax.exp_others_(z, t[r])
-      dz = _grad_in_place(z, t[r], s_rest, a[r] * go[r],
-                          b_over_c[r] * go[r] if ctx.with_b else None, grad_t[r] * go[r],
-                          valid[r])
-      grads.add(r, dz, valid[r])
-    return _finish(grads.tensors(), ctx.dtypes) + nones
-
-
 def _split_chunk_terms(z: torch.Tensor, t: torch.Tensor, owned: torch.Tensor, eps: float,
                        split: Any, alpha: Any, gamma: Any, valid: torch.Tensor,
                        in_range: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -304,80 +203,167 @@ def _split_grad_in_place(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor,
   return e.scatter_(1, t, torch.where(owned, grad_t, e.gather(1, t)))
 
 
-class ClassSplitLinearSoftmaxFocalFunction(torch.autograd.Function):
-  """:class:`LinearSoftmaxFocalFunction` when ``weight``/``bias`` hold this rank's rows of
-  the ``(V, H)`` weight (``split``, a ``_class_split.ClassSplit``; ``t`` global labels).
+def _double_backward(ctx, go: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, t: torch.Tensor, valid: torch.Tensor,
+                     in_range: torch.Tensor | None, sw: torch.Tensor | None, alpha: Any,
+                     gamma: Any) -> tuple[torch.Tensor | None, ...]:
+  """The gradients from differentiable whole-tensor ops (``create_graph=True``): they
+  materialize the ``(N, V)`` logits, and have gradients themselves (double backward)."""
+  cdt = ctx.options.compute_dtype
+  h, w = hidden.to(cdt), weight.to(cdt)
+  z = h @ w.t()
+  if bias is not None:
+    z = z + bias.to(cdt)
+  go = go.to(cdt)
+  if sw is not None:
+    go = go * sw
+  dz = _softmax.grad_autodiff(z, t, valid, in_range, alpha, gamma, ctx.options.label_smoothing,
+                              go)
+  needs = ctx.needs_input_grad
+  h_valid = torch.where(valid, h, 0)  # masked rows' features out of the weight gradient
+  grads = (dz @ w if needs[0] else None, dz.t() @ h_valid if needs[1] else None,
+           dz.sum(0) if bias is not None and needs[2] else None)
+  return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
 
-  Each chunk's per-row statistics are all-reduced over the class group in the forward (a
-  MAX and a SUM per chunk); every rank returns the whole loss. The gradients of this rank's
-  ``weight`` and ``bias`` rows are its own; the gradient of ``hidden`` is this rank's
-  contribution (the sum over its classes), which the caller sums over the class group. No
-  communication in the backward.
+
+# --- the autograd.Function and the loss ---
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOptions:
+  """The checked settings of one fused linear softmax focal loss call that are not tensors,
+  passed whole to :class:`LinearSoftmaxFocalFunction` (frozen and hashable).
+
+  Attributes:
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    reduction: ``"none"`` (per-row losses, gradients recomputed in the backward) or a
+      reduction to a scalar (the Function returns the sum; gradients formed in the forward).
+    chunk_size: rows per chunk (at least 1).
+    split: the ``_class_split.ClassSplit`` of ``class_process_group`` (this rank holds a
+      slice of the weight's rows), or None.
+    compute_dtype: the dtype of the products and the math (float32, or float64 for float64
+      inputs).
+  """
+  label_smoothing: float
+  reduction: str
+  chunk_size: int
+  split: _class_split.ClassSplit | None
+  compute_dtype: torch.dtype
+
+
+class LinearSoftmaxFocalFunction(torch.autograd.Function):
+  """Per-row losses (``reduction="none"``) or their sum (any other reduction) of
+  ``softmax_focal(hidden @ weight.T + bias)``, chunk by chunk; see the module docstring.
+
+  With ``options.split`` ``weight``/``bias`` hold this rank's rows of the ``(V, H)`` weight
+  (``t``: global labels). Each chunk's per-row statistics are all-reduced over the class
+  group in the forward (a MAX and a SUM per chunk); every rank returns the whole loss. The
+  gradients of this rank's ``weight`` and ``bias`` rows are its own; the gradient of
+  ``hidden`` is this rank's contribution (the sum over its classes), which the caller sums
+  over the class group. No communication in the backward, and no double backward.
   """
 
   @staticmethod
-  def forward(ctx, hidden, weight, bias, t, valid, in_range, alpha, gamma, eps,  # pylint: disable=W0221
-              rows, summed, sw, split):
+  def forward(ctx, hidden, weight, bias, t, valid, in_range,  # pylint: disable=W0221
+              alpha, gamma, sw, options):
+    eps, rows, split = options.label_smoothing, options.chunk_size, options.split
+    summed = options.reduction != "none"
     n = hidden.shape[0]
-    t_loc, owned = split.localize(t)
-    chunker = _Chunker(hidden, weight, bias, rows)
+    owned = None
+    if split is not None:
+      t, owned = split.localize(t)
+    chunker = _Chunker(hidden, weight, bias, rows, options.compute_dtype)
     loss = torch.empty((n, 1), dtype=chunker.cdt, device=hidden.device)
     needs = tuple(ctx.needs_input_grad[:3])
     grads = _Grads(chunker, bias, needs) if summed and any(needs) else None
-    per_row = None if summed else [torch.empty((n, 1), dtype=chunker.cdt,
-                                               device=hidden.device) for _ in range(4)]
+    # Per row: a, b_over_c, grad_t (and lse_rest with the split) for the backward to recompute.
+    per_row = None if summed else [
+        torch.empty((n, 1), dtype=chunker.cdt, device=hidden.device)
+        for _ in range(3 if split is None else 4)]
     with_b = bool(eps)
     for start in range(0, n, rows):
       r = slice(start, min(n, start + rows))
       z = chunker.logits(r)
-      lr, m, lse_rest, a, b_over_c, grad_t = _split_chunk_terms(
-          z, t_loc[r], owned[r], eps, split, _rows(alpha, r), _rows(gamma, r), valid[r],
-          None if in_range is None else in_range[r])
+      in_range_r = None if in_range is None else in_range[r]
+      if split is None:
+        lr, s_rest, a, b_over_c, grad_t = _chunk_terms(
+            z, t[r], eps, weight.shape[0], _rows(alpha, r), _rows(gamma, r), valid[r],
+            in_range_r)
+      else:
+        lr, m, lse_rest, a, b_over_c, grad_t = _split_chunk_terms(
+            z, t[r], owned[r], eps, split, _rows(alpha, r), _rows(gamma, r), valid[r],
+            in_range_r)
       if sw is not None:  # per-row weights scale the loss and its gradient
         wr = sw[r]
         lr, a, grad_t = lr * wr, a * wr, grad_t * wr
         b_over_c = None if b_over_c is None else b_over_c * wr
       loss[r] = lr
       if grads is not None:
-        grads.add(r, _split_grad_in_place(z, t_loc[r], owned[r], m, lse_rest, a, b_over_c,
-                                          grad_t, valid[r]), valid[r])
+        if split is None:
+          dz = _grad_in_place(z, t[r], s_rest, a, b_over_c, grad_t, valid[r])
+        else:
+          dz = _split_grad_in_place(z, t[r], owned[r], m, lse_rest, a, b_over_c, grad_t,
+                                    valid[r])
+        grads.add(r, dz, valid[r])
       elif per_row is not None:
-        per_row[0][r], per_row[2][r], per_row[3][r] = a, grad_t, lse_rest
+        per_row[0][r], per_row[2][r] = a, grad_t
         if with_b:
           per_row[1][r] = b_over_c
-    ctx.summed = summed
-    ctx.rows = rows
-    ctx.with_b = with_b
+        if split is not None:
+          per_row[3][r] = lse_rest
+    ctx.options = options
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.fn = split.fn
+    # The inputs (no copies) for the double backward (no split) or the recompute ("none"),
+    # then the schedule's own tensors.
+    inputs = (hidden, weight, bias) if split is None or not summed else (None,) * 3
+    core = (*inputs, t, owned, valid, in_range, sw)
     if summed:
-      ctx.save_for_backward(*(grads.tensors() if grads is not None else (None,) * 3))
+      # The gradients for a unit cotangent; backward scales them by the incoming scalar.
+      tail = grads.tensors() if grads is not None else (None,) * 3
+      _numerics.save_hypers(ctx, core + tuple(tail), alpha, gamma)
       return loss.sum()
     if not with_b:
       per_row[1] = None
-    ctx.save_for_backward(hidden, weight, bias, t_loc, owned, valid, *per_row)
+    _numerics.save_hypers(ctx, core + tuple(per_row), alpha, gamma)
     return loss
 
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
+    nones = (None,) * 7
+    options = ctx.options
+    split = options.split
+    if torch.is_grad_enabled() and split is not None:
+      raise _class_split.no_double_backward(split.fn)
+    saved, alpha, gamma = _numerics.saved_hypers(ctx)
+    hidden, weight, bias, t, owned, valid, in_range, sw = saved[:8]
+    tail = saved[8:]
     if torch.is_grad_enabled():
-      raise _class_split.no_double_backward(ctx.fn)
-    nones = (None,) * 10
-    saved = ctx.saved_tensors
-    if ctx.summed:
-      return _finish(saved, ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
-    hidden, weight, bias, t_loc, owned, valid, a, b_over_c, grad_t, lse_rest = saved
+      # create_graph=True: differentiable formulas, so that the gradients have gradients.
+      return _double_backward(ctx, go, hidden, weight, bias, t, valid, in_range, sw, alpha,
+                              gamma) + nones
+    if options.reduction != "none":
+      # In place only when this backward is the last (retain_graph=False): a second
+      # backward reads the saved gradients again.
+      return _finish(tail, ctx.dtypes, scale=go, in_place=not _keep_graph()) + nones
+    a, b_over_c, grad_t = tail[:3]
     go = go.to(a.dtype)
     n = hidden.shape[0]
-    chunker = _Chunker(hidden, weight, bias, ctx.rows)
+    rows = options.chunk_size
+    chunker = _Chunker(hidden, weight, bias, rows, options.compute_dtype)
     grads = _Grads(chunker, bias, tuple(ctx.needs_input_grad[:3]))
-    for start in range(0, n, ctx.rows):
-      r = slice(start, min(n, start + ctx.rows))
+    for start in range(0, n, rows):
+      r = slice(start, min(n, start + rows))
       z = chunker.logits(r)
-      _softmax.chunk_grad(z, t_loc[r], lse_rest[r], a[r] * go[r],
-                          b_over_c[r] * go[r] if ctx.with_b else None, grad_t[r] * go[r], z, None,
-                          _softmax.masked_rows(valid[r], lse_rest[r]), owned[r])
-      grads.add(r, z, valid[r])
+      b_r = None if b_over_c is None else b_over_c[r] * go[r]
+      if split is None:
+        _, s_rest = _softmax.exp_others_(z, t[r])
+        dz = _grad_in_place(z, t[r], s_rest, a[r] * go[r], b_r, grad_t[r] * go[r], valid[r])
+      else:
+        lse_rest = tail[3]
+        _softmax.chunk_grad(z, t[r], lse_rest[r], a[r] * go[r], b_r, grad_t[r] * go[r], z, None,
+                            _softmax.masked_rows(valid[r], lse_rest[r]), owned[r])
+        dz = z
+      grads.add(r, dz, valid[r])
     return _finish(grads.tensors(), ctx.dtypes) + nones
 
 
@@ -519,15 +505,13 @@ def linear_softmax_focal(
     sw = torch.as_tensor(weights, dtype=cdt, device=hidden.device).expand(expected)
     sw = torch.where(valid2, sw.reshape(n, 1), torch.zeros((), dtype=cdt,
                                                            device=hidden.device))
-  rows = chunk_size or default_chunk_rows(n, v)
+  options = LinearOptions(label_smoothing=eps, reduction=reduction,
+                          chunk_size=max(1, chunk_size or default_chunk_rows(n, v)), split=split,
+                          compute_dtype=cdt)
+  out = LinearSoftmaxFocalFunction.apply(
+      h2, weight, bias, t, valid2, None if in_range is None else in_range.reshape(n, 1),
+      _numerics.per_row(alpha, t, cdt), _numerics.per_row(gamma, t, cdt), sw, options)
   summed = reduction != "none"
-  args = (h2, weight, bias, t, valid2, None if in_range is None else in_range.reshape(n, 1),
-          _numerics.per_row(alpha, t, cdt), _numerics.per_row(gamma, t, cdt), eps, max(1, rows),
-          summed, sw)
-  if split is None:
-    out = LinearSoftmaxFocalFunction.apply(*args)
-  else:
-    out = ClassSplitLinearSoftmaxFocalFunction.apply(*args, split)
   if not summed:
     return out.reshape(labels.shape).to(hidden.dtype)
   return _reduce.finish(out, reduction, count=n, valid=valid, positive=positive,

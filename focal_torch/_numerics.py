@@ -1,5 +1,6 @@
 """Small numerics helpers shared by the torch losses: the compute dtype, an exact softplus,
-a fast in-place exp, and a hyperparameter gathered at each row's label.
+a fast in-place exp, a hyperparameter gathered at each row's label, and the saving of the
+hyperparameters ``alpha`` and ``gamma`` in an autograd.Function.
 
 The softmax, categorical, sigmoid and fused-linear modules import these from here (not from
 one another), so that no loss module is a hub the others depend on.
@@ -48,3 +49,21 @@ def traced(value: Any, cdt: torch.dtype, logits: torch.Tensor) -> Any:
   if isinstance(value, float) and torch.compiler.is_compiling():
     return torch.full((), value, dtype=cdt, device=logits.device)
   return value
+
+
+def save_hypers(ctx: Any, tensors: tuple[torch.Tensor | None, ...], alpha: Any,
+                gamma: Any) -> None:
+  """``ctx.save_for_backward(*tensors)`` with the hyperparameters ``alpha`` and ``gamma``:
+  a tensor is saved with the others, a number (or None) kept on ``ctx``. Read back with
+  :func:`saved_hypers`."""
+  hypers = (alpha, gamma)
+  ctx.save_for_backward(*tensors, *(x if isinstance(x, torch.Tensor) else None for x in hypers))
+  ctx.hyper_numbers = tuple(None if isinstance(x, torch.Tensor) else x for x in hypers)
+
+
+def saved_hypers(ctx: Any) -> tuple[tuple[torch.Tensor | None, ...], Any, Any]:
+  """``(tensors, alpha, gamma)`` as given to :func:`save_hypers`."""
+  *tensors, alpha_t, gamma_t = ctx.saved_tensors
+  alpha = alpha_t if alpha_t is not None else ctx.hyper_numbers[0]
+  gamma = gamma_t if gamma_t is not None else ctx.hyper_numbers[1]
+  return tuple(tensors), alpha, gamma

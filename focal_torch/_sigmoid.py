@@ -18,6 +18,7 @@ docs/math.md's ("Sigmoid", "Names"), as in ``focal_jax._sigmoid``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,6 @@ from focal_torch import _checks
 from focal_torch import _chunking
 from focal_torch import _numerics
 from focal_torch import _reduce
-from focal_torch._numerics import compute_dtype
 from focal_torch._numerics import exp_
 from focal_torch._numerics import softplus
 
@@ -122,6 +122,25 @@ def _chunk_elements(elements: int | None) -> int | None:
   return None if elements is None else min(elements, MAX_CHUNK_ELEMENTS)
 
 
+# --- the autograd.Function and the loss ---
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidOptions:
+  """The checked settings of one sigmoid focal loss call that are not tensors, passed whole
+  to :class:`SigmoidFocalFunction` (frozen and hashable).
+
+  Attributes:
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    chunk_elements: elements per chunk of the logits, at most ``MAX_CHUNK_ELEMENTS`` (None:
+      one chunk, under torch.compile).
+    compute_dtype: the dtype of the math (float32, or float64 for float64 logits).
+  """
+  label_smoothing: float
+  chunk_elements: int | None
+  compute_dtype: torch.dtype
+
+
 class SigmoidFocalFunction(torch.autograd.Function):
   """Per-entry sigmoid focal loss of a rows view ``x3`` with a chunked analytic backward.
 
@@ -133,38 +152,33 @@ class SigmoidFocalFunction(torch.autograd.Function):
   """
 
   @staticmethod
-  def forward(ctx, x3, y3, valid, alpha, gamma, eps, elements):  # pylint: disable=W0221
-    cdt = compute_dtype(x3.dtype)
-    elements = _chunk_elements(elements)
+  def forward(ctx, x3, y3, valid, alpha, gamma, options):  # pylint: disable=W0221
+    cdt, eps = options.compute_dtype, options.label_smoothing
     loss = torch.empty(x3.shape, dtype=cdt, device=x3.device)
-    for idx in _chunking.chunks(x3.shape, elements):
+    for idx in _chunking.chunks(x3.shape, options.chunk_elements):
       part, _ = terms(x3[idx].to(cdt), y3[idx], alpha, gamma, eps,
                       with_grad=False)
       loss[idx] = _mask(part, None if valid is None else valid[idx])
-    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(x3, y3, valid, *hyper)
-    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
-    ctx.eps = eps
-    ctx.elements = elements
+    _numerics.save_hypers(ctx, (x3, y3, valid), alpha, gamma)
+    ctx.options = options
     return loss
 
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
-    x3, y3, valid, alpha_t, gamma_t = ctx.saved_tensors
-    alpha = alpha_t if alpha_t is not None else ctx.floats[0]
-    gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-    cdt = compute_dtype(x3.dtype)
+    (x3, y3, valid), alpha, gamma = _numerics.saved_hypers(ctx)
+    options = ctx.options
+    cdt, eps = options.compute_dtype, options.label_smoothing
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
-      grad = terms_autodiff(x3.to(cdt), y3, alpha, gamma, ctx.eps)
-      return (_mask(grad * go, valid).to(x3.dtype),) + (None,) * 6
+      grad = terms_autodiff(x3.to(cdt), y3, alpha, gamma, eps)
+      return (_mask(grad * go, valid).to(x3.dtype),) + (None,) * 5
     out = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
-    for idx in _chunking.chunks(x3.shape, ctx.elements):
-      _, part = terms(x3[idx].to(cdt), y3[idx], alpha, gamma, ctx.eps,
+    for idx in _chunking.chunks(x3.shape, options.chunk_elements):
+      _, part = terms(x3[idx].to(cdt), y3[idx], alpha, gamma, eps,
                       with_grad=True)
       part = part * go[idx]
       out[idx] = _mask(part, None if valid is None else valid[idx])
-    return (out,) + (None,) * 6
+    return (out,) + (None,) * 5
 
 
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
@@ -286,12 +300,14 @@ def sigmoid_focal(
     x3 = _chunking.as_rows(logits, dim)
   y3 = labels.reshape(x3.shape)
   valid3 = None if where is None else where.reshape(x3.shape)
-  elements = _chunking.chunk_elements(x3.numel())
+  options = SigmoidOptions(label_smoothing=eps,
+                           chunk_elements=_chunk_elements(_chunking.chunk_elements(x3.numel())),
+                           compute_dtype=cdt)
   loss = SigmoidFocalFunction.apply(
       x3, y3, valid3,
       _chunking.class_vector(_numerics.traced(alpha, cdt, logits), cdt, logits.device, x3.shape),
       _chunking.class_vector(_numerics.traced(gamma, cdt, logits), cdt, logits.device, x3.shape),
-      eps, elements).reshape(logits.shape)
+      options).reshape(logits.shape)
   loss = _checks.apply_sample_weight(loss, weight, where)
   positive = None
   if reduction == "mean_positive":

@@ -20,6 +20,7 @@ are docs/math.md's ("Softmax", "Names"); ``focal_jax._softmax`` uses the same.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -256,42 +257,6 @@ def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_rest: torch.Tensor, a: 
   return out
 
 
-class SoftmaxFocalFunction(torch.autograd.Function):
-  """Per-row softmax focal loss of a rows view ``z3`` with an analytic, memory-light backward.
-
-  It exists because autograd through the formula saves several ``(N, C)`` tensors; this
-  saves the logits and five per-row scalars, and writes the gradient chunk by chunk. With
-  ``create_graph=True`` the backward is built from differentiable ops instead, so double
-  backward (Hessian-vector products) works.
-  """
-
-  @staticmethod
-  def forward(ctx, z3, t3, valid, in_range, alpha, gamma, eps, elements):  # pylint: disable=W0221
-    zt, lse_rest, sum_z = row_stats(z3, t3, bool(eps), elements)
-    loss, a, b_over_c, grad_t = row_terms(zt, lse_rest, sum_z, z3.shape[1], alpha, gamma, eps,
-                                          valid, in_range)
-    hyper = [x if isinstance(x, torch.Tensor) else None for x in (alpha, gamma)]
-    ctx.save_for_backward(z3, t3, valid, in_range, lse_rest, a, b_over_c, grad_t, *hyper)
-    ctx.floats = tuple(None if isinstance(x, torch.Tensor) else x for x in (alpha, gamma))
-    ctx.eps = eps
-    ctx.elements = elements
-    return loss
-
-  @staticmethod
-  def backward(ctx, go):  # pylint: disable=W0221
-    z3, t3, valid, in_range, lse_rest, a, b_over_c, grad_t, alpha_t, gamma_t = ctx.saved_tensors
-    go = go.to(lse_rest.dtype)
-    if torch.is_grad_enabled():
-      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
-      alpha = alpha_t if alpha_t is not None else ctx.floats[0]
-      gamma = gamma_t if gamma_t is not None else ctx.floats[1]
-      grad = grad_autodiff(z3, t3, valid, in_range, alpha, gamma, ctx.eps, go)
-    else:
-      grad = grad_chunked(z3, t3, lse_rest, a * go, None if b_over_c is None else b_over_c * go,
-                          grad_t * go, ctx.elements, valid)
-    return grad, None, None, None, None, None, None, None
-
-
 def split_row_stats(z3: torch.Tensor, t3: torch.Tensor, owned: torch.Tensor, with_sum: bool,
                     elements: int | None, split: Any
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -335,33 +300,74 @@ def combine_split(m: torch.Tensor, s_rest: torch.Tensor, zt: torch.Tensor,
   return zt, lse_from(big_m, s_rest), sum_z
 
 
-class ClassSplitSoftmaxFocalFunction(torch.autograd.Function):
-  """:class:`SoftmaxFocalFunction` when ``z3`` holds this rank's slice of the classes
-  (``split``, a ``_class_split.ClassSplit``; ``t3`` global labels). The forward all-reduces
-  per-row statistics (:func:`split_row_stats`) and returns the whole rows' losses on every
-  rank; the backward writes the gradient of this rank's slice from the saved per-row
-  scalars, with no communication."""
+# --- the autograd.Function and the loss ---
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxOptions:
+  """The checked settings of one softmax focal loss call that are not tensors, passed whole
+  to :class:`SoftmaxFocalFunction` (frozen and hashable).
+
+  Attributes:
+    label_smoothing: ``eps`` in ``[0, 1]``.
+    chunk_elements: elements per chunk of the logits (None: one chunk, under torch.compile).
+    split: the ``_class_split.ClassSplit`` of ``class_process_group`` (this rank holds a
+      slice of the classes), or None.
+    compute_dtype: the dtype of the per-row math (float32, or float64 for float64 logits).
+  """
+  label_smoothing: float
+  chunk_elements: int | None
+  split: _class_split.ClassSplit | None
+  compute_dtype: torch.dtype
+
+
+class SoftmaxFocalFunction(torch.autograd.Function):
+  """Per-row softmax focal loss of a rows view ``z3`` with an analytic, memory-light backward.
+
+  It exists because autograd through the formula saves several ``(N, C)`` tensors; this
+  saves the logits and five per-row scalars, and writes the gradient chunk by chunk. With
+  ``create_graph=True`` the backward is built from differentiable ops instead, so double
+  backward (Hessian-vector products) works.
+
+  With ``options.split`` ``z3`` holds this rank's slice of the classes (``t3``: global
+  labels): the forward all-reduces per-row statistics (:func:`split_row_stats`) and returns
+  the whole rows' losses on every rank; the backward writes the gradient of this rank's
+  slice from the saved per-row scalars, with no communication (and no double backward).
+  """
 
   @staticmethod
-  def forward(ctx, z3, t3, valid, in_range, alpha, gamma, eps, elements, split):  # pylint: disable=W0221
-    t_loc, owned = split.localize(t3)
-    zt, lse_rest, sum_z = split_row_stats(z3, t_loc, owned, bool(eps), elements, split)
-    loss, a, b_over_c, grad_t = row_terms(zt, lse_rest, sum_z, split.num_classes, alpha, gamma,
-                                          eps, valid, in_range)
-    ctx.save_for_backward(z3, t_loc, owned, valid, lse_rest, a, b_over_c, grad_t)
-    ctx.elements = elements
-    ctx.fn = split.fn
+  def forward(ctx, z3, t3, valid, in_range, alpha, gamma, options):  # pylint: disable=W0221
+    eps, elements, split = options.label_smoothing, options.chunk_elements, options.split
+    if split is None:
+      owned = None
+      zt, lse_rest, sum_z = row_stats(z3, t3, bool(eps), elements)
+      num_classes = z3.shape[1]
+    else:
+      t3, owned = split.localize(t3)
+      zt, lse_rest, sum_z = split_row_stats(z3, t3, owned, bool(eps), elements, split)
+      num_classes = split.num_classes
+    loss, a, b_over_c, grad_t = row_terms(zt, lse_rest, sum_z, num_classes, alpha, gamma, eps,
+                                          valid, in_range)
+    _numerics.save_hypers(ctx, (z3, t3, owned, valid, in_range, lse_rest, a, b_over_c, grad_t),
+                          alpha, gamma)
+    ctx.options = options
     return loss
 
   @staticmethod
   def backward(ctx, go):  # pylint: disable=W0221
+    options = ctx.options
+    if torch.is_grad_enabled() and options.split is not None:
+      raise _class_split.no_double_backward(options.split.fn)
+    (z3, t3, owned, valid, in_range, lse_rest, a, b_over_c, grad_t), alpha, gamma = (
+        _numerics.saved_hypers(ctx))
+    go = go.to(options.compute_dtype)
     if torch.is_grad_enabled():
-      raise _class_split.no_double_backward(ctx.fn)
-    z3, t_loc, owned, valid, lse_rest, a, b_over_c, grad_t = ctx.saved_tensors
-    go = go.to(lse_rest.dtype)
-    grad = grad_chunked(z3, t_loc, lse_rest, a * go, None if b_over_c is None else b_over_c * go,
-                        grad_t * go, ctx.elements, valid, owned)
-    return grad, None, None, None, None, None, None, None, None
+      # create_graph=True: differentiable formulas, so that the gradient has a gradient.
+      grad = grad_autodiff(z3, t3, valid, in_range, alpha, gamma, options.label_smoothing, go)
+    else:
+      grad = grad_chunked(z3, t3, lse_rest, a * go, None if b_over_c is None else b_over_c * go,
+                          grad_t * go, options.chunk_elements, valid, owned)
+    return grad, None, None, None, None, None, None
 
 
 def softmax_focal(
@@ -550,16 +556,14 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)
   t3 = pre.t.reshape(rows)
-  elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
-  args = (z3, t3, pre.valid.reshape(rows),
-          None if pre.in_range is None else pre.in_range.reshape(rows),
-          _numerics.per_row(_numerics.traced(pre.alpha, cdt, logits), t3, cdt),
-          _numerics.per_row(_numerics.traced(pre.gamma, cdt, logits), t3, cdt), pre.eps,
-          elements)
-  if pre.split is None:
-    loss = SoftmaxFocalFunction.apply(*args)
-  else:
-    loss = ClassSplitSoftmaxFocalFunction.apply(*args, pre.split)
+  options = SoftmaxOptions(label_smoothing=pre.eps,
+                           chunk_elements=_chunking.chunk_elements(z3.numel(), chunk_elements),
+                           split=pre.split, compute_dtype=cdt)
+  loss = SoftmaxFocalFunction.apply(
+      z3, t3, pre.valid.reshape(rows),
+      None if pre.in_range is None else pre.in_range.reshape(rows),
+      _numerics.per_row(_numerics.traced(pre.alpha, cdt, logits), t3, cdt),
+      _numerics.per_row(_numerics.traced(pre.gamma, cdt, logits), t3, cdt), options)
   loss = loss.reshape(labels.shape)
   loss = _checks.apply_sample_weight(loss, pre.weight, pre.valid)
   return _reduce.reduce_loss(loss, pre.reduction, valid=pre.valid, positive=pre.positive,
