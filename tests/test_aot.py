@@ -201,6 +201,17 @@ def test_judge_sets_targets_against_the_measured_floor():
   assert r["bytes_limit_x"] == pytest.approx(2.1 * 1.5 * aot.ROW_SLACK) and r["verdict"] == "held"
 
 
+def test_judge_allows_a_few_scalar_bytes_over_a_limit_and_no_more():
+  lb = 1024 * 16 * 4
+  recs = [_rec("optax_prob", "optax", 1024, 16, "float32", 4.0, 0.0),
+          _rec("categorical", "focal", 1024, 16, "float32", 5.0 + 24 / lb, 0.0),
+          _rec("optax_prob", "optax", 1024, 8, "float32", 4.0, 0.0),
+          _rec("categorical", "focal", 1024, 8, "float32", 5.0 + 4096 / (lb / 2), 0.0)]
+  rows = {r["key"]: r for r in aot.judge(recs)}
+  assert rows["categorical/focal/1024x16/float32"]["verdict"] == "held"  # 24 bytes over 5.0x
+  assert rows["categorical/focal/1024x8/float32"]["verdict"] == "MISSED"  # 4 KiB over
+
+
 def test_with_floors_adds_one_floor_program_per_shape_dtype_and_kind():
   cases = aot.plan(losses=("softmax", "categorical", "sigmoid"), dtypes=("float32",),
                    shapes=((8, 4),), linear=True, linear_shape=(8, 4, 16))
