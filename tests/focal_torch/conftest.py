@@ -12,8 +12,12 @@ Exposed as the session fixture ``ref`` (test modules cannot import each other).
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +83,29 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def spawn_ranks(script: Path | str, world: int, tmp_path: Path, timeout_s: float) -> list:
+  """Runs ``python SCRIPT RANK WORLD PORT OUT`` for each of ``world`` ranks (one torch thread
+  each, a free loopback port) and waits for all of them; fails with the tail of their output
+  unless every rank exits 0. Returns what each rank saved to its OUT file, by rank."""
+  port = free_port()
+  outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+  env = dict(os.environ, OMP_NUM_THREADS="1")
+  procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port),
+                             str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for r, out in enumerate(outs)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=timeout_s)[0].decode(errors="replace"))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
+  return [torch.load(out) for out in outs]
+
+
 # Tolerances of the loss tests against the float64 references, per input dtype.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
        torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -8),
@@ -94,10 +121,11 @@ def grad(loss: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> tor
 @pytest.fixture(scope="session")
 def ref():
   """The NumPy references: ``ref.softmax_focal``, ``ref.sigmoid_focal``,
-  ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``; and two test helpers,
-  ``ref.TOL`` (tolerances per dtype) and ``ref.grad``.
+  ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``; and three test helpers,
+  ``ref.TOL`` (tolerances per dtype), ``ref.grad`` and ``ref.spawn_ranks`` (the gloo tests'
+  worker processes).
   """
   return types.SimpleNamespace(
       softmax_focal=softmax_focal, sigmoid_focal=sigmoid_focal,
       categorical_focal=categorical_focal, log_softmax=log_softmax,
-      free_port=free_port, TOL=TOL, grad=grad)
+      free_port=free_port, TOL=TOL, grad=grad, spawn_ranks=spawn_ranks)

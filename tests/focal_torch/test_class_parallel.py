@@ -14,8 +14,6 @@ worker: ``python test_class_parallel.py RANK WORLD PORT OUT``.
 from __future__ import annotations
 
 import datetime
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -416,25 +414,6 @@ def main(rank: int, world: int, port: int, out_file: str) -> None:
 # ------------------------------------------------------------------------------ the tests
 
 
-def _spawn(world: int, port: int, tmp_path: Path) -> list[dict]:
-  outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-  env = dict(os.environ, OMP_NUM_THREADS="1")
-  procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port),
-                             str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT) for r, out in enumerate(outs)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
-  return [torch.load(out) for out in outs]
-
-
 def _check(world: int, got: list[dict]) -> int:
   """Compares every rank's results with the truth; returns the number of comparisons."""
   d = make_data()
@@ -500,7 +479,7 @@ def _check_errors(errors: dict, where: str) -> None:
 
 
 def _run(world: int, ref, tmp_path: Path) -> None:
-  got = _spawn(world, ref.free_port(), tmp_path)
+  got = ref.spawn_ranks(__file__, world, tmp_path, TIMEOUT_S)
   assert _check(world, got) >= len(cases(make_data())) * world
 
 

@@ -4,9 +4,6 @@ group-averaged value and the DDP gradients equal the single-process ones on the 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,25 +23,9 @@ def _load_worker():
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_gloo_ranks_under_ddp_equal_single_process(ref, tmp_path):
   worker = _load_worker()
-  port = ref.free_port()
-  outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-  env = dict(os.environ, OMP_NUM_THREADS="1")
-  procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(port), str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for r, out in enumerate(outs)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+  ranks = ref.spawn_ranks(WORKER, 2, tmp_path, TIMEOUT_S)
 
   want = worker.single_process()
-  ranks = [torch.load(out) for out in outs]
   assert set(ranks[0]) == set(want) and len(want) == 18
   for name, (value, grads) in want.items():
     for got in ranks:
