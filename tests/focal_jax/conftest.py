@@ -14,15 +14,20 @@ signatures these tests use:
   ``p`` and a plain power, in the input's dtype) in jax.numpy, so that plain autodiff of them is
   an independent reference for gradients and Hessians at moderate margins (and shows the NaN
   gradient the library avoids).
+
+The ``class_mesh`` fixture gives the 4-device meshes of the class-sharding tests
+(test_class_axis.py, test_class_sharded.py), one copy for both.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 import focal_reference
 
@@ -47,6 +52,23 @@ def jnp_sigmoid_focal_sum(x, y, alpha=None, gamma=2.0):
 def jnp_categorical_focal_sum(z, y, alpha=None, gamma=2.0):
   return focal_reference.categorical_focal(z, y, alpha=alpha, gamma=gamma, reduction="sum",
                                            compute=None, stable=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_mesh(kind: str) -> Mesh:
+  devices = np.array(jax.devices()[:4])
+  if kind == "v":
+    return Mesh(devices, ("v",))
+  if kind == "dv":
+    return Mesh(devices.reshape(2, 2), ("d", "v"))
+  raise ValueError(f"mesh kind must be 'v' or 'dv', got {kind!r}")
+
+
+@pytest.fixture(scope="session")
+def class_mesh():
+  """`class_mesh(kind)`: 4 devices as a mesh, one per kind (cached). "v": one axis "v" of 4
+  class shards; "dv": 2 x 2, axes ("d", "v") (data x class)."""
+  return _class_mesh
 
 
 @pytest.fixture(scope="session")

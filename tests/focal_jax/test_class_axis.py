@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import focal_jax
@@ -42,14 +41,6 @@ N, C, H, V = 8, 12, 5, 16
 N_DEV = 4
 
 pytestmark = pytest.mark.skipif(jax.device_count() < N_DEV, reason="needs 4 (CPU) devices")
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh(kind):
-  devices = np.array(jax.devices()[:N_DEV])
-  if kind == "v":
-    return Mesh(devices, ("v",))
-  return Mesh(devices.reshape(2, 2), ("d", "v"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,9 +246,9 @@ def _setup(case, dtype=np.float64):
 
 
 @functools.lru_cache(maxsize=None)
-def _inside(case, dtype=np.float64):
+def _inside(case, mesh, dtype=np.float64):
   body, _, arrays, specs, grad_specs, _ = _setup(case, dtype)
-  f = jax.jit(jax.shard_map(body, mesh=_mesh(case.mesh), in_specs=tuple(specs),
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
                             out_specs=(P(), grad_specs)))
   return f, arrays
 
@@ -267,8 +258,8 @@ def _close(got, want, rtol=1e-10, atol=1e-12):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_grad_inside_shard_map_equals_float64_reference(case, refs):
-  f, arrays = _inside(case)
+def test_grad_inside_shard_map_equals_float64_reference(case, refs, class_mesh):
+  f, arrays = _inside(case, class_mesh(case.mesh))
   value, grads = f(*arrays)
   ref_value, ref_grads = _reference(case, refs)
   _close(value, ref_value)
@@ -282,11 +273,12 @@ OUTSIDE = [CASES[0], CASES[5], CASES[10]]
 
 
 @pytest.mark.parametrize("case", OUTSIDE, ids=lambda c: c.id)
-def test_grad_outside_shard_map_equals_float64_reference(case, refs):
+def test_grad_outside_shard_map_equals_float64_reference(case, refs, class_mesh):
   """jax.grad of a function that calls the shard_map: the class-sharded logits (and the
   replicated hidden of the linear head) get the whole, unsharded gradient."""
   _, objective, arrays, specs, _, argnums = _setup(case)
-  f = jax.shard_map(objective, mesh=_mesh(case.mesh), in_specs=tuple(specs), out_specs=P())
+  f = jax.shard_map(objective, mesh=class_mesh(case.mesh), in_specs=tuple(specs),
+                    out_specs=P())
   value, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(*arrays)
   ref_value, ref_grads = _reference(case, refs)
   _close(value, ref_value)
@@ -295,8 +287,8 @@ def test_grad_outside_shard_map_equals_float64_reference(case, refs):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8]], ids=lambda c: c.id)
-def test_float32(case, refs):
-  f, arrays = _inside(case, np.float32)
+def test_float32(case, refs, class_mesh):
+  f, arrays = _inside(case, class_mesh(case.mesh), np.float32)
   value, grads = f(*arrays)
   assert value.dtype == np.float32
   ref_value, ref_grads = _reference(case, refs)
@@ -310,7 +302,7 @@ def test_float32(case, refs):
 
 
 @pytest.mark.parametrize("loss", ["softmax", "categorical"])
-def test_nan_logit_on_one_member_is_nan_on_every_member_masked_rows_zero(loss):
+def test_nan_logit_on_one_member_is_nan_on_every_member_masked_rows_zero(loss, class_mesh):
   """A NaN logit on member 2 of row 1 (unmasked) makes row 1 NaN on every member; row 3 is
   masked and holds NaN and inf logits: exactly 0 loss and 0 gradient; other rows finite."""
   d = _data()
@@ -319,7 +311,7 @@ def test_nan_logit_on_one_member_is_nan_on_every_member_masked_rows_zero(loss):
   z[3, 0], z[3, 10] = np.nan, np.inf
   where = np.ones(N, bool)
   where[3] = False
-  mesh = _mesh("v")
+  mesh = class_mesh("v")
   fn = getattr(focal_jax, f"{loss}_focal")
   y = d["soft"] if loss == "categorical" else np.where(d["t"] < 0, 2, d["t"])
 
@@ -343,7 +335,7 @@ def test_nan_logit_on_one_member_is_nan_on_every_member_masked_rows_zero(loss):
   assert np.isfinite(g[finite]).all()
 
 
-def test_softmax_class_axis_not_last(refs):
+def test_softmax_class_axis_not_last(refs, class_mesh):
   """(N, C, W) logits with axis=1, the classes split over "v": the float64 reference on the
   moved axis, and its gradient."""
   rng = np.random.default_rng(5)
@@ -354,7 +346,7 @@ def test_softmax_class_axis_not_last(refs):
   def body(z):
     return jax.value_and_grad(lambda z: focal_jax.softmax_focal(
         z, t, alpha=a, axis=1, label_smoothing=0.1, reduction="sum", class_axis_name="v"))(z)
-  value, grad = jax.jit(jax.shard_map(body, mesh=_mesh("v"), in_specs=P(None, "v"),
+  value, grad = jax.jit(jax.shard_map(body, mesh=class_mesh("v"), in_specs=P(None, "v"),
                                       out_specs=(P(), P(None, "v"))))(z)
   zl, tl = np.moveaxis(z, 1, -1).reshape(-1, C), t.reshape(-1)
   _close(value, refs.softmax_focal(zl, tl, alpha=a, label_smoothing=0.1, reduction="sum"))
@@ -367,14 +359,14 @@ def test_softmax_class_axis_not_last(refs):
 
 
 @pytest.mark.parametrize("loss", ["softmax", "categorical"])
-def test_hessian_inside_shard_map_is_the_spmd_sum_of_blocks(loss, refs):
+def test_hessian_inside_shard_map_is_the_spmd_sum_of_blocks(loss, refs, class_mesh):
   """jax.hessian inside the body perturbs every member's slice at once (SPMD): member r
   gets sum over q of the unsharded Hessian's (r, q) blocks, here from float64 autodiff of
   the naive reference."""
   d = _data()
   z, t, y = d["z"][:3], np.array([4, 11, 0]), d["soft"][:3]
   a, g = d["alpha12"], d["gamma12"]
-  mesh = _mesh("v")
+  mesh = class_mesh("v")
   if loss == "softmax":
     def fn(z, y):
       return focal_jax.softmax_focal(z, t, alpha=a, gamma=g, label_smoothing=0.1,
@@ -405,12 +397,12 @@ def test_hessian_inside_shard_map_is_the_spmd_sum_of_blocks(loss, refs):
 # ------------------------------------------------------------------- hidden's gradient
 
 
-def test_linear_hidden_gradient_replicated_is_whole_varying_is_own_share(refs):
+def test_linear_hidden_gradient_replicated_is_whole_varying_is_own_share(refs, class_mesh):
   case = Case("linear", "mean", eps=0.1, chunk=3)
   d = _data()
   kw = _kw(case, V)
   t = _labels(case)
-  mesh = _mesh("v")
+  mesh = class_mesh("v")
 
   def loss(h, k, b):
     return focal_jax.linear_softmax_focal(h, k, t, bias=b, chunk_size=3, class_axis_name="v",
@@ -455,7 +447,7 @@ HLO_CASES = [CASES[2], CASES[5], Case("linear", "mean", eps=0.1, chunk=3)]
 
 
 @pytest.mark.parametrize("case", HLO_CASES, ids=lambda c: c.id)
-def test_hlo_only_per_row_collectives(case):
+def test_hlo_only_per_row_collectives(case, class_mesh):
   """The compiled shard_map step: every collective is an all-reduce of (rows,) vectors or
   scalars (the linear head's gradients w.r.t. kernel and bias only: with hidden's, JAX adds
   the (rows, H) sum of its shares, Megatron's column-parallel one)."""
@@ -464,10 +456,10 @@ def test_hlo_only_per_row_collectives(case):
 
     def body(*args):  # kernel and bias only
       return jax.value_and_grad(objective, argnums=(1, 2))(*args)
-    f = jax.jit(jax.shard_map(body, mesh=_mesh(case.mesh), in_specs=tuple(specs),
+    f = jax.jit(jax.shard_map(body, mesh=class_mesh(case.mesh), in_specs=tuple(specs),
                               out_specs=(P(), grad_specs[1:])))
   else:  # the program of test_grad_inside_shard_map_equals_float64_reference
-    f, arrays = _inside(case)
+    f, arrays = _inside(case, class_mesh(case.mesh))
   text = f.lower(*arrays).compile().as_text()
   found = _collectives(text)
   assert found, "no collective at all: the classes were not split"
@@ -492,14 +484,14 @@ def _while_bodies_and_owner(text):
   return bodies, owner
 
 
-def test_hlo_linear_hidden_gradient_summed_once_after_the_loop():
+def test_hlo_linear_hidden_gradient_summed_once_after_the_loop(class_mesh):
   """With hidden's gradient and several vocabulary tiles per member (256 local columns in
   blocks of 128), the members' shares of it are summed by one (N, H) all-reduce outside the
   tile loop, not one per tile."""
   rng = np.random.default_rng(3)
   h, k = rng.normal(size=(N, 1024)), rng.normal(size=(1024, 1024)) / 32
   t = rng.integers(0, 1024, size=N)
-  mesh = _mesh("v")
+  mesh = class_mesh("v")
 
   def body(h, k):
     return jax.grad(lambda h, k: focal_jax.linear_softmax_focal(
@@ -516,9 +508,9 @@ def test_hlo_linear_hidden_gradient_summed_once_after_the_loop():
   assert wide[0][1] not in bodies, wide[0]
 
 
-def test_hlo_check_can_fail():
+def test_hlo_check_can_fail(class_mesh):
   """The same parser sees the gathered logits of a loss that replicates them first."""
-  mesh = _mesh("v")
+  mesh = class_mesh("v")
 
   def body(z):
     full = lax.all_gather(z, "v", axis=1, tiled=True)
@@ -532,34 +524,35 @@ def test_hlo_check_can_fail():
 # ---------------------------------------------------------------------------- errors
 
 
-def _trace(fn, *args, mesh="v", in_specs=None, **kw):
-  f = jax.shard_map(lambda *a: fn(*a, **kw), mesh=_mesh(mesh),
+def _trace(mesh, fn, *args, in_specs=None, **kw):
+  f = jax.shard_map(lambda *a: fn(*a, **kw), mesh=mesh,
                     in_specs=in_specs or (P(None, "v"), P()), out_specs=P())
   return jax.eval_shape(f, *args)
 
 
-def test_errors_at_trace_time():
+def test_errors_at_trace_time(class_mesh):
+  mesh = class_mesh("v")
   d = _data()
   z, t = d["z"], np.where(d["t"] < 0, 0, d["t"])
   with pytest.raises(ValueError, match=r"softmax_focal: the class count C must be divisible "
                      r"by the size 4 of class_axis_name 'v'.*got C = 10"):
-    _trace(focal_jax.softmax_focal, z, t, class_axis_name="v", alpha=np.ones(10))
+    _trace(mesh, focal_jax.softmax_focal, z, t, class_axis_name="v", alpha=np.ones(10))
   with pytest.raises(ValueError, match=r"softmax_focal: gamma must be a scalar or the whole "
                      r"\(12,\) class vector \(3 classes of logits on each of the 4 members "
                      r"of class_axis_name 'v'\), got shape \(8,\)"):
-    _trace(focal_jax.softmax_focal, z, t, class_axis_name="v", gamma=np.ones(8))
+    _trace(mesh, focal_jax.softmax_focal, z, t, class_axis_name="v", gamma=np.ones(8))
   with pytest.raises(ValueError, match=r"categorical_focal: the class count C must be "
                      r"divisible by the size 4 of class_axis_name 'v'"):
-    _trace(focal_jax.categorical_focal, z, d["soft"], class_axis_name="v",
+    _trace(mesh, focal_jax.categorical_focal, z, d["soft"], class_axis_name="v",
            in_specs=(P(None, "v"), P(None, "v")), alpha=np.ones(6))
   with pytest.raises(ValueError, match=r"linear_softmax_focal: the class count C must be "
                      r"divisible by the size 4 of class_axis_name 'v'.*got C = 18"):
-    _trace(lambda k, h: focal_jax.linear_softmax_focal(h, k, t, class_axis_name="v",
+    _trace(mesh, lambda k, h: focal_jax.linear_softmax_focal(h, k, t, class_axis_name="v",
                                                        gamma=np.ones(18)), d["k"], d["h"])
   with pytest.raises(ValueError, match=r"softmax_focal: class_axis_name must be a named axis "
                      r"bound here .*got 'model'"):
-    _trace(focal_jax.softmax_focal, z, t, class_axis_name="model")
+    _trace(mesh, focal_jax.softmax_focal, z, t, class_axis_name="model")
   with pytest.raises(ValueError, match=r"softmax_focal: class_axis_name and axis_name must "
                      r"name different axes .*got 'v' in both"):
-    _trace(focal_jax.softmax_focal, z, t, class_axis_name="v", axis_name="v",
+    _trace(mesh, focal_jax.softmax_focal, z, t, class_axis_name="v", axis_name="v",
            reduction="mean")

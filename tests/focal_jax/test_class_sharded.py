@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -91,14 +90,6 @@ HLO_ONLY = [Case("linear", "mean", alpha="shard", gamma="shard", eps=0.1, mask=T
 
 
 # ------------------------------------------------------------------------------------- data
-
-
-@functools.lru_cache(maxsize=None)
-def _mesh(kind):
-  devices = np.array(jax.devices()[:N_DEV])
-  if kind == "v":
-    return Mesh(devices, ("v",))
-  return Mesh(devices.reshape(2, 2), ("d", "v"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,10 +192,9 @@ def _setup(case):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(case):
+def _compiled(case, mesh):
   """(compiled program, sharded arguments, HLO text); compiled once per case."""
   step, arrays, specs = _setup(case)
-  mesh = _mesh(case.mesh)
   args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(arrays, specs)]
   compiled = jax.jit(step).lower(*args).compile()
   return compiled, args, compiled.as_text()
@@ -311,8 +301,8 @@ def _reference(case, refs):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_sharded_jit_equals_float64_reference(case, refs):
-  compiled, args, _ = _compiled(case)
+def test_sharded_jit_equals_float64_reference(case, refs, class_mesh):
+  compiled, args, _ = _compiled(case, class_mesh(case.mesh))
   (_, value), grads = compiled(*args)
   ref_value, ref_grads = _reference(case, refs)
   np.testing.assert_allclose(np.asarray(value), ref_value, rtol=RTOL, atol=ATOL)
@@ -324,12 +314,12 @@ def test_sharded_jit_equals_float64_reference(case, refs):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=RTOL, atol=ATOL)
 
 
-def test_sigmoid_shard_map_with_classes_split_needs_only_axis_name(refs):
+def test_sigmoid_shard_map_with_classes_split_needs_only_axis_name(refs, class_mesh):
   """sigmoid_focal under shard_map with the entries split over both axes of a 2 x 2 mesh:
   `axis_name=("d", "v")` and `lax.pmean` over the same axes give the whole-array result."""
   case = Case("sigmoid", "mean_positive", mesh="dv", alpha=0.25, gamma=2.0, eps=0.1, mask=True)
   d = _data()
-  mesh = _mesh("dv")
+  mesh = class_mesh("dv")
   spec = P("d", "v")
 
   @jax.jit
@@ -439,10 +429,10 @@ def _class_sized(case):
 
 
 @pytest.mark.parametrize("case", CASES + HLO_ONLY, ids=lambda c: c.id)
-def test_hlo_nothing_class_sized_crosses(case):
+def test_hlo_nothing_class_sized_crosses(case, class_mesh):
   """The issue's criterion: no (N, C), (N, V), (H, V) (or a shard of one) crosses the class
   axis (on the 2 x 2 mesh, the data axis carries the usual data-parallel gradient sums)."""
-  _, _, hlo = _compiled(case)
+  _, _, hlo = _compiled(case, class_mesh(case.mesh))
   bad = _class_sized(case)
   data_groups = _axis_groups(case)[1]
   for kind, shapes, groups, line in collectives(hlo):
@@ -499,8 +489,8 @@ def _strict_params():
 
 
 @pytest.mark.parametrize("case", list(_strict_params()))
-def test_hlo_only_per_row_collectives(case):
-  _, _, hlo = _compiled(case)
+def test_hlo_only_per_row_collectives(case, class_mesh):
+  _, _, hlo = _compiled(case, class_mesh(case.mesh))
   found = collectives(hlo)
   assert found, f"{case.id}: no collective at all: the classes were not split"
   for kind, shapes, groups, line in found:
@@ -530,10 +520,10 @@ def test_hlo_parser_reads_collectives():
   ]
 
 
-def test_hlo_checks_catch_gathered_logits():
+def test_hlo_checks_catch_gathered_logits(class_mesh):
   """The checks can fail: logits gathered on purpose (replicated before the loss) show up."""
   case = CASES[1]
-  mesh = _mesh("v")
+  mesh = class_mesh("v")
   replicated = NamedSharding(mesh, P())
 
   def loss(z, t):
