@@ -214,7 +214,7 @@ def test_sigmoid_labels_outside_unit_interval_give_nan(refs, label_smoothing):
 @pytest.mark.parametrize("name", list(SOFTMAX_LIKE))
 def test_ignore_index_outside_the_label_dtype_ignores_nothing(refs, name):
   # Eager: five calls, each with other static keywords, so jit would compile five programs;
-  # measured slower than eager for the linear head (8 s against 5 s on 2 busy cores).
+  # measured slower than eager for the linear head.
   fn = SOFTMAX_LIKE[name]
   rng = np.random.default_rng(0)
   z = rng.normal(size=(4, 200))
