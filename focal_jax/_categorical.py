@@ -9,6 +9,7 @@ The quantities and their names are docs/math.md's ("Categorical", its "Names" ta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -18,12 +19,26 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
+from focal_jax import _numerics
 from focal_jax import _reduce
 from focal_jax import _rowreduce
 
 # Stands in for log(1 - s) = -inf at the top class of a row without any other mass: finite,
 # so that exp(0 * it) = 1 (gamma = 0) and 0 * it = 0 stay well defined.
 _NO_REST_LOG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalOptions:
+  """The checked settings of one categorical focal loss call that are not arrays, passed whole
+  to `_focal_rows` (a nondiff argument of its custom_jvp) and to the checkpointed tangent (a
+  static argument): frozen and hashable.
+
+  Attributes:
+    split: the `_rowreduce.ClassSplit` of `class_axis_name` (this member holds a slice of the
+      classes), or None.
+  """
+  split: _rowreduce.ClassSplit | None = None
 
 
 class _Rows(NamedTuple):
@@ -116,26 +131,31 @@ def _rows(z, y, alpha, gamma, valid, split=None) -> _Rows:
   return _Rows(top, m, s_rest, jnp.where(valid, loss, 0.0), w_sum, w_rest)
 
 
-def _dot(z, y, alpha, gamma, valid, rows, dz, dy, split=None):
+def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
   """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars.
 
-  With `split`, the sum over this member's slice of the classes only.
+  With `options.split`, the sum over this member's slice of the classes only.
   """
+  split = options.split
   el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
-  out = jnp.zeros_like(rows.loss)
+  start = jnp.zeros_like(rows.loss)
   # Masked rows: the (.., C) derivatives themselves are set to 0 (not just the output), so
   # that whatever their logits hold (even NaN), reverse mode gives them exactly 0.
   valid_c = valid[..., None]
-  if dz is not None:
+
+  def dz_term(dz):
     is_top = _is_top(rows.top, z.shape, split)
     # dloss/dz_j = s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly:
     # no cancellation at the top class as s -> 1.
     others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
     grad = el.s * others - jnp.exp(el.log_1m_s) * el.w
-    out = out + jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
-  if dy is not None:
-    out = out + jnp.sum(jnp.where(valid_c, -alpha * el.focal * el.log_s, 0.0) * dy, axis=-1)
-  return out
+    return jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
+
+  return _numerics.tangent_sum(
+      rows.loss, (dz, dz_term),
+      (dy, lambda d: jnp.sum(jnp.where(valid_c, -alpha * el.focal * el.log_s, 0.0) * d,
+                             axis=-1)),
+      start=start)
 
 
 # --- engine (JAX-specific: jax.checkpoint, the (.., C) derivatives recomputed in the backward)
@@ -149,31 +169,29 @@ _dot_remat = jax.checkpoint(_dot, prevent_cse=True, static_argnums=(8,))
 # A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
 # the closed form gradient in log space, finite where autodiff of (1 - s)**gamma is NaN.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _focal_rows(z, y, alpha, gamma, valid, split):
-  return _rows(z, y, alpha, gamma, valid, split).loss
+def _focal_rows(z, y, alpha, gamma, valid, options: CategoricalOptions):
+  return _rows(z, y, alpha, gamma, valid, options.split).loss
 
 
-def _focal_rows_jvp(split, primals, tangents):
+def _focal_rows_jvp(options, primals, tangents):
   z, y, alpha, gamma, valid = primals
   dz, dy, dalpha, dgamma, _ = tangents
+  split = options.split
   rows = _rows(z, y, alpha, gamma, valid, split)
-  dz = None if isinstance(dz, SymbolicZero) else dz
-  dy = None if isinstance(dy, SymbolicZero) else dy
-  terms = []
-  if dz is not None or dy is not None:
-    terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, dz, dy, split))
-  if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
+
+  def hyper_term(d):  # d = (dalpha, dgamma), None for a symbolic zero
     el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
     per_class = jnp.where(valid[..., None], -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
-    hyper = jnp.zeros_like(rows.loss)
-    if not isinstance(dalpha, SymbolicZero):
-      hyper = hyper + jnp.sum(per_class * dalpha, axis=-1)
-    if not isinstance(dgamma, SymbolicZero):
-      hyper = hyper + jnp.sum(alpha * per_class * el.log_1m_s * dgamma, axis=-1)
-    terms.append(hyper)
-  if not terms:
+    return _numerics.tangent_sum(
+        rows.loss, (d[0], lambda da: jnp.sum(per_class * da, axis=-1)),
+        (d[1], lambda dg: jnp.sum(alpha * per_class * el.log_1m_s * dg, axis=-1)),
+        start=jnp.zeros_like(rows.loss))
+
+  if all(isinstance(d, SymbolicZero) for d in (dz, dy, dalpha, dgamma)):
     return rows.loss, jnp.zeros_like(rows.loss)
-  tangent = sum(terms[1:], terms[0])
+  tangent = _numerics.tangent_sum(
+      rows.loss, ((dz, dy), lambda d: _dot_remat(z, y, alpha, gamma, valid, rows, *d, options)),
+      ((dalpha, dgamma), hyper_term))
   if split is not None:
     # Every term is a sum over this member's classes: the whole rows' tangent sums them over
     # the members (reverse mode transposes the psum into handing each member the cotangent).
@@ -317,7 +335,7 @@ def categorical_focal(
   if jnp.promote_types(y.dtype, cdtype) != cdtype:
     y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
-  loss = _focal_rows(z, y, alpha, gamma, valid, split)
+  loss = _focal_rows(z, y, alpha, gamma, valid, CategoricalOptions(split=split))
   loss = _checks.apply_sample_weight(loss, weight, where)
   if split is None:
     positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)

@@ -9,6 +9,7 @@ tangent, which reverse mode transposes into the parameter gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -17,9 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
+from focal_jax import _numerics
 from focal_jax import _reduce
 from focal_jax import _rowreduce
 from focal_jax import _softmax
@@ -66,18 +67,36 @@ def _chunked(x, chunk):
   return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
 
 
-def _none_if_zero(x):
-  return None if isinstance(x, SymbolicZero) else x
+@dataclasses.dataclass(frozen=True)
+class LinearOptions:
+  """The checked settings of one fused linear softmax focal loss call that are not arrays,
+  passed whole to the custom_jvp functions (a nondiff argument) and the checkpointed tile
+  tangent (a static argument): frozen and hashable.
+
+  Attributes:
+    label_smoothing: `eps` in [0, 1].
+    chunk_size: rows per chunk of the forward pass (divides the padded row count).
+    tile: `(tile_rows, block)` of the derivative pass's tiles of the logits.
+    split: the `_rowreduce.ClassSplit` of `class_axis_name` (this member holds a slice of the
+      kernel's columns), or None.
+    compute_dtype: the dtype of the products and the math (float32 at least).
+  """
+  label_smoothing: float
+  chunk_size: int
+  tile: tuple[int, int]
+  split: _rowreduce.ClassSplit | None
+  compute_dtype: Any
 
 
-def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype,
-                      split=None):
+def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, options: LinearOptions):
   """RowStats of every row (each field of shape (N,)), one (chunk, V) block of logits at a time.
 
-  With `split` (the vocabulary split over a named axis, `kernel` and `bias` this member's
-  columns): each chunk gives this member's one-pass partials, combined over the axis once
-  for all rows after the loop ((N,)-sized collectives).
+  With `options.split` (the vocabulary split over a named axis, `kernel` and `bias` this
+  member's columns): each chunk gives this member's one-pass partials, combined over the axis
+  once for all rows after the loop ((N,)-sized collectives).
   """
+  eps, chunk, cdtype, split = (options.label_smoothing, options.chunk_size,
+                               options.compute_dtype, options.split)
   if split is not None:
     first = split.first()
 
@@ -108,17 +127,15 @@ def _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, ch
 # (chunk, V) class iota and broadcast constants of row_stats, extra (chunk, V) buffers that
 # stay alive through the loop. A custom_jvp call whose inputs are all known is not partially
 # evaluated but called as it is, so the loop keeps them inside, where XLA fuses them away.
-_stats_pass = jax.custom_jvp(_stats_pass_plain, nondiff_argnums=(8, 9, 10, 11))
+_stats_pass = jax.custom_jvp(_stats_pass_plain, nondiff_argnums=(8,))
 
 
 @_stats_pass.defjvp
-def _stats_pass_jvp(eps, chunk, cdtype, split, primals, tangents):
-  return jax.jvp(lambda *args: _stats_pass_plain(*args, eps, chunk, cdtype, split), primals,
-                 tangents)
+def _stats_pass_jvp(options, primals, tangents):
+  return jax.jvp(lambda *args: _stats_pass_plain(*args, options), primals, tangents)
 
 
-def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, tile, cdtype,
-                  split=None):
+def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, options: LinearOptions):
   """Row sums of dloss/dz * dz over tile i of the logits, dz = dh W + h dW + db.
 
   Tiles are (tile_rows, block); tile i covers block b = i // (tiles per column) of columns
@@ -126,10 +143,11 @@ def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, til
   row or column tile that would run past the end starts at N - tile_rows or V - block instead
   (where a dynamic slice clamps anyway) and masks the rows or columns the tile before it
   already covered: no array is ever padded or copied to a multiple of the tile.
-  Returns the first row of the tile and its (tile_rows,) row sums. With `split`, `kernel`
-  holds this member's columns of the vocabulary (classes `split.first()` on).
+  Returns the first row of the tile and its (tile_rows,) row sums. With `options.split`,
+  `kernel` holds this member's columns of the vocabulary (classes `split.first()` on).
   """
-  tile_rows, block = tile
+  eps, cdtype, split = options.label_smoothing, options.compute_dtype, options.split
+  tile_rows, block = options.tile
   num_rows, vocab = h.shape[0], kernel.shape[1]
   row_tiles = -(-num_rows // tile_rows)
   b, c = i // row_tiles, i % row_tiles
@@ -172,7 +190,7 @@ def _tile_tangent(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps, til
 # Checkpointed: reverse mode keeps no tile -- each tile's logits and gradient are recomputed in
 # the backward pass from the inputs and the per-row scalars, so only O(tile) is alive. The
 # transposed loop adds each tile's (H, block) kernel gradient into its columns in place.
-_tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10, 11, 12, 13))
+_tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10,))
 
 
 # A custom_jvp (not a custom_vjp, which jax.hessian cannot forward-differentiate). Its rule is
@@ -182,21 +200,22 @@ _tile_tangent_remat = jax.checkpoint(_tile_tangent, static_argnums=(10, 11, 12, 
 # axes under shard_map) automatically, and the transposed scan accumulates the hidden, kernel
 # and bias gradients tile by tile. The per-row math is softmax_focal's (row_stats /
 # grad_from_stats), so both compute the same numbers.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9, 10, 11, 12))
-def _linear_rows(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, tile, cdtype,
-                 split):
-  """Per-row losses of softmax_focal(h @ kernel + bias), h of shape (num_chunks * chunk, H)."""
-  del tile  # only the derivative is tiled
-  return _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk,
-                           cdtype, split).loss
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8,))
+def _linear_rows(h, kernel, bias, t, alpha, gamma, valid, in_range, options: LinearOptions):
+  """Per-row losses of softmax_focal(h @ kernel + bias), h of shape (num_chunks * chunk, H).
+
+  Only the derivative is tiled (`options.tile`).
+  """
+  return _stats_pass_plain(h, kernel, bias, t, alpha, gamma, valid, in_range, options).loss
 
 
-def _linear_rows_jvp(eps, chunk, tile, cdtype, split, primals, tangents):
+def _linear_rows_jvp(options, primals, tangents):
   h, kernel, bias, t, alpha, gamma, valid, in_range = primals
-  dh, dkernel, dbias, _, dalpha, dgamma, _, _ = map(_none_if_zero, tangents)
+  dh, dkernel, dbias, _, dalpha, dgamma, _, _ = map(_numerics.given, tangents)
   if bias is None:
     dbias = None
-  st = _stats_pass(h, kernel, bias, t, alpha, gamma, valid, in_range, eps, chunk, cdtype, split)
+  split, tile = options.split, options.tile
+  st = _stats_pass(h, kernel, bias, t, alpha, gamma, valid, in_range, options)
   tangent = jnp.zeros_like(st.loss)
   if dh is not None or dkernel is not None or dbias is not None:
     num_tiles = -(-h.shape[0] // tile[0]) * -(-kernel.shape[1] // tile[1])
@@ -209,8 +228,8 @@ def _linear_rows_jvp(eps, chunk, tile, cdtype, split, primals, tangents):
         dh = _rowreduce.to_varying(dh, split.axis_name)
 
     def body(tangent, i):
-      row0, sums = _tile_tangent_remat(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i, eps,
-                                       tile, cdtype, split)
+      row0, sums = _tile_tangent_remat(h, kernel, bias, t, st, valid, dh, dkernel, dbias, i,
+                                       options)
       # Added in place into the rows of the tile (its masked rows add 0).
       total = lax.dynamic_slice_in_dim(tangent, row0, tile[0]) + sums
       return lax.dynamic_update_slice_in_dim(tangent, total, row0, axis=0), None
@@ -219,11 +238,9 @@ def _linear_rows_jvp(eps, chunk, tile, cdtype, split, primals, tangents):
       # This member's vocabulary columns' share; the whole rows' tangent sums the members'
       # (reverse mode transposes it into handing each member the cotangent).
       tangent = lax.psum(tangent, split.axis_name)
-  if dalpha is not None:
-    tangent = tangent + st.dloss_dalpha * dalpha
-  if dgamma is not None:
-    tangent = tangent + st.dloss_dgamma * dgamma
-  return st.loss, tangent
+  return st.loss, _numerics.tangent_sum(
+      st.loss, (dalpha, lambda d: st.dloss_dalpha * d), (dgamma, lambda d: st.dloss_dgamma * d),
+      start=tangent)
 
 
 _linear_rows.defjvp(_linear_rows_jvp, symbolic_zeros=True)
@@ -395,11 +412,12 @@ def linear_softmax_focal(
       x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
     return x
 
-  tile = _auto_tile(padded, vocab, size, chunk)
+  options = LinearOptions(label_smoothing=prep.eps, chunk_size=chunk,
+                          tile=_auto_tile(padded, vocab, size, chunk), split=split,
+                          compute_dtype=prep.compute_dtype)
   loss = _linear_rows(
       rows(hidden, 0), kernel, bias, rows(prep.t, 0), rows(prep.alpha, 1), rows(prep.gamma, 0),
-      rows(prep.valid, False), rows(prep.in_range, True), prep.eps, chunk, tile,
-      prep.compute_dtype, split)
+      rows(prep.valid, False), rows(prep.in_range, True), options)
   loss = loss[:num_rows].reshape(row_shape)
   loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,

@@ -10,15 +10,16 @@ derivatives; the reduced losses' forward sum in blocks on CPU, chosen by
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
+from focal_jax import _numerics
 from focal_jax import _reduce
 
 
@@ -26,6 +27,24 @@ def _safe_log(x: jax.Array) -> jax.Array:
   # log(0) = -inf, with a zero (not NaN) derivative there: the double-where trick.
   positive = x > 0
   return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidOptions:
+  """The checked settings of one sigmoid focal loss call that are not arrays, passed whole to
+  the custom_jvp functions (a nondiff argument) and the checkpointed tangents (a static
+  argument): frozen and hashable.
+
+  Attributes:
+    label_smoothing: `eps` in [0, 1].
+    compute_dtype: the dtype of the math (float32 at least).
+    has_alpha: whether `alpha` was given (None: no weighting, `alpha_t = 1`).
+    check_labels: labels not boolean: an unmasked label outside [0, 1] or NaN gives NaN.
+  """
+  label_smoothing: float
+  compute_dtype: Any
+  has_alpha: bool
+  check_labels: bool
 
 
 class _EntryStats(NamedTuple):
@@ -73,14 +92,10 @@ def _entry_stats(x: jax.Array, y: jax.Array, alpha: jax.Array, gamma: jax.Array,
                      masked(dloss_dgamma))
 
 
-def _dot(x, y, alpha, gamma, valid, has_alpha, dx, dy):
-  st = _entry_stats(x, y, alpha, gamma, valid, has_alpha)
-  out = jnp.zeros_like(st.loss)
-  if dx is not None:
-    out = out + st.dloss_dx * dx.astype(st.loss.dtype)
-  if dy is not None:
-    out = out + st.dloss_dy * dy
-  return out
+def _dot(x, y, alpha, gamma, valid, options: SigmoidOptions, dx, dy):
+  st = _entry_stats(x, y, alpha, gamma, valid, options.has_alpha)
+  return _numerics.tangent_sum(st.loss, (dx, lambda d: st.dloss_dx * d.astype(st.loss.dtype)),
+                               (dy, lambda d: st.dloss_dy * d), start=jnp.zeros_like(st.loss))
 
 
 # --- engine (JAX-specific: jax.checkpoint, the derivatives recomputed in the backward) -------
@@ -95,24 +110,18 @@ _dot_remat = jax.checkpoint(_dot, static_argnums=(5,), prevent_cse=False)
 # (1 - p_t)**gamma gives NaN (0 < gamma < 1, p_t rounded to 1).
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _focal_entries(x: jax.Array, y: jax.Array, alpha: jax.Array, gamma: jax.Array,
-                   valid: jax.Array, has_alpha: bool) -> jax.Array:
-  return _entry_stats(x, y, alpha, gamma, valid, has_alpha).loss
+                   valid: jax.Array, options: SigmoidOptions) -> jax.Array:
+  return _entry_stats(x, y, alpha, gamma, valid, options.has_alpha).loss
 
 
-def _focal_entries_jvp(has_alpha, primals, tangents):
+def _focal_entries_jvp(options, primals, tangents):
   x, y, alpha, gamma, valid = primals
   dx, dy, dalpha, dgamma, _ = tangents
-  st = _entry_stats(x, y, alpha, gamma, valid, has_alpha)
-  terms = []
-  dx = None if isinstance(dx, SymbolicZero) else dx
-  dy = None if isinstance(dy, SymbolicZero) else dy
-  if dx is not None or dy is not None:
-    terms.append(_dot_remat(x, y, alpha, gamma, valid, has_alpha, dx, dy))
-  if not isinstance(dalpha, SymbolicZero) and has_alpha:
-    terms.append(st.dloss_dalpha * dalpha)
-  if not isinstance(dgamma, SymbolicZero):
-    terms.append(st.dloss_dgamma * dgamma)
-  return st.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(st.loss)
+  st = _entry_stats(x, y, alpha, gamma, valid, options.has_alpha)
+  return st.loss, _numerics.tangent_sum(
+      st.loss, ((dx, dy), lambda d: _dot_remat(x, y, alpha, gamma, valid, options, *d)),
+      (dalpha if options.has_alpha else None, lambda d: st.dloss_dalpha * d),
+      (dgamma, lambda d: st.dloss_dgamma * d))
 
 
 _focal_entries.defjvp(_focal_entries_jvp, symbolic_zeros=True)
@@ -135,26 +144,20 @@ _focal_entries.defjvp(_focal_entries_jvp, symbolic_zeros=True)
 _BLOCK = 1 << 16
 
 
-class _Config(NamedTuple):
-  """What the per-entry computation needs to know statically."""
-  has_alpha: bool
-  eps: float
-  check_labels: bool  # labels not boolean: outside [0, 1] or NaN gives NaN
-  cdtype: Any
-
-
-def _labels_to_y(labels: jax.Array, where: jax.Array | None, cfg: _Config) -> jax.Array:
+def _labels_to_y(labels: jax.Array, where: jax.Array | None,
+                 options: SigmoidOptions) -> jax.Array:
   """The labels as the loss sees them: compute dtype, checked, smoothed (elementwise)."""
-  y = labels.astype(cfg.cdtype)
-  if cfg.check_labels:
+  y = labels.astype(options.compute_dtype)
+  if options.check_labels:
     # Labels outside [0, 1] (class ids passed by mistake) or NaN: NaN for the entry, like an
     # out-of-range class label (masked entries stay 0).
     # Masked bad labels are replaced by 1/2 (no NaN inside the derivatives of masked entries).
     zero, one = jnp.zeros((), labels.dtype), jnp.ones((), labels.dtype)
     bad_label = jnp.nan if where is None else jnp.where(where, jnp.nan, 0.5)
     y = jnp.where((labels >= zero) & (labels <= one), y, bad_label)
-  if cfg.eps > 0.0:
-    y = (1.0 - cfg.eps) * y + 0.5 * cfg.eps
+  eps = options.label_smoothing
+  if eps > 0.0:
+    y = (1.0 - eps) * y + 0.5 * eps
   return y
 
 
@@ -166,10 +169,10 @@ def _weighted(v: jax.Array, weight: jax.Array | None, where: jax.Array | None) -
   return v if where is None else jnp.where(where, v, 0.0)
 
 
-def _block_losses(x, labels, alpha, gamma, where, weight, cfg):
-  y = _labels_to_y(labels, where, cfg)
+def _block_losses(x, labels, alpha, gamma, where, weight, options):
+  y = _labels_to_y(labels, where, options)
   valid = jnp.ones((), bool) if where is None else where
-  loss = _entry_stats(x, y, alpha, gamma, valid, cfg.has_alpha).loss
+  loss = _entry_stats(x, y, alpha, gamma, valid, options.has_alpha).loss
   return _weighted(loss, weight, where)
 
 
@@ -234,14 +237,14 @@ def _blocked_sum(fn, x: jax.Array, *args: jax.Array | None) -> jax.Array:
   return total
 
 
-def _total_dot(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels):
+def _total_dot(x, labels, alpha, gamma, where, weight, options, dx, dlabels):
   """The tangent of the weighted, masked per-entry losses: linear in ``dx`` and ``dlabels``."""
-  y = _labels_to_y(labels, where, cfg)
+  y = _labels_to_y(labels, where, options)
   dy = None
   if dlabels is not None:
-    dy = jax.jvp(lambda l: _labels_to_y(l, where, cfg), (labels,), (dlabels,))[1]
+    dy = jax.jvp(lambda l: _labels_to_y(l, where, options), (labels,), (dlabels,))[1]
   valid = jnp.ones((), bool) if where is None else where
-  out = _dot(x, y, alpha, gamma, valid, cfg.has_alpha, dx, dy)
+  out = _dot(x, y, alpha, gamma, valid, options, dx, dy)
   return _weighted(out, weight, where)
 
 
@@ -254,46 +257,45 @@ _total_dot_remat_cpu = jax.checkpoint(_total_dot, static_argnums=(6,), prevent_c
 _total_dot_remat = jax.checkpoint(_total_dot, static_argnums=(6,), prevent_cse=False)
 
 
-def _total_tangent(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels):
+def _total_tangent(x, labels, alpha, gamma, where, weight, options, dx, dlabels):
   def run(remat):
-    return lambda *a: jnp.sum(remat(*a[:6], cfg, *a[6:]))
+    return lambda *a: jnp.sum(remat(*a[:6], options, *a[6:]))
   return jax.lax.platform_dependent(x, labels, alpha, gamma, where, weight, dx, dlabels,
                                     cpu=run(_total_dot_remat_cpu), default=run(_total_dot_remat))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _focal_total(x: jax.Array, labels: jax.Array, alpha: jax.Array, gamma: jax.Array,
-                 where: jax.Array | None, weight: jax.Array | None, cfg: _Config) -> jax.Array:
+                 where: jax.Array | None, weight: jax.Array | None,
+                 options: SigmoidOptions) -> jax.Array:
   """The sum of the weighted, masked per-entry losses (the forward in blocks)."""
-  losses = lambda *a: _block_losses(*a, cfg)
+  losses = lambda *a: _block_losses(*a, options)
   # The blocked loop on CPU only (see above); elsewhere XLA fuses the plain sum.
   return jax.lax.platform_dependent(
       x, labels, alpha, gamma, where, weight,
       cpu=lambda *a: _blocked_sum(losses, *a), default=lambda *a: jnp.sum(losses(*a)))
 
 
-def _focal_total_jvp(cfg, primals, tangents):
+def _focal_total_jvp(options, primals, tangents):
   x, labels, alpha, gamma, where, weight = primals
   dx, dlabels, dalpha, dgamma, _, _ = tangents
-  total = _focal_total(x, labels, alpha, gamma, where, weight, cfg)
-  dx = None if isinstance(dx, SymbolicZero) else dx
-  dlabels = None if isinstance(dlabels, SymbolicZero) else dlabels
-  if dlabels is not None and not jnp.issubdtype(labels.dtype, jnp.floating):
+  total = _focal_total(x, labels, alpha, gamma, where, weight, options)
+  if not jnp.issubdtype(labels.dtype, jnp.floating):
     dlabels = None  # integer or boolean labels: no tangent
-  terms = []
-  if dx is not None or dlabels is not None:
-    terms.append(_total_tangent(x, labels, alpha, gamma, where, weight, cfg, dx, dlabels))
-  has_dalpha = not isinstance(dalpha, SymbolicZero) and cfg.has_alpha
-  has_dgamma = not isinstance(dgamma, SymbolicZero)
-  if has_dalpha or has_dgamma:
-    y = _labels_to_y(labels, where, cfg)
+
+  @functools.cache
+  def stats():  # the entries' derivatives w.r.t. alpha and gamma, for both terms, once
+    y = _labels_to_y(labels, where, options)
     valid = jnp.ones((), bool) if where is None else where
-    st = _entry_stats(x, y, alpha, gamma, valid, cfg.has_alpha)
-    if has_dalpha:
-      terms.append(jnp.sum(_weighted(st.dloss_dalpha * dalpha, weight, where)))
-    if has_dgamma:
-      terms.append(jnp.sum(_weighted(st.dloss_dgamma * dgamma, weight, where)))
-  return total, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(total)
+    return _entry_stats(x, y, alpha, gamma, valid, options.has_alpha)
+
+  return total, _numerics.tangent_sum(
+      total,
+      ((dx, dlabels),
+       lambda d: _total_tangent(x, labels, alpha, gamma, where, weight, options, *d)),
+      (dalpha if options.has_alpha else None,
+       lambda d: jnp.sum(_weighted(stats().dloss_dalpha * d, weight, where))),
+      (dgamma, lambda d: jnp.sum(_weighted(stats().dloss_dgamma * d, weight, where))))
 
 
 _focal_total.defjvp(_focal_total_jvp, symbolic_zeros=True)
@@ -408,7 +410,8 @@ def sigmoid_focal(
   gamma = jnp.reshape(gamma, lead + gamma.shape if logits.ndim and gamma.ndim else ())
 
   x = logits  # cast to the compute dtype inside, see _entry_stats
-  cfg = _Config(has_alpha, eps, labels.dtype != jnp.bool_, cdtype)
+  options = SigmoidOptions(label_smoothing=eps, compute_dtype=cdtype, has_alpha=has_alpha,
+                           check_labels=labels.dtype != jnp.bool_)
   positive = labels > 0 if where is None else where & (labels > 0)
   if reduction != "none":
     # where and sample_weight as given (not broadcast): the blocked sum slices what varies.
@@ -417,13 +420,13 @@ def sigmoid_focal(
     raw_where = None if where is None else at_rank(jnp.asarray(where_arg))
     raw_weight = None if weight is None else jax.lax.stop_gradient(
         at_rank(jnp.asarray(sample_weight).astype(cdtype)))
-    total = _focal_total(x, labels, alpha, gamma, raw_where, raw_weight, cfg)
+    total = _focal_total(x, labels, alpha, gamma, raw_where, raw_weight, options)
     shape = jax.ShapeDtypeStruct(labels.shape, cdtype)  # what reduce_loss counts over
     return _reduce.reduce_loss(shape, valid=where, positive=positive, reduction=reduction,
                                axis_name=axis_name, dtype=dtype, total=total)
-  y = _labels_to_y(labels, where, cfg)
+  y = _labels_to_y(labels, where, options)
   valid = jnp.ones((), bool) if where is None else where
-  loss = _focal_entries(x, y, alpha, gamma, valid, has_alpha)
+  loss = _focal_entries(x, y, alpha, gamma, valid, options)
   loss = _checks.apply_sample_weight(loss, weight, where)
   return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
                              axis_name=axis_name, dtype=dtype)

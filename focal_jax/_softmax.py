@@ -11,21 +11,37 @@ gradient) sits below its marked boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from focal_jax import _checks
+from focal_jax import _numerics
 from focal_jax import _reduce
 from focal_jax import _rowreduce
 
 # Stands in for an infinite margin when a row has no mass outside its target (one class, or
 # every other logit -inf): finite, so that 0 * margin and exp(0 * log q) stay well defined.
 _NO_REST_MARGIN = 1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxOptions:
+  """The checked settings of one softmax focal loss call that are not arrays, passed whole to
+  `focal_rows` (a nondiff argument of its custom_jvp) and to the checkpointed tangent (a
+  static argument): frozen and hashable.
+
+  Attributes:
+    label_smoothing: `eps` in [0, 1].
+    split: the `_rowreduce.ClassSplit` of `class_axis_name` (this member holds a slice of the
+      classes), or None.
+  """
+  label_smoothing: float
+  split: _rowreduce.ClassSplit | None = None
 
 
 class RowStats(NamedTuple):
@@ -178,11 +194,12 @@ def grad_from_stats(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
 # --- engine (JAX-specific: jax.checkpoint, the (.., C) gradient recomputed in the backward) ---
 
 
-def _dot_grad(z, t, st, valid, dz, eps, split=None):
+def _dot_grad(z, t, st, valid, dz, options: SoftmaxOptions):
+  split = options.split
   if split is None:
-    g = grad_from_stats(z, t, st, valid, eps)
+    g = grad_from_stats(z, t, st, valid, options.label_smoothing)
   else:  # this member's slice of the classes
-    g = grad_from_stats(z, t, st, valid, eps, first_class=split.first(),
+    g = grad_from_stats(z, t, st, valid, options.label_smoothing, first_class=split.first(),
                         num_classes=split.num_classes)
   return jnp.sum(g * dz.astype(st.m.dtype), axis=-1)
 
@@ -190,7 +207,7 @@ def _dot_grad(z, t, st, valid, dz, eps, split=None):
 # Under jax.checkpoint the (.., C) gradient is not a residual of the linearization: reverse
 # mode keeps the logits and the per-row scalars, and recomputes the gradient in the backward
 # pass (XLA fuses it with the cotangent multiply under jit).
-_dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5, 6), prevent_cse=False)
+_dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=False)
 
 # --- end of engine: the custom_jvp (docs/math.md, "Why a `custom_jvp` in JAX ...") ----------
 
@@ -201,37 +218,38 @@ _dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5, 6), prevent_cse=F
 # gradient it encodes is the closed form of the design (one per-row scalar times
 # softmax - onehot, plus the smoothing term), which stays finite where plain autodiff of
 # (1 - p)**gamma gives NaN (0 < gamma < 1, p rounded to 1).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def focal_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
-               valid: jax.Array, in_range: jax.Array, eps: float,
-               split: _rowreduce.ClassSplit | None = None) -> jax.Array:
+               valid: jax.Array, in_range: jax.Array, options: SoftmaxOptions) -> jax.Array:
   """Per-row softmax focal loss (class axis last), differentiable in z, alpha and gamma.
 
-  With `split`, `z` is this member's slice of the classes and the loss is the whole row's.
+  With `options.split`, `z` is this member's slice of the classes and the loss is the whole
+  row's.
   """
-  return row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True, split=split).loss
+  return row_stats(z, t, alpha, gamma, valid, in_range, options.label_smoothing, one_pass=True,
+                   split=options.split).loss
 
 
-def _focal_rows_jvp(eps, split, primals, tangents):
+def _focal_rows_jvp(options, primals, tangents):
   z, t, alpha, gamma, valid, in_range = primals
   dz, _, dalpha, dgamma, _, _ = tangents
-  st = row_stats(z, t, alpha, gamma, valid, in_range, eps, one_pass=True, split=split)
-  # Symbolic zeros: the terms of arguments that are not being differentiated cost nothing.
-  terms = []
-  if not isinstance(dz, SymbolicZero):
+  split = options.split
+  st = row_stats(z, t, alpha, gamma, valid, in_range, options.label_smoothing, one_pass=True,
+                 split=split)
+
+  def dz_term(dz):
     if split is None:
-      terms.append(_dot_grad_remat(z, t, st, valid, dz, eps, None))
-    else:
-      # The whole loss depends on every member's slice: its tangent is the sum over the
-      # members of each one's slice term. Reverse mode transposes this psum into handing the
-      # (invariant) cotangent to every member (check_vma), each then getting its slice's
-      # gradient; nothing crosses the axis in the backward pass.
-      terms.append(lax.psum(_dot_grad_remat(z, t, st, valid, dz, eps, split), split.axis_name))
-  if not isinstance(dalpha, SymbolicZero):
-    terms.append(st.dloss_dalpha * dalpha)
-  if not isinstance(dgamma, SymbolicZero):
-    terms.append(st.dloss_dgamma * dgamma)
-  return st.loss, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(st.loss)
+      return _dot_grad_remat(z, t, st, valid, dz, options)
+    # The whole loss depends on every member's slice: its tangent is the sum over the
+    # members of each one's slice term. Reverse mode transposes this psum into handing the
+    # (invariant) cotangent to every member (check_vma), each then getting its slice's
+    # gradient; nothing crosses the axis in the backward pass.
+    return lax.psum(_dot_grad_remat(z, t, st, valid, dz, options), split.axis_name)
+
+  # Symbolic zeros: the terms of arguments that are not being differentiated cost nothing.
+  return st.loss, _numerics.tangent_sum(
+      st.loss, (dz, dz_term), (dalpha, lambda d: st.dloss_dalpha * d),
+      (dgamma, lambda d: st.dloss_dgamma * d))
 
 
 focal_rows.defjvp(_focal_rows_jvp, symbolic_zeros=True)
@@ -422,8 +440,8 @@ def softmax_focal(
       what_rows=f"the shape of logits {logits.shape} without axis {ax}",
       sample_weight=sample_weight)
   z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see row_stats
-  loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, prep.eps,
-                    split)
+  options = SoftmaxOptions(label_smoothing=prep.eps, split=split)
+  loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, options)
   loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
                              reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)
