@@ -491,7 +491,8 @@ def softmax_hypers(fn: str, num_classes: int | None, *, alpha: Any, gamma: Any,
 
 
 def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
-                  num_classes: int, ignore_index: int | None, background_class: int | None
+                  num_classes: int, ignore_index: int | None, background_class: int | None,
+                  safe_labels: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
                              torch.Tensor | None]:
   """``(valid, in_range, t, positive)``: the entries that count; with the value checks off,
@@ -500,7 +501,8 @@ def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
   range); the labels as int64 class indices that are safe to index with (0 where masked or
   out of range); and the valid labels not equal to ``background_class`` (None if it is
   None). Labels of any integer dtype are compared with ``ignore_index``,
-  ``background_class`` and ``C`` without wrapping."""
+  ``background_class`` and ``C`` without wrapping. ``safe_labels=False``: ``labels`` as
+  given in place of the safe indices (no copy; the caller makes them safe chunk by chunk)."""
   lab = LabelValues(labels)
   values = lab.values
   valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
@@ -517,6 +519,8 @@ def softmax_masks(fn: str, labels: torch.Tensor, where: torch.Tensor | None,
   zero = torch.zeros((), dtype=torch.int64, device=labels.device)
   if checks_enabled():
     label_range(fn, lab, valid, num_classes, ignore_index)
-    return valid, None, torch.where(valid, values, zero), positive
+    return (valid, None, torch.where(valid, values, zero) if safe_labels else labels,
+            positive)
   in_range = (values >= 0) & (values < num_classes)
-  return valid, in_range, torch.where(valid & in_range, values, zero), positive
+  return (valid, in_range,
+          torch.where(valid & in_range, values, zero) if safe_labels else labels, positive)

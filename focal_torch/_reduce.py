@@ -40,11 +40,12 @@ def finish(total: torch.Tensor, reduction: str, *, count: int, valid: torch.Tens
   if reduction == "sum":
     denominator = None
   elif reduction == "mean":
+    # count_nonzero, not sum: a bool sum is taken in int64, a temporary 8x the mask's size.
     denominator = (total.new_full((), float(count)) if valid is None
-                   else valid.sum().to(total.dtype))
+                   else torch.count_nonzero(valid).to(total.dtype))
   elif reduction == "mean_positive":
     assert positive is not None
-    denominator = positive.sum().to(total.dtype)
+    denominator = torch.count_nonzero(positive).to(total.dtype)
   else:  # the callers check reduction; this is a programming error
     raise AssertionError(reduction)
   if process_group is not None:

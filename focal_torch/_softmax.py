@@ -300,6 +300,78 @@ def combine_split(m: torch.Tensor, s_rest: torch.Tensor, zt: torch.Tensor,
   return zt, lse_from(big_m, s_rest), sum_z
 
 
+# --- short rows: save the inputs only, recompute the per-row scalars in backward ---
+
+# Rows of at most this many classes are "short": the per-row scalars (``lse_rest``, ``a``,
+# ``grad_t``, ... each 4 bytes a row) and the safe int64 labels would weigh as much as the
+# logits themselves (at C = 2 a float32 per-row tensor is half the logits, int64 labels all of
+# them), so the Function saves only its inputs and recomputes them chunk by chunk in backward.
+RECOMPUTE_MAX_CLASSES = 32
+# Rows per chunk on that path: row_terms' dozen per-row temporaries stay a few MiB.
+RECOMPUTE_CHUNK_ROWS = 1 << 16
+
+
+def safe_labels(labels: torch.Tensor, valid: torch.Tensor, in_range: torch.Tensor | None
+                ) -> torch.Tensor:
+  """Labels of any integer dtype (a chunk) as int64 indices that are safe to index with: 0
+  where not ``valid`` or not ``in_range``, as ``_checks.softmax_masks`` makes them."""
+  values = (labels.view(torch.int64) if labels.dtype == torch.uint64
+            else labels.to(torch.int64))
+  ok = valid if in_range is None else valid & in_range
+  return torch.where(ok, values, torch.zeros((), dtype=torch.int64, device=values.device))
+
+
+def chunk_terms(w: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                in_range: torch.Tensor | None, alpha: Any, gamma: Any, eps: float,
+                cdt: torch.dtype, buf: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+  """``(t, lse_rest, row_terms(...))`` of one chunk ``w`` of the logits, from its raw
+  labels and masks, as :func:`row_stats` and the per-row gather of ``alpha``/``gamma``
+  compute them for the whole tensor."""
+  t = safe_labels(labels, valid, in_range)
+  zt = w.gather(1, t).to(cdt)
+  sum_z = w.sum(1, keepdim=True, dtype=cdt) if eps else None
+  lse_rest = chunk_lse_others(w, t, buf)
+  terms = row_terms(zt, lse_rest, sum_z, w.shape[1], _numerics.per_row(alpha, t, cdt),
+                    _numerics.per_row(gamma, t, cdt), eps, valid, in_range)
+  return t, lse_rest, terms
+
+
+def recomputed_loss(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                    in_range: torch.Tensor | None, alpha: Any, gamma: Any,
+                    options: SoftmaxOptions) -> torch.Tensor:
+  """The per-row loss chunk by chunk: nothing of more than a chunk's size but the output."""
+  cdt = options.compute_dtype
+  loss = torch.empty(_chunking.row_shape(z3.shape), dtype=cdt, device=z3.device)
+  buf = chunk_buffer(z3.shape, options.chunk_elements, cdt, z3.device)
+  for idx in _chunking.chunks(z3.shape, options.chunk_elements):
+    _, _, terms = chunk_terms(z3[idx], labels[idx], valid[idx],
+                              None if in_range is None else in_range[idx], alpha, gamma,
+                              options.label_smoothing, cdt, buf)
+    loss[idx] = terms[0]
+  return loss
+
+
+def recomputed_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                    in_range: torch.Tensor | None, alpha: Any, gamma: Any,
+                    options: SoftmaxOptions, go: torch.Tensor) -> torch.Tensor:
+  """The gradient chunk by chunk, each chunk's per-row scalars recomputed from its logits
+  (:func:`chunk_terms`): no temporary beyond the gradient but chunk-sized ones."""
+  cdt = options.compute_dtype
+  out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
+  buf = chunk_buffer(z3.shape, options.chunk_elements, cdt, z3.device)
+  for idx in _chunking.chunks(z3.shape, options.chunk_elements):
+    w, v = z3[idx], valid[idx]
+    t, lse_rest, (_, a, b_over_c, grad_t) = chunk_terms(
+        w, labels[idx], v, None if in_range is None else in_range[idx], alpha, gamma,
+        options.label_smoothing, cdt, buf)
+    g = go[idx]
+    # buf is free again: lse_rest and the scalars are tensors of their own.
+    chunk_grad(w, t, lse_rest, a * g, None if b_over_c is None else b_over_c * g, grad_t * g,
+               out[idx], None if z3.dtype == cdt else buf, masked_rows(v, lse_rest))
+  return out
+
+
 # --- the autograd.Function and the loss ---
 
 
@@ -314,11 +386,15 @@ class SoftmaxOptions:
     split: the ``_class_split.ClassSplit`` of ``class_process_group`` (this rank holds a
       slice of the classes), or None.
     compute_dtype: the dtype of the per-row math (float32, or float64 for float64 logits).
+    recompute: short rows (see ``RECOMPUTE_MAX_CLASSES``; eager, no ``split``): the labels
+      are passed as given (not made safe), only the inputs are saved, and the backward
+      recomputes the per-row scalars chunk by chunk.
   """
   label_smoothing: float
   chunk_elements: int | None
   split: _class_split.ClassSplit | None
   compute_dtype: torch.dtype
+  recompute: bool = False
 
 
 class SoftmaxFocalFunction(torch.autograd.Function):
@@ -326,8 +402,12 @@ class SoftmaxFocalFunction(torch.autograd.Function):
 
   It exists because autograd through the formula saves several ``(N, C)`` tensors; this
   saves the logits and five per-row scalars, and writes the gradient chunk by chunk. With
-  ``create_graph=True`` the backward is built from differentiable ops instead, so double
-  backward (Hessian-vector products) works.
+  ``options.recompute`` (short rows, where per-row tensors are as large as the logits) it
+  saves only its inputs (``t3`` then holds the labels as given) and recomputes the per-row
+  scalars chunk by chunk in backward. ``alpha``/``gamma``: None, a number, or a 0-d or
+  ``(C,)`` tensor (gathered at each row's label here). With ``create_graph=True`` the
+  backward is built from differentiable ops instead, so double backward (Hessian-vector
+  products) works.
 
   With ``options.split`` ``z3`` holds this rank's slice of the classes (``t3``: global
   labels): the forward all-reduces per-row statistics (:func:`split_row_stats`) and returns
@@ -337,7 +417,13 @@ class SoftmaxFocalFunction(torch.autograd.Function):
 
   @staticmethod
   def forward(ctx, z3, t3, valid, in_range, alpha, gamma, options):  # pylint: disable=W0221
+    ctx.options = options
+    if options.recompute:
+      _numerics.save_hypers(ctx, (z3, t3, valid, in_range), alpha, gamma)
+      return recomputed_loss(z3, t3, valid, in_range, alpha, gamma, options)
     eps, elements, split = options.label_smoothing, options.chunk_elements, options.split
+    cdt = options.compute_dtype
+    alpha, gamma = _numerics.per_row(alpha, t3, cdt), _numerics.per_row(gamma, t3, cdt)
     if split is None:
       owned = None
       zt, lse_rest, sum_z = row_stats(z3, t3, bool(eps), elements)
@@ -350,7 +436,6 @@ class SoftmaxFocalFunction(torch.autograd.Function):
                                           valid, in_range)
     _numerics.save_hypers(ctx, (z3, t3, owned, valid, in_range, lse_rest, a, b_over_c, grad_t),
                           alpha, gamma)
-    ctx.options = options
     return loss
 
   @staticmethod
@@ -358,9 +443,19 @@ class SoftmaxFocalFunction(torch.autograd.Function):
     options = ctx.options
     if torch.is_grad_enabled() and options.split is not None:
       raise _class_split.no_double_backward(options.split.fn)
+    go = go.to(options.compute_dtype)
+    if options.recompute:
+      (z3, labels, valid, in_range), alpha, gamma = _numerics.saved_hypers(ctx)
+      if torch.is_grad_enabled():
+        t3 = safe_labels(labels, valid, in_range)
+        cdt = options.compute_dtype
+        grad = grad_autodiff(z3, t3, valid, in_range, _numerics.per_row(alpha, t3, cdt),
+                             _numerics.per_row(gamma, t3, cdt), options.label_smoothing, go)
+      else:
+        grad = recomputed_grad(z3, labels, valid, in_range, alpha, gamma, options, go)
+      return grad, None, None, None, None, None, None
     (z3, t3, owned, valid, in_range, lse_rest, a, b_over_c, grad_t), alpha, gamma = (
         _numerics.saved_hypers(ctx))
-    go = go.to(options.compute_dtype)
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
       grad = grad_autodiff(z3, t3, valid, in_range, alpha, gamma, options.label_smoothing, go)
@@ -489,7 +584,7 @@ class Prepared(NamedTuple):
   weight: Any                   # the checked sample_weight, or None
   valid: torch.Tensor           # rows that count
   in_range: torch.Tensor | None  # labels in [0, C) (None: all; counted rows outside: NaN)
-  t: torch.Tensor               # the labels as safe class indices (0 where masked or out of range)
+  t: torch.Tensor               # safe class indices (0 where masked or out of range), or the labels
   positive: torch.Tensor | None  # rows of a class other than background (mean_positive)
 
 
@@ -497,14 +592,15 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, expected: tuple[int, 
                    ref: torch.Tensor, what_rows: Callable[[], str], *, alpha: Any, gamma: Any,
                    label_smoothing: Any, reduction: Any, where: Any, ignore_index: Any,
                    background_class: Any, process_group: Any, sample_weight: Any,
-                   class_process_group: Any) -> Prepared:
+                   class_process_group: Any, safe_labels: bool = True) -> Prepared:
   """Checks the labels and keywords of a softmax focal loss, and its per-row masks.
 
   Shared by :func:`softmax_focal` and ``_linear.linear_softmax_focal`` (as
   ``focal_jax._softmax.prepare_labels`` is in JAX). ``num_classes`` is the class count of
   ``ref`` (this rank's slice with ``class_process_group``), ``expected`` the labels' shape,
   ``ref`` the floating-point input (its device and dtype) and ``what_rows`` names
-  ``expected`` in messages.
+  ``expected`` in messages. ``safe_labels=False``: ``t`` holds the labels as given, not
+  copied into safe indices (the recompute path makes each chunk's safe: :func:`safe_labels`).
   """
   split = None
   if class_process_group is not None:
@@ -523,7 +619,7 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, expected: tuple[int, 
   weight = _checks.sample_weight(fn, sample_weight, expected, ref, cdt)
   valid, in_range, t, positive = _checks.softmax_masks(
       fn, labels, where, num_classes, ignore_index,
-      background_class if reduction == "mean_positive" else None)
+      background_class if reduction == "mean_positive" else None, safe_labels)
   return Prepared(alpha, gamma, eps, reduction, process_group, split, cdt, weight, valid,
                   in_range, t, positive)
 
@@ -544,26 +640,29 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
                      f"{_checks.shape_str(logits.shape)}, class dim {dim})")
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
+  recompute = (num_classes <= RECOMPUTE_MAX_CLASSES and class_process_group is None
+               and not torch.compiler.is_compiling())
   pre = prepare_labels(
       fn, labels, num_classes, expected, logits,
       lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
       alpha=alpha, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction,
       where=where, ignore_index=ignore_index, background_class=background_class,
       process_group=process_group, sample_weight=sample_weight,
-      class_process_group=class_process_group)
+      class_process_group=class_process_group, safe_labels=not recompute)
   cdt = pre.cdt
 
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)
-  t3 = pre.t.reshape(rows)
-  options = SoftmaxOptions(label_smoothing=pre.eps,
-                           chunk_elements=_chunking.chunk_elements(z3.numel(), chunk_elements),
-                           split=pre.split, compute_dtype=cdt)
+  elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
+  if recompute:
+    elements = min(elements, num_classes * RECOMPUTE_CHUNK_ROWS)
+  options = SoftmaxOptions(label_smoothing=pre.eps, chunk_elements=elements, split=pre.split,
+                           compute_dtype=cdt, recompute=recompute)
   loss = SoftmaxFocalFunction.apply(
-      z3, t3, pre.valid.reshape(rows),
+      z3, pre.t.reshape(rows), pre.valid.reshape(rows),
       None if pre.in_range is None else pre.in_range.reshape(rows),
-      _numerics.per_row(_numerics.traced(pre.alpha, cdt, logits), t3, cdt),
-      _numerics.per_row(_numerics.traced(pre.gamma, cdt, logits), t3, cdt), options)
+      _numerics.traced(pre.alpha, cdt, logits), _numerics.traced(pre.gamma, cdt, logits),
+      options)
   loss = loss.reshape(labels.shape)
   loss = _checks.apply_sample_weight(loss, pre.weight, pre.valid)
   return _reduce.reduce_loss(loss, pre.reduction, valid=pre.valid, positive=pre.positive,
