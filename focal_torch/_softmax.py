@@ -58,8 +58,14 @@ def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | No
     # log-sum-exp from the larger of z_t and lse_rest: no inf - inf when z_t = -inf.
     lse = torch.where(u < 0, lse_rest + softplus(u), zt + softplus(-u))
     ce = (1.0 - eps) * (-log_p) + eps * (lse - sum_z / num_classes)
+    del lse
   else:
     ce = -log_p
+  zero = torch.zeros((), dtype=u.dtype, device=u.device)
+  nan = torch.full((), float("nan"), dtype=u.dtype, device=u.device)
+  # The `del`s free per-row temporaries as soon as they are dead (the chunked paths hold
+  # a dozen of them per chunk otherwise); under autograd they change nothing.
+  del u, log_p
   if isinstance(gamma, float) and gamma == 0.0:
     focal = torch.ones_like(q)
     h = q
@@ -68,22 +74,27 @@ def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | No
     focal = torch.exp(gamma * log_q)
     # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf, p = 0).
     pce = p * ce
-    h = q + gamma * torch.where(p > 0, pce, torch.zeros((), dtype=u.dtype, device=u.device))
+    h = q + gamma * torch.where(p > 0, pce, zero)
+    del pce
+  del log_q, p, q
   alpha_focal = focal if alpha is None else alpha * focal
+  del focal
   loss = alpha_focal * ce
+  del ce
   a = alpha_focal * h
   b_over_c = alpha_focal * (eps / num_classes) if eps else None
   grad_t = alpha_focal * (eps * (1.0 - 1.0 / num_classes) - h) if eps else -a
-  zero = torch.zeros((), dtype=u.dtype, device=u.device)
-  nan = torch.full((), float("nan"), dtype=u.dtype, device=u.device)
+  del alpha_focal, h
 
   def mask(x):
     # Masked rows: 0. Counted rows with a label out of range: NaN (never a wrapped index).
     x = x if in_range is None else torch.where(in_range, x, nan)
     return torch.where(valid, x, zero)
 
-  return (mask(loss), mask(a), (None if b_over_c is None else mask(b_over_c)),
-          mask(grad_t))
+  loss = mask(loss)
+  a = mask(a)
+  b_over_c = None if b_over_c is None else mask(b_over_c)
+  return loss, a, b_over_c, mask(grad_t)
 
 
 def row_stats_autodiff(zf: torch.Tensor, t3: torch.Tensor, with_sum: bool
@@ -307,8 +318,10 @@ def combine_split(m: torch.Tensor, s_rest: torch.Tensor, zt: torch.Tensor,
 # logits themselves (at C = 2 a float32 per-row tensor is half the logits, int64 labels all of
 # them), so the Function saves only its inputs and recomputes them chunk by chunk in backward.
 RECOMPUTE_MAX_CLASSES = 32
-# Rows per chunk on that path: row_terms' dozen per-row temporaries stay a few MiB.
-RECOMPUTE_CHUNK_ROWS = 1 << 16
+# Rows per chunk on that path: the per-row temporaries of a chunk stay near 0.2x the logits
+# at C = 2 (1 MiB each), and there are few enough chunks that the per-operator cost (large on
+# a loaded machine, where each parallel region waits for a descheduled thread) stays small.
+RECOMPUTE_CHUNK_ROWS = 1 << 18
 
 
 def safe_labels(labels: torch.Tensor, valid: torch.Tensor, in_range: torch.Tensor | None
@@ -321,6 +334,19 @@ def safe_labels(labels: torch.Tensor, valid: torch.Tensor, in_range: torch.Tenso
   return torch.where(ok, values, torch.zeros((), dtype=torch.int64, device=values.device))
 
 
+def short_lse_others(w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+  """:func:`chunk_lse_others` of a 2-D chunk of short rows, reduced across a transposed
+  ``(C, rows)`` copy: the reductions then run along contiguous rows of ``rows`` entries,
+  without the padding (8x the chunk at C = 2) that short rows need otherwise."""
+  r, c = w.shape
+  e = buf[:w.numel()].view(c, r)
+  e.copy_(w.t())
+  e.scatter_(0, t.view(1, r), float("-inf"))
+  m = e.amax(0, keepdim=True).clamp_min_(torch.finfo(e.dtype).min)
+  exp_(e.sub_(m))
+  return lse_from(m, e.sum(0, keepdim=True)).view(r, 1)
+
+
 def chunk_terms(w: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                 in_range: torch.Tensor | None, alpha: Any, gamma: Any, eps: float,
                 cdt: torch.dtype, buf: torch.Tensor
@@ -331,10 +357,17 @@ def chunk_terms(w: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   t = safe_labels(labels, valid, in_range)
   zt = w.gather(1, t).to(cdt)
   sum_z = w.sum(1, keepdim=True, dtype=cdt) if eps else None
-  lse_rest = chunk_lse_others(w, t, buf)
-  terms = row_terms(zt, lse_rest, sum_z, w.shape[1], _numerics.per_row(alpha, t, cdt),
-                    _numerics.per_row(gamma, t, cdt), eps, valid, in_range)
-  return t, lse_rest, terms
+  lse_rest = chunk_lse_others(w, t, buf) if w.ndim == 3 else short_lse_others(w, t, buf)
+  alpha, gamma = _numerics.per_row(alpha, t, cdt), _numerics.per_row(gamma, t, cdt)
+  return t, lse_rest, row_terms(zt, lse_rest, sum_z, w.shape[1], alpha, gamma, eps, valid,
+                                in_range)
+
+
+def _short_buffer(shape: tuple[int, ...], elements: int, cdt: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+  """Scratch for one chunk on the recompute path (no padding: :func:`short_lse_others`)."""
+  return torch.empty(_chunking.max_chunk_rows(shape, elements) * shape[1], dtype=cdt,
+                     device=device)
 
 
 def recomputed_loss(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
@@ -343,12 +376,13 @@ def recomputed_loss(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   """The per-row loss chunk by chunk: nothing of more than a chunk's size but the output."""
   cdt = options.compute_dtype
   loss = torch.empty(_chunking.row_shape(z3.shape), dtype=cdt, device=z3.device)
-  buf = chunk_buffer(z3.shape, options.chunk_elements, cdt, z3.device)
+  buf = _short_buffer(z3.shape, options.chunk_elements, cdt, z3.device)
   for idx in _chunking.chunks(z3.shape, options.chunk_elements):
     _, _, terms = chunk_terms(z3[idx], labels[idx], valid[idx],
                               None if in_range is None else in_range[idx], alpha, gamma,
                               options.label_smoothing, cdt, buf)
     loss[idx] = terms[0]
+    del terms
   return loss
 
 
@@ -359,7 +393,7 @@ def recomputed_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   (:func:`chunk_terms`): no temporary beyond the gradient but chunk-sized ones."""
   cdt = options.compute_dtype
   out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
-  buf = chunk_buffer(z3.shape, options.chunk_elements, cdt, z3.device)
+  buf = _short_buffer(z3.shape, options.chunk_elements, cdt, z3.device)
   for idx in _chunking.chunks(z3.shape, options.chunk_elements):
     w, v = z3[idx], valid[idx]
     t, lse_rest, (_, a, b_over_c, grad_t) = chunk_terms(
@@ -369,6 +403,8 @@ def recomputed_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
     # buf is free again: lse_rest and the scalars are tensors of their own.
     chunk_grad(w, t, lse_rest, a * g, None if b_over_c is None else b_over_c * g, grad_t * g,
                out[idx], None if z3.dtype == cdt else buf, masked_rows(v, lse_rest))
+    # Freed before the next chunk's are made, not after.
+    del t, lse_rest, a, b_over_c, grad_t
   return out
 
 
