@@ -357,7 +357,8 @@ def chunk_terms(w: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   t = safe_labels(labels, valid, in_range)
   zt = w.gather(1, t).to(cdt)
   sum_z = w.sum(1, keepdim=True, dtype=cdt) if eps else None
-  lse_rest = chunk_lse_others(w, t, buf) if w.ndim == 3 else short_lse_others(w, t, buf)
+  lse_rest = (chunk_lse_others(w, t, buf) if w.ndim == 3 or w.shape[1] % 16 == 0
+              else short_lse_others(w, t, buf))
   alpha, gamma = _numerics.per_row(alpha, t, cdt), _numerics.per_row(gamma, t, cdt)
   return t, lse_rest, row_terms(zt, lse_rest, sum_z, w.shape[1], alpha, gamma, eps, valid,
                                 in_range)
