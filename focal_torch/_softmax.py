@@ -527,7 +527,8 @@ def softmax_focal(
   with ``p_t = s[t]`` the unsmoothed probability of the label ``t``: smoothing acts on the
   cross-entropy term only, as in ``F.cross_entropy(label_smoothing=...)``. With
   ``gamma=0`` and ``alpha=None`` this is ``F.cross_entropy``. The backward is analytic
-  (a ``torch.autograd.Function``): it keeps the logits and a few numbers per row, and
+  (a ``torch.autograd.Function``): it keeps the logits and a few numbers per row (for
+  ``C <= 32``, in eager mode, only its inputs: the per-row numbers are recomputed), and
   writes the gradient chunk by chunk without other temporaries of the logits' size.
   Log space throughout: finite losses and gradients at any margin and any ``gamma >= 0``.
 
