@@ -174,6 +174,120 @@ def _focal_rows_jvp(split, primals, tangents):
 _focal_rows.defjvp(_focal_rows_jvp, symbolic_zeros=True)
 
 
+# ------------------------------------------------------------------------------------------
+# The GPU form: the same closed forms, written so that XLA:GPU can compile the whole step into
+# one Triton normalization fusion per block of rows (one read of the logits and targets, one
+# write of the gradient). Its row statistics are plain max / sum reductions (the variadic
+# reduce of `top_stats` has no Triton lowering), the row max is used once (`x = z - m`, the
+# seed of the fusion), and the gradient rule is not under `jax.checkpoint`: the forward and the
+# backward are one fusion, so there is nothing to rematerialize. Where XLA does not build that
+# one fusion, the (.., C) terms go through memory (more than the default form), so the form is
+# used only at class counts where it was measured to fuse (`_gpu_form_fits`).
+
+
+class _GpuParts(NamedTuple):
+  el: _Elems
+  is_top: jax.Array  # the unique largest class of the row (no class on ties)
+  bad: jax.Array  # the row max is not finite (a NaN, +inf, or no finite logit)
+
+
+def _gpu_parts(z, y, alpha, gamma) -> _GpuParts:
+  """Elementwise terms from `x = z - max(z)`, with the class at the max counted, not indexed.
+
+  With `k` classes at the max, `s_rest = sum_{x_c < 0} exp(x_c) + (k - 1)` exactly. A unique
+  max (`k = 1`) is the top class of docs/math.md, with its exact `log(1 - s)`. On ties every
+  class has `s <= 1/2` and the plain formulas are exact: no class is treated as the top one.
+  Derivatives (of the rule, for Hessians): the max's own rule spreads `dm` evenly over the
+  tied classes, which makes `m + log1p(s_rest)` the log-sum-exp to first order whatever `k`;
+  at a unique max `dm = dz_top`, so `x_top = 0` identically, as the top formulas assume.
+  """
+  z = z.astype(alpha.dtype)
+  x = z - jnp.max(z, axis=-1)[..., None]  # NaN for a row whose max is not finite
+  at_max = x == 0.0
+  count = jnp.sum(at_max.astype(x.dtype), axis=-1)
+  s_rest = jnp.sum(jnp.where(at_max, 0.0, jnp.exp(x)), axis=-1) + (count - 1.0)
+  bad = jnp.isnan(s_rest)
+  is_top = at_max & (count == 1.0)[..., None]
+  has_rest = s_rest > 0.0
+  s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
+  log_norm = jnp.log1p(s_rest)
+  log_s = x - log_norm[..., None]
+  s = jnp.exp(log_s)
+  no_mass = log_s == -jnp.inf
+  log_s_fin = jnp.where(no_mass, 0.0, log_s)
+  # As in _elems: log1p(-s) off the top class, log(s_rest) - log1p(s_rest) at it; double
+  # wheres keep log1p(-1) and exp(1e30) out of the unselected branches.
+  s_not_top = jnp.where(is_top, 0.0, s)
+  log_1m_s_top = jnp.where(has_rest, jnp.log(s_rest_safe) - log_norm, _NO_REST_LOG)
+  log_1m_s = jnp.where(is_top, log_1m_s_top[..., None], jnp.log1p(-s_not_top))
+  focal = jnp.exp(gamma * log_1m_s)
+  r_top = jnp.where(has_rest, log_norm * (1.0 + s_rest_safe) / s_rest_safe, 1.0)
+  r = jnp.where(is_top, r_top[..., None],
+                -log_s_fin * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
+  w = alpha * y * focal * (1.0 + gamma * s * r)
+  return _GpuParts(_Elems(log_s, log_1m_s, focal, s, w, log_s_fin, no_mass), is_top, bad)
+
+
+def _gpu_loss(parts: _GpuParts, y, alpha, valid) -> jax.Array:
+  loss = -jnp.sum(_y_log_s(alpha * y * parts.el.focal, parts.el), axis=-1)
+  return jnp.where(valid, jnp.where(parts.bad, jnp.nan, loss), 0.0)
+
+
+@jax.custom_jvp
+def gpu_focal_rows(z, y, alpha, gamma, valid):
+  """Per-row categorical focal losses, the GPU form (classes whole, class axis last).
+
+  The same value and derivatives as `_focal_rows` (docs/math.md, "Categorical"), apart from
+  a row without any finite logit, whose gradient is NaN here. Runs on every platform (the
+  tests call it on the CPU); `categorical_focal` selects it for CUDA only.
+  """
+  return _gpu_loss(_gpu_parts(z, y, alpha, gamma), y, alpha, valid)
+
+
+def _gpu_focal_rows_jvp(primals, tangents):
+  z, y, alpha, gamma, valid = primals
+  dz, dy, dalpha, dgamma, _ = tangents
+  parts = _gpu_parts(z, y, alpha, gamma)
+  el = parts.el
+  loss = _gpu_loss(parts, y, alpha, valid)
+  tangent = jnp.zeros_like(loss)
+  valid_c = valid[..., None]
+  if not isinstance(dz, SymbolicZero):
+    # dloss/dz_j = s_j W - w_j; at the top class s (W - w_top) - (1 - s) w_top, with
+    # W - w_top summed directly (no cancellation as s -> 1).
+    w_sum = jnp.sum(el.w, axis=-1)[..., None]
+    w_rest = jnp.sum(jnp.where(parts.is_top, 0.0, el.w), axis=-1)[..., None]
+    grad = jnp.where(parts.is_top, el.s * w_rest - jnp.exp(el.log_1m_s) * el.w,
+                     el.s * w_sum - el.w)
+    tangent = tangent + jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
+  if not isinstance(dy, SymbolicZero):
+    tangent = tangent + jnp.sum(jnp.where(valid_c, -alpha * el.focal * el.log_s, 0.0) * dy,
+                                axis=-1)
+  if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
+    per_class = jnp.where(valid_c, -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
+    if not isinstance(dalpha, SymbolicZero):
+      tangent = tangent + jnp.sum(per_class * dalpha, axis=-1)
+    if not isinstance(dgamma, SymbolicZero):
+      tangent = tangent + jnp.sum(alpha * per_class * el.log_1m_s * dgamma, axis=-1)
+  return loss, tangent
+
+
+gpu_focal_rows.defjvp(_gpu_focal_rows_jvp, symbolic_zeros=True)
+
+
+def _gpu_form_fits(num_classes: int) -> bool:
+  """Whether XLA:GPU was measured to compile the GPU form into one fusion at this C."""
+  return False
+
+
+def _platform_rows(z, y, alpha, gamma, valid):
+  """Per-row losses of whole rows: the GPU form on CUDA where it fits, else `_focal_rows`."""
+  if not _gpu_form_fits(z.shape[-1]):
+    return _focal_rows(z, y, alpha, gamma, valid, None)
+  return lax.platform_dependent(z, y, alpha, gamma, valid, cuda=gpu_focal_rows,
+                                default=lambda *a: _focal_rows(*a, None))
+
+
 def categorical_focal(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -307,7 +421,10 @@ def categorical_focal(
   if jnp.promote_types(y.dtype, cdtype) != cdtype:
     y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
-  loss = _focal_rows(z, y, alpha, gamma, valid, split)
+  if split is None:
+    loss = _platform_rows(z, y, alpha, gamma, valid)
+  else:
+    loss = _focal_rows(z, y, alpha, gamma, valid, split)
   loss = _checks.apply_sample_weight(loss, weight, where)
   if split is None:
     positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
