@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -83,6 +84,61 @@ def _y_log_s(coef, el: _Elems) -> jax.Array:
   return jnp.where(el.no_mass, at_no_mass, coef * el.log_s_fin)
 
 
+# Entries per block of the CPU forward (see _blocked_rows).
+_BLOCK = 1 << 16
+
+
+def _blocked_rows(z, y, alpha, gamma, valid) -> _Rows:
+  """`_rows` of whole rows, one block of rows at a time (the CPU form of the forward).
+
+  XLA on CPU writes every (.., C) term shared by the forward's row sums to memory (about 5x
+  the logits under `jit(value_and_grad)`); in a loop over blocks of `_BLOCK` entries those
+  terms are a block's. Same values as `_rows` (the same code on each block).
+  """
+  num_classes = z.shape[-1]
+  rows = math.prod(z.shape[:-1])
+  per_block = max(1, _BLOCK // num_classes)
+  if rows <= per_block:
+    return _rows(z, y, alpha, gamma, valid)
+  row_shape = z.shape[:-1]
+  z2, y2 = z.reshape(rows, num_classes), y.reshape(rows, num_classes)
+  valid2 = jnp.broadcast_to(valid, row_shape).reshape(rows)
+  alpha2, gamma2 = (x.reshape((1,) * (x.ndim > 0) + x.shape[-1:]) for x in (alpha, gamma))
+  # 16-bit floats enter the loop as their bits: XLA on CPU otherwise hands the loop a float32
+  # copy of the whole input and converts each slice back (as in _sigmoid._blocked_sum).
+  dtypes = (z2.dtype, y2.dtype)
+  bits = lambda a: (lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a)
+  zb, yb = bits(z2), bits(y2)
+
+  def block_rows(start, size):
+    part = lax.optimization_barrier([lax.dynamic_slice_in_dim(a, start, size, axis=0)
+                                     for a in (zb, yb, valid2)])
+    zs, ys = (a if a.dtype == d else lax.bitcast_convert_type(a, d)
+              for a, d in zip(part[:2], dtypes))
+    return _rows(zs, ys, alpha2, gamma2, part[2])
+
+  blocks = rows // per_block
+  shapes = jax.eval_shape(lambda: block_rows(0, per_block))
+  init = _Rows(*(jnp.zeros((rows,), x.dtype) for x in shapes))
+
+  def body(i, acc):
+    start = i * per_block
+    return _Rows(*(lax.dynamic_update_slice_in_dim(a, b, start, axis=0)
+                   for a, b in zip(acc, block_rows(start, per_block))))
+  out = lax.fori_loop(0, blocks, body, init)
+  if rows > blocks * per_block:
+    start = blocks * per_block
+    out = _Rows(*(lax.dynamic_update_slice_in_dim(a, b, start, axis=0)
+                  for a, b in zip(out, block_rows(start, rows - start))))
+  return _Rows(*(a.reshape(row_shape) for a in out))
+
+
+# The loop is never differentiated: derivatives of the blocked rows (Hessians differentiate the
+# rule of _focal_rows) are those of `_rows` on the whole array.
+_blocked_rows = jax.custom_jvp(_blocked_rows)
+_blocked_rows.defjvp(lambda primals, tangents: jax.jvp(_rows, primals, tangents))
+
+
 def _rows(z, y, alpha, gamma, valid, split=None) -> _Rows:
   # Logits and targets stay in their dtype outside (converted inside the fusions); math in
   # the compute dtype.
@@ -138,15 +194,22 @@ _dot_remat = jax.checkpoint(_dot, prevent_cse=True, static_argnums=(8,))
 
 # A custom_jvp (not custom_vjp) so that jax.hessian (forward over reverse) works; the rule is
 # the closed form gradient in log space, finite where autodiff of (1 - s)**gamma is NaN.
+def _any_rows(z, y, alpha, gamma, valid, split) -> _Rows:
+  """`_rows`; for whole rows, in blocks on the CPU (`_blocked_rows`)."""
+  if split is not None:
+    return _rows(z, y, alpha, gamma, valid, split)
+  return lax.platform_dependent(z, y, alpha, gamma, valid, cpu=_blocked_rows, default=_rows)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _focal_rows(z, y, alpha, gamma, valid, split):
-  return _rows(z, y, alpha, gamma, valid, split).loss
+  return _any_rows(z, y, alpha, gamma, valid, split).loss
 
 
 def _focal_rows_jvp(split, primals, tangents):
   z, y, alpha, gamma, valid = primals
   dz, dy, dalpha, dgamma, _ = tangents
-  rows = _rows(z, y, alpha, gamma, valid, split)
+  rows = _any_rows(z, y, alpha, gamma, valid, split)
   dz = None if isinstance(dz, SymbolicZero) else dz
   dy = None if isinstance(dy, SymbolicZero) else dy
   terms = []
