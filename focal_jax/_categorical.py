@@ -344,9 +344,10 @@ def _gpu_form_fits(num_classes: int) -> bool:
   Compiled for the H100 without a device (jaxlib 0.10.2, `focal-bench aot`'s recipe), one
   `jit(grad(mean loss))` step of the GPU form is a single Triton fusion at 3.0x the logits
   (the floor; optax's probability cross-entropy is 3.0x too, the default form 8x to 37x) in
-  109 of 151 compiles (C = 2 to 16384, N = 1024 to 65536, float32 and bfloat16). In the
-  others, scattered without a pattern in N or C (C = 91 fuses at N = 4096 and not at 1024 or
-  16384; C = 512 at N = 16384 not in float32; C = 30522 never), XLA's priority fusion
+  141 of 196 compiles (C = 2 to 32768, N = 1024 to 65536, float32 and bfloat16). In the
+  others, scattered without a pattern in N or C below C = 8192 (C = 91 fuses at N = 4096 and
+  not at 1024 or 16384; C = 512 at N = 16384 not in float32) and at most N from C = 12000
+  on (C = 30522 never), XLA's priority fusion
   declines to fuse the row terms into their several consumers and writes them to memory:
   6x to 36x, up to twice the default form. The outcome is not known at trace time, so the
   default form stays.
