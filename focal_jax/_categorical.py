@@ -347,10 +347,9 @@ def _gpu_form_fits(num_classes: int) -> bool:
   141 of 196 compiles (C = 2 to 32768, N = 1024 to 65536, float32 and bfloat16). In the
   others, scattered without a pattern in N or C below C = 8192 (C = 91 fuses at N = 4096 and
   not at 1024 or 16384; C = 512 at N = 16384 not in float32) and at most N from C = 12000
-  on (C = 30522 never), XLA's priority fusion
-  declines to fuse the row terms into their several consumers and writes them to memory:
-  6x to 36x, up to twice the default form. The outcome is not known at trace time, so the
-  default form stays.
+  on (C = 30522 never), XLA's priority fusion declines to fuse the row terms into their
+  several consumers and writes them to memory: 6x to 36x, up to twice the default form. The
+  outcome is not known at trace time, so the default form stays.
   """
   del num_classes
   return False
