@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -158,11 +159,74 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
       start=start)
 
 
-# --- engine (JAX-specific: jax.checkpoint, the (.., C) derivatives recomputed in the backward)
+# --- engine (JAX-specific: jax.checkpoint, the (.., C) derivatives recomputed in the backward;
+# the CPU forward in blocks of rows)
 # Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
 # recomputed in the backward pass from them. prevent_cse: shared with the forward's row sums,
 # XLA would write those (.., C) terms to memory instead of recomputing them in the fusion.
 _dot_remat = jax.checkpoint(_dot, prevent_cse=True, static_argnums=(8,))
+
+
+# Entries per block of the CPU forward (see _blocked_rows).
+_BLOCK = 1 << 16
+
+
+def _blocked_rows(z, y, alpha, gamma, valid) -> _Rows:
+  """`_rows` of whole rows, one block of rows at a time (the CPU form of the forward).
+
+  XLA on CPU writes every (.., C) term shared by the forward's row sums to memory (about 5x
+  the logits under `jit(value_and_grad)`); in a loop over blocks of `_BLOCK` entries those
+  terms are a block's. Same values as `_rows` (the same code on each block).
+  """
+  num_classes = z.shape[-1]
+  rows = math.prod(z.shape[:-1])
+  per_block = max(1, _BLOCK // num_classes)
+  if rows <= per_block:
+    return _rows(z, y, alpha, gamma, valid)
+  row_shape = z.shape[:-1]
+  z2, y2 = z.reshape(rows, num_classes), y.reshape(rows, num_classes)
+  valid2 = jnp.broadcast_to(valid, row_shape).reshape(rows)
+  alpha2, gamma2 = (x.reshape((1,) * (x.ndim > 0) + x.shape[-1:]) for x in (alpha, gamma))
+  # 16-bit floats enter the loop as their bits: XLA on CPU otherwise hands the loop a float32
+  # copy of the whole input and converts each slice back (as in _sigmoid._blocked_sum).
+  dtypes = (z2.dtype, y2.dtype)
+  bits = lambda a: (lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a)
+  zb, yb = bits(z2), bits(y2)
+
+  def block_rows(start, size):
+    part = lax.optimization_barrier([lax.dynamic_slice_in_dim(a, start, size, axis=0)
+                                     for a in (zb, yb, valid2)])
+    zs, ys = (a if a.dtype == d else lax.bitcast_convert_type(a, d)
+              for a, d in zip(part[:2], dtypes))
+    return _rows(zs, ys, alpha2, gamma2, part[2])
+
+  blocks = rows // per_block
+  shapes = jax.eval_shape(lambda: block_rows(0, per_block))
+  init = _Rows(*(jnp.zeros((rows,), x.dtype) for x in shapes))
+
+  def body(i, acc):
+    start = i * per_block
+    return _Rows(*(lax.dynamic_update_slice_in_dim(a, b, start, axis=0)
+                   for a, b in zip(acc, block_rows(start, per_block))))
+  out = lax.fori_loop(0, blocks, body, init)
+  if rows > blocks * per_block:
+    start = blocks * per_block
+    out = _Rows(*(lax.dynamic_update_slice_in_dim(a, b, start, axis=0)
+                  for a, b in zip(out, block_rows(start, rows - start))))
+  return _Rows(*(a.reshape(row_shape) for a in out))
+
+
+# The loop is never differentiated: derivatives of the blocked rows (Hessians differentiate the
+# rule of _focal_rows) are those of `_rows` on the whole array.
+_blocked_rows = jax.custom_jvp(_blocked_rows)
+_blocked_rows.defjvp(lambda primals, tangents: jax.jvp(_rows, primals, tangents))
+
+
+def _any_rows(z, y, alpha, gamma, valid, split) -> _Rows:
+  """`_rows`; for whole rows, in blocks on the CPU (`_blocked_rows`)."""
+  if split is not None:
+    return _rows(z, y, alpha, gamma, valid, split)
+  return lax.platform_dependent(z, y, alpha, gamma, valid, cpu=_blocked_rows, default=_rows)
 # --- end of engine -----------------------------------------------------------------------
 
 
@@ -170,14 +234,14 @@ _dot_remat = jax.checkpoint(_dot, prevent_cse=True, static_argnums=(8,))
 # the closed form gradient in log space, finite where autodiff of (1 - s)**gamma is NaN.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _focal_rows(z, y, alpha, gamma, valid, options: CategoricalOptions):
-  return _rows(z, y, alpha, gamma, valid, options.split).loss
+  return _any_rows(z, y, alpha, gamma, valid, options.split).loss
 
 
 def _focal_rows_jvp(options, primals, tangents):
   z, y, alpha, gamma, valid = primals
   dz, dy, dalpha, dgamma, _ = tangents
   split = options.split
-  rows = _rows(z, y, alpha, gamma, valid, split)
+  rows = _any_rows(z, y, alpha, gamma, valid, split)
 
   def hyper_term(d):  # d = (dalpha, dgamma), None for a symbolic zero
     el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
@@ -200,6 +264,136 @@ def _focal_rows_jvp(options, primals, tangents):
 
 
 _focal_rows.defjvp(_focal_rows_jvp, symbolic_zeros=True)
+
+
+# --- engine (XLA:GPU-specific): the GPU form ----------------------------------------------
+# The same closed forms, written so that XLA:GPU can compile the whole step into
+# one Triton normalization fusion per block of rows (one read of the logits and targets, one
+# write of the gradient). Its row statistics are plain max / sum reductions (the variadic
+# reduce of `top_stats` has no Triton lowering), the row max is used once (`x = z - m`, the
+# seed of the fusion), and the gradient rule is not under `jax.checkpoint`: the forward and the
+# backward are one fusion, so there is nothing to rematerialize. Where XLA does not build that
+# one fusion, the (.., C) terms go through memory (more than the default form), so the form is
+# used only at class counts where it was measured to fuse (`_gpu_form_fits`).
+
+
+class _GpuParts(NamedTuple):
+  el: _Elems
+  is_top: jax.Array  # the unique largest class of the row (no class on ties)
+  bad: jax.Array  # the row max is not finite (a NaN, +inf, or no finite logit)
+
+
+def _gpu_parts(z, y, alpha, gamma) -> _GpuParts:
+  """Elementwise terms from `x = z - max(z)`, with the class at the max counted, not indexed.
+
+  With `k` classes at the max, `s_rest = sum_{x_c < 0} exp(x_c) + (k - 1)` exactly. A unique
+  max (`k = 1`) is the top class of docs/math.md, with its exact `log(1 - s)`. On ties every
+  class has `s <= 1/2` and the plain formulas are exact: no class is treated as the top one.
+  Derivatives (of the rule, for Hessians): the max's own rule spreads `dm` evenly over the
+  tied classes, which makes `m + log1p(s_rest)` the log-sum-exp to first order whatever `k`;
+  at a unique max `dm = dz_top`, so `x_top = 0` identically, as the top formulas assume.
+  """
+  z = z.astype(alpha.dtype)
+  x = z - jnp.max(z, axis=-1)[..., None]  # NaN for a row whose max is not finite
+  at_max = x == 0.0
+  count = jnp.sum(at_max.astype(x.dtype), axis=-1)
+  s_rest = jnp.sum(jnp.where(at_max, 0.0, jnp.exp(x)), axis=-1) + (count - 1.0)
+  bad = jnp.isnan(s_rest)
+  is_top = at_max & (count == 1.0)[..., None]
+  has_rest = s_rest > 0.0
+  s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
+  log_norm = jnp.log1p(s_rest)
+  log_s = x - log_norm[..., None]
+  s = jnp.exp(log_s)
+  no_mass = log_s == -jnp.inf
+  log_s_fin = jnp.where(no_mass, 0.0, log_s)
+  # As in _elems: log1p(-s) off the top class, log(s_rest) - log1p(s_rest) at it; double
+  # wheres keep log1p(-1) and exp(1e30) out of the unselected branches.
+  s_not_top = jnp.where(is_top, 0.0, s)
+  log_1m_s_top = jnp.where(has_rest, jnp.log(s_rest_safe) - log_norm, _NO_REST_LOG)
+  log_1m_s = jnp.where(is_top, log_1m_s_top[..., None], jnp.log1p(-s_not_top))
+  focal = jnp.exp(gamma * log_1m_s)
+  r_top = jnp.where(has_rest, log_norm * (1.0 + s_rest_safe) / s_rest_safe, 1.0)
+  r = jnp.where(is_top, r_top[..., None],
+                -log_s_fin * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
+  w = alpha * y * focal * (1.0 + gamma * s * r)
+  return _GpuParts(_Elems(log_s, log_1m_s, focal, s, w, log_s_fin, no_mass), is_top, bad)
+
+
+def _gpu_loss(parts: _GpuParts, y, alpha, valid) -> jax.Array:
+  loss = -jnp.sum(_y_log_s(alpha * y * parts.el.focal, parts.el), axis=-1)
+  return jnp.where(valid, jnp.where(parts.bad, jnp.nan, loss), 0.0)
+
+
+@jax.custom_jvp
+def gpu_focal_rows(z, y, alpha, gamma, valid):
+  """Per-row categorical focal losses, the GPU form (classes whole, class axis last).
+
+  The same value and derivatives as `_focal_rows` (docs/math.md, "Categorical"), apart from
+  a row without any finite logit, whose gradient is NaN here. Runs on every platform (the
+  tests call it on the CPU); `categorical_focal` selects it for CUDA only.
+  """
+  return _gpu_loss(_gpu_parts(z, y, alpha, gamma), y, alpha, valid)
+
+
+def _gpu_focal_rows_jvp(primals, tangents):
+  z, y, alpha, gamma, valid = primals
+  dz, dy, dalpha, dgamma, _ = tangents
+  parts = _gpu_parts(z, y, alpha, gamma)
+  el = parts.el
+  loss = _gpu_loss(parts, y, alpha, valid)
+  tangent = jnp.zeros_like(loss)
+  valid_c = valid[..., None]
+  if not isinstance(dz, SymbolicZero):
+    # dloss/dz_j = s_j W - w_j; at the top class s (W - w_top) - (1 - s) w_top, with
+    # W - w_top summed directly (no cancellation as s -> 1).
+    w_sum = jnp.sum(el.w, axis=-1)[..., None]
+    w_rest = jnp.sum(jnp.where(parts.is_top, 0.0, el.w), axis=-1)[..., None]
+    grad = jnp.where(parts.is_top, el.s * w_rest - jnp.exp(el.log_1m_s) * el.w,
+                     el.s * w_sum - el.w)
+    tangent = tangent + jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
+  if not isinstance(dy, SymbolicZero):
+    tangent = tangent + jnp.sum(jnp.where(valid_c, -alpha * el.focal * el.log_s, 0.0) * dy,
+                                axis=-1)
+  if not (isinstance(dalpha, SymbolicZero) and isinstance(dgamma, SymbolicZero)):
+    per_class = jnp.where(valid_c, -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
+    if not isinstance(dalpha, SymbolicZero):
+      tangent = tangent + jnp.sum(per_class * dalpha, axis=-1)
+    if not isinstance(dgamma, SymbolicZero):
+      tangent = tangent + jnp.sum(alpha * per_class * el.log_1m_s * dgamma, axis=-1)
+  return loss, tangent
+
+
+gpu_focal_rows.defjvp(_gpu_focal_rows_jvp, symbolic_zeros=True)
+
+
+def _gpu_form_fits(num_classes: int) -> bool:
+  """Whether to use the GPU form on CUDA at this class count: at none, for now.
+
+  Compiled for the H100 without a device (jaxlib 0.10.2, `focal-bench aot`'s recipe), one
+  `jit(grad(mean loss))` step of the GPU form is a single Triton fusion at 3.0x the logits
+  (the floor; optax's probability cross-entropy is 3.0x too, the default form 8x to 37x) in
+  141 of 196 compiles (C = 2 to 32768, N = 1024 to 65536, float32 and bfloat16). In the
+  others, scattered without a pattern in N or C below C = 8192 (C = 91 fuses at N = 4096 and
+  not at 1024 or 16384; C = 512 at N = 16384 not in float32) and at most N from C = 12000
+  on (C = 30522 never), XLA's priority fusion declines to fuse the row terms into their
+  several consumers and writes them to memory: 6x to 36x, up to twice the default form. The
+  outcome is not known at trace time, so the default form stays.
+  """
+  del num_classes
+  return False
+
+
+_WHOLE_ROWS = CategoricalOptions(split=None)
+
+
+def _platform_rows(z, y, alpha, gamma, valid):
+  """Per-row losses of whole rows: the GPU form on CUDA where it fits, else `_focal_rows`."""
+  if not _gpu_form_fits(z.shape[-1]):
+    return _focal_rows(z, y, alpha, gamma, valid, _WHOLE_ROWS)
+  return lax.platform_dependent(z, y, alpha, gamma, valid, cuda=gpu_focal_rows,
+                                default=lambda *a: _focal_rows(*a, _WHOLE_ROWS))
+# --- end of engine -----------------------------------------------------------------------
 
 
 def categorical_focal(
@@ -335,7 +529,10 @@ def categorical_focal(
   if jnp.promote_types(y.dtype, cdtype) != cdtype:
     y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
-  loss = _focal_rows(z, y, alpha, gamma, valid, CategoricalOptions(split=split))
+  if split is None:
+    loss = _platform_rows(z, y, alpha, gamma, valid)
+  else:
+    loss = _focal_rows(z, y, alpha, gamma, valid, CategoricalOptions(split=split))
   loss = _checks.apply_sample_weight(loss, weight, where)
   if split is None:
     positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
