@@ -84,18 +84,18 @@ def shape_str(shape: Any) -> str:
   return _shape(tuple(shape))
 
 
-def floating_array(fn: str, name: str, x: Any, *, scalar_ok: bool = False) -> torch.Tensor:
+def floating_array(fn: str, arg: str, x: Any, *, scalar_ok: bool = False) -> torch.Tensor:
   """``x`` must be a float16/bfloat16/float32/float64 tensor (with at least one dimension
   unless ``scalar_ok``)."""
   if not isinstance(x, torch.Tensor):
-    raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(x).__name__}")
   if not x.is_floating_point():
-    raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got dtype {x.dtype}")
   if x.dtype not in FLOATING:
-    raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got dtype "
+    raise TypeError(f"{fn}: {arg} must be float16, bfloat16, float32 or float64, got dtype "
                     f"{x.dtype}")
   if x.ndim == 0 and not scalar_ok:
-    raise ValueError(f"{fn}: {name} must have at least one dimension, got shape ()")
+    raise ValueError(f"{fn}: {arg} must have at least one dimension, got shape ()")
   return x
 
 
@@ -110,12 +110,12 @@ def axis(fn: str, dim: Any, ndim: int) -> int:
   return int(dim) % ndim
 
 
-def reduction(fn: str, value: Any) -> str:
-  if not isinstance(value, str) or value not in REDUCTIONS:
+def reduction(fn: str, reduction: Any) -> str:
+  if not isinstance(reduction, str) or reduction not in REDUCTIONS:
     raise ValueError(
         f"{fn}: reduction must be one of {', '.join(repr(r) for r in REDUCTIONS)}, "
-        f"got {value!r}")
-  return value
+        f"got {reduction!r}")
+  return reduction
 
 
 def label_smoothing(fn: str, eps: Any) -> float:
@@ -134,12 +134,12 @@ def label_smoothing(fn: str, eps: Any) -> float:
   return eps
 
 
-def optional_int(fn: str, name: str, value: Any, allow_none: bool = False) -> int | None:
+def optional_int(fn: str, arg: str, value: Any, allow_none: bool = False) -> int | None:
   if value is None and allow_none:
     return None
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     kind = "an int or None" if allow_none else "an int"
-    raise TypeError(f"{fn}: {name} must be {kind}, got {type(value).__name__}")
+    raise TypeError(f"{fn}: {arg} must be {kind}, got {type(value).__name__}")
   return int(value)
 
 
@@ -177,7 +177,7 @@ def _tensor_shown(t: torch.Tensor) -> Any:
   return shown
 
 
-def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
+def class_param(fn: str, arg: str, value: Any, num_classes: int | None, *,
                 low: float | None = 0.0, high: float | None = None, allow_none: bool = True,
                 hint: str = "", what_classes: str = "",
                 device: torch.device | None = None) -> float | torch.Tensor | None:
@@ -196,51 +196,51 @@ def class_param(fn: str, name: str, value: Any, num_classes: int | None, *,
   if value is None:
     if allow_none:
       return None
-    raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got NoneType")
+    raise TypeError(f"{fn}: {arg} must be a real scalar or a shape ({c},) array, got NoneType")
   if isinstance(value, bool) or isinstance(value, np.bool_):
-    raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got bool")
+    raise TypeError(f"{fn}: {arg} must be a real scalar or a shape ({c},) array, got bool")
   if isinstance(value, numbers.Real):
     v = float(value)
-    _check_values(fn, name, v, v, low, high, hint, lambda: str(v))
+    _check_values(fn, arg, v, v, low, high, hint, lambda: str(v))
     return v
   if isinstance(value, (list, tuple, np.ndarray)):
     try:
       arr = np.asarray(value)
     except ValueError as e:
-      raise ValueError(f"{fn}: {name} must be a scalar or shape ({c},), got a ragged "
+      raise ValueError(f"{fn}: {arg} must be a scalar or shape ({c},), got a ragged "
                        "sequence") from e
     if arr.dtype.kind not in "iuf":
-      raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got dtype "
+      raise TypeError(f"{fn}: {arg} must be a real scalar or a shape ({c},) array, got dtype "
                       f"{arr.dtype}")
     arr = arr.astype(np.float64)
     if arr.ndim > 1 or (arr.ndim == 1 and num_classes is not None
                         and arr.shape[0] != num_classes):
-      raise ValueError(f"{fn}: {name} must be a scalar or shape ({c},){what_classes}, got shape "
+      raise ValueError(f"{fn}: {arg} must be a scalar or shape ({c},){what_classes}, got shape "
                        f"{shape_str(arr.shape)}")
     if arr.size:
       with np.errstate(invalid="ignore"):
-        _check_values(fn, name, float(np.min(arr)), float(np.max(arr)), low, high, hint,
+        _check_values(fn, arg, float(np.min(arr)), float(np.max(arr)), low, high, hint,
                       lambda: _shown(arr))
     return torch.from_numpy(arr)
   if not isinstance(value, torch.Tensor):
-    raise TypeError(f"{fn}: {name} must be a real scalar or a shape ({c},) array, got "
+    raise TypeError(f"{fn}: {arg} must be a real scalar or a shape ({c},) array, got "
                     f"{type(value).__name__}")
   if not value.is_floating_point():
-    raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {value.dtype}")
+    raise TypeError(f"{fn}: {arg} must be a floating-point tensor, got dtype {value.dtype}")
   if value.requires_grad:
     raise ValueError(
-        f"{fn}: {name} gets no gradient from this loss; pass {name}.detach(), got a tensor "
+        f"{fn}: {arg} gets no gradient from this loss; pass {arg}.detach(), got a tensor "
         "that requires grad")
   if device is not None and value.is_meta and device.type != "meta":
-    raise ValueError(f"{fn}: {name} must be on the logits' device {device} (or the CPU), got "
+    raise ValueError(f"{fn}: {arg} must be on the logits' device {device} (or the CPU), got "
                      "meta")
   if value.ndim > 1 or (value.ndim == 1 and num_classes is not None
                         and value.shape[0] != num_classes):
-    raise ValueError(f"{fn}: {name} must be a scalar or shape ({c},){what_classes}, got shape "
+    raise ValueError(f"{fn}: {arg} must be a scalar or shape ({c},){what_classes}, got shape "
                      f"{shape_str(value.shape)}")
   if checks_enabled() and value.numel() and not value.is_meta:
     lo, hi = torch.stack([value.min(), value.max()]).tolist()  # one synchronization
-    _check_values(fn, name, lo, hi, low, high, hint, _tensor_shown(value))
+    _check_values(fn, arg, lo, hi, low, high, hint, _tensor_shown(value))
   return value
 
 
@@ -298,7 +298,7 @@ def where_mask(fn: str, where: Any, shape: tuple[int, ...], what: Any,
   return where if tuple(where.shape) == tuple(shape) else where.expand(shape)
 
 
-def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Tensor,
+def sample_weight(fn: str, weight: Any, shape: tuple[int, ...], logits: torch.Tensor,
                   cdt: torch.dtype) -> float | torch.Tensor | None:
   """Per-entry weights: None, a finite number >= 0, or a bool / integer / float tensor (or
   list, tuple, NumPy array) that broadcasts to ``shape``; returned as a float or a detached
@@ -306,16 +306,16 @@ def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Ten
   checked for numbers, lists and NumPy arrays always, for tensors while the value checks
   are on."""
   name = "sample_weight"
-  if value is None:
+  if weight is None:
     return None
-  if isinstance(value, (bool, np.bool_)):
-    return float(value)
-  if isinstance(value, numbers.Real):
-    v = float(value)
+  if isinstance(weight, (bool, np.bool_)):
+    return float(weight)
+  if isinstance(weight, numbers.Real):
+    v = float(weight)
     _check_values(fn, name, v, v, 0.0, None, "", lambda: str(v))
     return v
-  if isinstance(value, (list, tuple, np.ndarray)):
-    arr = np.asarray(value)
+  if isinstance(weight, (list, tuple, np.ndarray)):
+    arr = np.asarray(weight)
     if arr.dtype.kind not in "biuf":
       raise TypeError(f"{fn}: {name} must be None, a real scalar or an array, got dtype "
                       f"{arr.dtype}")
@@ -328,18 +328,18 @@ def sample_weight(fn: str, value: Any, shape: tuple[int, ...], logits: torch.Ten
         _check_values(fn, name, float(np.min(arr)), float(np.max(arr)), 0.0, None, "",
                       lambda: _shown(arr))
     return torch.from_numpy(arr).to(device=logits.device, dtype=cdt)
-  if not isinstance(value, torch.Tensor):
+  if not isinstance(weight, torch.Tensor):
     raise TypeError(f"{fn}: {name} must be None, a real scalar or an array, got "
-                    f"{type(value).__name__}")
-  if value.is_complex():
+                    f"{type(weight).__name__}")
+  if weight.is_complex():
     raise TypeError(f"{fn}: {name} must be a real (bool, integer or floating) tensor, got "
-                    f"dtype {value.dtype}")
-  if not _broadcasts_to(value.shape, shape):
+                    f"dtype {weight.dtype}")
+  if not _broadcasts_to(weight.shape, shape):
     raise ValueError(f"{fn}: {name} must be a scalar or broadcast to shape "
-                     f"{shape_str(shape)}, got shape {shape_str(value.shape)}")
-  if value.ndim and value.device != logits.device:
-    same_device(fn, name, value, logits)
-  w = value.detach().to(device=logits.device, dtype=cdt)
+                     f"{shape_str(shape)}, got shape {shape_str(weight.shape)}")
+  if weight.ndim and weight.device != logits.device:
+    same_device(fn, name, weight, logits)
+  w = weight.detach().to(device=logits.device, dtype=cdt)
   if checks_enabled() and w.numel():
     lo, hi = torch.stack([w.min(), w.max()]).tolist()  # one synchronization
     _check_values(fn, name, lo, hi, 0.0, None, "", _tensor_shown(w))
