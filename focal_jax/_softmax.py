@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -209,6 +210,169 @@ def _dot_grad(z, t, st, valid, dz, options: SoftmaxOptions):
 # pass (XLA fuses it with the cotangent multiply under jit).
 _dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=False)
 
+# --- The CPU form: forward and backward in blocks of rows -----------------------------------
+# XLA on CPU writes every per-row scalar shared by the forward and the gradient to memory
+# (about nine (N,) arrays: 4.6x the logits under jit(value_and_grad) at C = 2, 0.58x at
+# C = 16), and the (N,) losses and prepared labels besides. Here both passes run over blocks
+# of rows (lax.scan over the logits reshaped to (blocks, rows, C), a view): the forward sums
+# (or writes) each block's losses; the tangent is a scan whose body is checkpointed, so reverse
+# mode keeps only the inputs themselves (forwarded, not stacked) and the transposed scan
+# recomputes each block's row statistics from its logits and labels and writes that block of
+# the gradient into the output. The labels' masks, alpha[t] and gamma[t] are derived inside
+# each block. Same values as the fused form (the same row_stats on each block).
+
+# Entries per block (a few blocks' temporaries: a few MiB at most).
+_BLOCK = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockSpec:
+  """Static settings of the blocked form (a nondiff argument of its custom_jvp)."""
+  label_smoothing: float
+  ignore_index: int | None
+  background_class: int
+  block_rows: int  # rows per block; divides the row count
+  total: bool  # the sum of the weighted losses (else the per-row losses)
+
+
+def _block_rows(rows: int, num_classes: int) -> int | None:
+  """Rows per block of the CPU form for `rows` rows of `num_classes` logits, or None.
+
+  A divisor of `rows` (the blocks are a reshape of the logits, no copy) of at most `_BLOCK`
+  entries; None (the fused form) for at most one block of rows, or when `rows` has no divisor
+  within 64x of a block (a prime count of rows would make one-row blocks).
+  """
+  per_block = _BLOCK // num_classes
+  if rows <= per_block or per_block < 16:
+    return None
+  for size in range(per_block, max(2, per_block // 64) - 1, -1):
+    if rows % size == 0:
+      return size
+  return None
+
+
+def _block_loss(z, labels, where, weight, alpha, gamma, spec: _BlockSpec):
+  """One block's row statistics (`RowStats`) and weighted per-row losses."""
+  num_classes = z.shape[-1]
+  valid, in_range, t, _ = _checks.softmax_masks(labels, where, num_classes, spec.ignore_index,
+                                                spec.background_class)
+  alpha_t = jnp.broadcast_to(alpha, t.shape) if alpha.ndim == 0 else alpha[t]
+  gamma_t = jnp.broadcast_to(gamma, t.shape) if gamma.ndim == 0 else gamma[t]
+  st = row_stats(z, t, alpha_t, gamma_t, valid, in_range, spec.label_smoothing, one_pass=True)
+  return st, t, valid, _checks.apply_sample_weight(st.loss, weight, valid)
+
+
+def _as_blocks(a, spec: _BlockSpec):
+  """(rows, ...) -> (blocks, block_rows, ...), a view; None stays None. 16-bit floats as their
+  bits (XLA on CPU would otherwise hand the loop a float32 copy of the whole input)."""
+  if a is None:
+    return None
+  if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
+    a = lax.bitcast_convert_type(a, jnp.uint16)
+  return a.reshape((a.shape[0] // spec.block_rows, spec.block_rows) + a.shape[1:])
+
+
+def _from_bits(a, dtype):
+  return a if a is None or a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _blocked_focal(z, labels, where, weight, alpha, gamma, spec: _BlockSpec):
+  """Weighted per-row softmax focal losses of (rows, C) logits (their sum if `spec.total`),
+  computed block by block. `alpha` (1 when None) and `gamma` are scalars or (C,) vectors;
+  `where` and `weight` (rows,) or None."""
+  dtypes = (z.dtype, weight.dtype if weight is not None else None)
+  xs = tuple(_as_blocks(a, spec) for a in (z, labels, where, weight))
+
+  def body(acc, x):
+    zb, lb, wb, sw = x
+    loss = _block_loss(_from_bits(zb, dtypes[0]), lb, wb, _from_bits(sw, dtypes[1]), alpha,
+                       gamma, spec)[3]
+    return (acc + jnp.sum(loss), None) if spec.total else (acc, loss)
+
+  acc, losses = lax.scan(body, jnp.zeros((), alpha.dtype), xs)
+  return acc if spec.total else losses.reshape(-1)
+
+
+def _block_tangent(z, labels, where, weight, alpha, gamma, dz, dalpha, dgamma,
+                   spec: _BlockSpec, dtypes):
+  """One block's tangent of the weighted per-row losses (linear in dz, dalpha, dgamma; None
+  where not differentiated): the rule of `focal_rows`, from this block's row statistics.
+  `z` and `weight` may come as their bits (`dtypes`: theirs)."""
+  z, weight = _from_bits(z, dtypes[0]), _from_bits(weight, dtypes[1])
+  st, t, valid, _ = _block_loss(z, labels, where, weight, alpha, gamma, spec)
+  per_row = lambda d: d if d.ndim == 0 else d[t]
+  tangent = _numerics.tangent_sum(
+      st.loss,
+      (dz, lambda dz: jnp.sum(grad_from_stats(z, t, st, valid, spec.label_smoothing)
+                              * dz.astype(st.m.dtype), axis=-1)),
+      (dalpha, lambda d: st.dloss_dalpha * per_row(d)),
+      (dgamma, lambda d: st.dloss_dgamma * per_row(d)))
+  tangent = _checks.apply_sample_weight(tangent, weight, valid)
+  return jnp.sum(tangent) if spec.total else tangent
+
+
+# Reverse mode keeps the block's inputs only; the transposed scan recomputes its statistics.
+_block_tangent_remat = jax.checkpoint(_block_tangent, static_argnums=(9, 10),
+                                      prevent_cse=True)
+
+
+def _blocked_focal_jvp(spec, primals, tangents):
+  z, labels, where, weight, alpha, gamma = primals
+  dz, _, _, _, dalpha, dgamma = map(_numerics.given, tangents)
+  out = _blocked_focal(z, labels, where, weight, alpha, gamma, spec)
+  if dz is None and dalpha is None and dgamma is None:
+    return out, jnp.zeros_like(out)
+  dtypes = (z.dtype, weight.dtype if weight is not None else None)
+  # The primal inputs as blocks; dz as it came (a tangent: no bitcast).
+  xs = tuple(_as_blocks(a, spec) for a in (z, labels, where, weight)) + (
+      None if dz is None else dz.reshape(-1, spec.block_rows, z.shape[-1]),)
+
+  def body(acc, x):
+    zb, lb, wb, sw, dzb = x
+    # The bits go in as they are: a residual the transposed scan reads from the input.
+    tan = _block_tangent_remat(zb, lb, wb, sw, alpha, gamma, dzb, dalpha, dgamma, spec, dtypes)
+    return (acc + tan, None) if spec.total else (acc, tan)
+
+  acc, tans = lax.scan(body, jnp.zeros((), alpha.dtype), xs)
+  return out, acc if spec.total else tans.reshape(-1)
+
+
+_blocked_focal.defjvp(_blocked_focal_jvp, symbolic_zeros=True)
+
+
+def platform_focal(z: jax.Array, prep: Prepared, options: SoftmaxOptions,
+                   total: bool) -> jax.Array:
+  """The weighted per-row losses of `z` (class axis last), or their sum when `total`.
+
+  On CPU, for more than one block of rows, the blocked form above (`lax.platform_dependent`);
+  elsewhere (and for split classes) `focal_rows`, which XLA fuses on TPU and GPU.
+  """
+  def fused():
+    loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, options)
+    loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
+    return jnp.sum(loss) if total else loss
+
+  num_classes = z.shape[-1]
+  rows = math.prod(z.shape[:-1])
+  size = None if options.split is not None else _block_rows(rows, num_classes)
+  if size is None:
+    return fused()
+  spec = _BlockSpec(label_smoothing=prep.eps, ignore_index=prep.ignore_index,
+                    background_class=prep.background_class, block_rows=size, total=total)
+  flat = lambda a: None if a is None else jnp.broadcast_to(a, z.shape[:-1]).reshape(rows)
+  alpha = prep.class_alpha
+  if alpha is None:
+    alpha = jnp.ones((), prep.compute_dtype)
+
+  def blocked():
+    out = _blocked_focal(z.reshape(rows, num_classes), prep.labels.reshape(rows),
+                         flat(prep.where), flat(prep.weight), alpha, prep.class_gamma, spec)
+    return out if total else out.reshape(z.shape[:-1])
+
+  return lax.platform_dependent(cpu=blocked, default=fused)
+
+
 # --- end of engine: the custom_jvp (docs/math.md, "Why a `custom_jvp` in JAX ...") ----------
 
 
@@ -268,6 +432,15 @@ class Prepared(NamedTuple):
   reduction: str
   dtype: Any
   compute_dtype: Any
+  # The checked inputs themselves, for the CPU blocked path (the per-row arrays above are
+  # derived from them inside each block there): labels, `where` (or None), alpha (None, a
+  # scalar or (C,)), gamma (a scalar or (C,)), ignore_index, background_class.
+  labels: jax.Array | None = None
+  where: jax.Array | None = None
+  class_alpha: jax.Array | None = None
+  class_gamma: jax.Array | None = None
+  ignore_index: int | None = None
+  background_class: int = 0
 
 
 def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int, ...],
@@ -299,7 +472,7 @@ def prepare_labels(fn: str, labels: Any, num_classes: int, row_shape: tuple[int,
     alpha_row = alpha[t]
   gamma_row = jnp.broadcast_to(gamma, row_shape) if gamma.ndim == 0 else gamma[t]
   return Prepared(t, alpha_row, gamma_row, valid, in_range, positive, weight, eps, reduction,
-                  dtype, cdtype)
+                  dtype, cdtype, labels, where, alpha, gamma, ignore_index, background_class)
 
 
 def softmax_focal(
@@ -441,7 +614,10 @@ def softmax_focal(
       sample_weight=sample_weight)
   z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see row_stats
   options = SoftmaxOptions(label_smoothing=prep.eps, split=split)
-  loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, options)
-  loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
+  total = prep.reduction != "none"
+  out = platform_focal(z, prep, options, total)  # per-row losses, or their sum
+  # The per-row losses, or (a reduction) only their shape: the sum is out.
+  loss = jax.ShapeDtypeStruct(row_shape, prep.compute_dtype) if total else out
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
-                             reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype)
+                             reduction=prep.reduction, axis_name=axis_name, dtype=prep.dtype,
+                             total=out if total else None)
