@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--linear-shape", metavar="NxHxV",
                  help="the linear mode's (N x H) @ (H x V) shape (default 4096x512x32768; "
                       "issue 6's GPU shape: 8192x4096x128256 with --dtype bfloat16)")
-  p.add_argument("--modes", nargs="+", choices=("softmax", "sigmoid", "linear"),
-                 help="modes to run (default: softmax sigmoid; --quick: all three)")
+  p.add_argument("--modes", nargs="+", choices=("softmax", "sigmoid", "categorical", "linear"),
+                 help="modes to run (default: softmax sigmoid; --quick: all four). categorical: "
+                      "probability targets (one-hot smoothed by 0.1) against the probability "
+                      "cross-entropy of optax and F.cross_entropy")
   p.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
   p.add_argument("--only", nargs="+", default=[], metavar="KEY",
                  help="run only these implementation keys (see --list)")
@@ -100,7 +102,8 @@ def _linear_shape(text: str) -> tuple[int, int, int]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
   q = args.quick
   modes = args.modes or (["linear"] if args.linear else
-                         (["softmax", "sigmoid", "linear"] if q else ["softmax", "sigmoid"]))
+                         (["softmax", "sigmoid", "categorical", "linear"] if q else
+                          ["softmax", "sigmoid"]))
   return {
       "modes": modes,
       "frameworks": tuple(args.frameworks),

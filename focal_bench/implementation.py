@@ -47,7 +47,7 @@ class Impl:
   key: str
   name: str
   framework: str  # "jax" or "torch"
-  mode: str       # "softmax", "sigmoid" or "linear"
+  mode: str       # "softmax", "sigmoid", "categorical" or "linear"
   role: str
   build: Callable[[Problem, dict[str, Any]], Runner]
   ref: str | None = None

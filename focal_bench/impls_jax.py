@@ -110,6 +110,24 @@ def _optax_sigmoid_focal(problem: P.Problem, x: dict) -> Runner:
   return _grad_runner(loss, (x["logits"], x["labels"]))
 
 
+# --- categorical ---------------------------------------------------------------------------
+
+def _focal_categorical(problem: P.Problem, x: dict) -> Runner:
+  fn = _focal("categorical_focal")
+
+  def loss(z, y):
+    return fn(z, y, gamma=P.GAMMA, reduction="mean")
+  return _grad_runner(loss, (x["logits"], x["targets"]))
+
+
+def _optax_categorical_ce(problem: P.Problem, x: dict) -> Runner:
+  import optax
+
+  def loss(z, y):
+    return optax.softmax_cross_entropy(z, y).mean()
+  return _grad_runner(loss, (x["logits"], x["targets"]))
+
+
 # --- linear --------------------------------------------------------------------------------
 
 def _focal_linear(problem: P.Problem, x: dict) -> Runner:
@@ -151,6 +169,10 @@ IMPLS: list[Impl] = [
          _focal_sigmoid, ref="jax_optax_sigmoid_focal"),
     Impl("jax_optax_sigmoid_focal", "optax.sigmoid_focal_loss", "jax", "sigmoid", REFERENCE,
          _optax_sigmoid_focal),
+    Impl("jax_categorical_focal", "focal_jax.categorical_focal", "jax", "categorical", PROJECT,
+         _focal_categorical, ref="jax_optax_categorical_ce"),
+    Impl("jax_optax_categorical_ce", "optax CE (probability targets)", "jax", "categorical",
+         REFERENCE, _optax_categorical_ce, note="optax.softmax_cross_entropy"),
     Impl("jax_linear_focal", "focal_jax.linear_softmax_focal", "jax", "linear", PROJECT,
          _focal_linear, ref="jax_linear_materialized"),
     Impl("jax_linear_materialized", "softmax_focal(hidden @ kernel)", "jax", "linear", REFERENCE,

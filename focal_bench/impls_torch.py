@@ -183,6 +183,29 @@ def _torchvision(compiled: bool) -> Callable:
   return build
 
 
+# --- categorical ---------------------------------------------------------------------------
+
+def _focal_categorical(compiled: bool) -> Callable:
+  def build(problem: P.Problem, x: dict) -> Runner:
+    fn = _focal("categorical_focal")
+
+    def loss(z, y):
+      return fn(z, y, gamma=P.GAMMA, reduction="mean")
+    return _grad_runner(loss, (x["logits"], x["targets"]), (x["logits"],), compiled)
+  return build
+
+
+def _cross_entropy_probs(compiled: bool) -> Callable:
+  def build(problem: P.Problem, x: dict) -> Runner:
+    import torch.nn.functional as F
+
+    def loss(z, y):
+      # Floating-point targets of the logits' shape: the probability form of cross-entropy.
+      return F.cross_entropy(z, y)
+    return _grad_runner(loss, (x["logits"], x["targets"]), (x["logits"],), compiled)
+  return build
+
+
 # --- linear --------------------------------------------------------------------------------
 
 def _focal_linear(problem: P.Problem, x: dict) -> Runner:
@@ -268,6 +291,15 @@ IMPLS: list[Impl] = [
          compiled=True),
     Impl("torch_torchvision_compiled", "torchvision sigmoid focal, compiled", "torch", "sigmoid",
          REFERENCE, _torchvision(compiled=True), compiled=True),
+    Impl("torch_categorical_focal", "focal_torch.categorical_focal", "torch", "categorical",
+         PROJECT, _focal_categorical(compiled=False), ref="torch_ce_probs"),
+    Impl("torch_ce_probs", "F.cross_entropy (probability targets)", "torch", "categorical",
+         REFERENCE, _cross_entropy_probs(compiled=False)),
+    Impl("torch_categorical_focal_compiled", "focal_torch.categorical_focal, compiled", "torch",
+         "categorical", PROJECT, _focal_categorical(compiled=True),
+         ref="torch_ce_probs_compiled", compiled=True),
+    Impl("torch_ce_probs_compiled", "F.cross_entropy (probability targets), compiled", "torch",
+         "categorical", REFERENCE, _cross_entropy_probs(compiled=True), compiled=True),
     Impl("torch_linear_focal", "focal_torch.linear_softmax_focal", "torch", "linear", PROJECT,
          _focal_linear, ref="torch_linear_materialized"),
     Impl("torch_linear_materialized", "softmax_focal(F.linear(hidden, weight))", "torch", "linear",

@@ -21,6 +21,9 @@ GAMMA = 2.0
 SIGMOID_ALPHA = 0.25
 # Fraction of positive labels in the multi-label sigmoid problems.
 SIGMOID_POSITIVE_RATE = 0.1
+# The categorical problems' targets: one-hot labels smoothed by this much (optax.smooth_labels'
+# form, (1 - eps) * one_hot + eps / C), so every class carries some probability.
+CATEGORICAL_SMOOTHING = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Problem:
   """One benchmark case: which loss, which shape, which data.
 
   ``mode`` is "softmax" (integer labels, (N, C) logits), "sigmoid" ((N, C) logits and 0/1
-  labels) or "linear" ((N, H) hidden, (H, V) kernel, (N,) labels; ``c`` is V, ``h`` is H).
+  labels), "categorical" ((N, C) logits and (N, C) probability targets) or "linear" ((N, H) hidden, (H, V) kernel, (N,) labels; ``c`` is V, ``h`` is H).
   ``target`` marks the shapes named by docs/design.md's speed targets.
   """
 
@@ -97,10 +100,20 @@ def make_data(problem: Problem) -> dict[str, np.ndarray]:
     logits *= 2.0
     labels = (rng.random((n, c), dtype=np.float32) < SIGMOID_POSITIVE_RATE).astype(np.float32)
     return {"logits": logits, "labels": labels}
+  if problem.mode == "categorical":
+    # Smoothed one-hot targets of seeded uniform labels: rows sum to 1, no class is 0.
+    logits = rng.standard_normal((n, c), dtype=np.float32)
+    logits *= 2.0
+    labels = rng.integers(0, c, size=(n,), dtype=np.int64)
+    eps = CATEGORICAL_SMOOTHING
+    targets = np.full((n, c), eps / c, dtype=np.float32)
+    targets[np.arange(n), labels] += np.float32(1.0 - eps)
+    return {"logits": logits, "targets": targets}
   if problem.mode == "linear":
     hidden = rng.standard_normal((n, problem.h), dtype=np.float32)
     kernel = rng.standard_normal((problem.h, c), dtype=np.float32)
     kernel *= 2.0 / np.sqrt(problem.h)
     return {"hidden": hidden, "kernel": kernel,
             "labels": rng.integers(0, c, size=(n,), dtype=np.int64)}
-  raise ValueError(f"make_data: mode must be softmax, sigmoid or linear, got {problem.mode!r}")
+  raise ValueError(f"make_data: mode must be softmax, sigmoid, categorical or linear, "
+                   f"got {problem.mode!r}")

@@ -77,7 +77,7 @@ def torch_op_table(key: str, problem: Problem, rows: int = 12) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--mode", default="softmax", choices=("softmax", "sigmoid"))
+  p.add_argument("--mode", default="softmax", choices=("softmax", "sigmoid", "categorical"))
   p.add_argument("--n", type=int, default=2048)
   p.add_argument("--c", type=int, default=30522)
   p.add_argument("--impls", nargs="+", default=["jax_focal", "jax_optax_ce", "torch_focal",

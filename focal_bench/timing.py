@@ -32,7 +32,8 @@ def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
   Interleaving spreads slow drifts of the machine (other processes, thermal state) over all
   implementations alike instead of charging them to whichever ran last. ``reps`` is chosen so
   the rounds take about ``budget_s`` seconds, within ``[min_reps, max_reps]``. ``setup`` runs
-  before its call, outside the timed region. Garbage collection is off during a call.
+  before its call, outside the timed region. Garbage collection is off during a call; the
+  objects alive before the first round are frozen (``gc.freeze``) until the last.
 
   Returns the seconds of each call and the minor page faults of the process during each call
   (first touches of freshly mapped memory: a fresh output buffer faults once per page).
@@ -46,6 +47,10 @@ def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
   samples: dict[str, list[float]] = {k: [] for k in keys}
   faults: dict[str, list[int]] = {k: [] for k in keys}
   gc_was_enabled = gc.isenabled()
+  # What lives now (modules, runners, inputs) is set aside, so the collection before each call
+  # scans only what the calls made, not every object of jax and torch.
+  gc.collect()
+  gc.freeze()
   try:
     for r in range(reps):
       order = keys[r % len(keys):] + keys[:r % len(keys)]
@@ -65,6 +70,7 @@ def time_interleaved(runners: dict[str, Runner], estimates: dict[str, float], *,
       if on_round is not None:
         on_round(r + 1, reps)
   finally:
+    gc.unfreeze()
     if gc_was_enabled:
       gc.enable()
   return samples, faults

@@ -41,11 +41,11 @@ def test_quick_json_has_a_timed_and_measured_record_per_reference(quick_run):
   assert doc is not None and doc["schema"] == "focal-bench/1"
   assert doc["machine"]["cpu"] and doc["machine"]["versions"]["jax"]
   modes = {r["problem"]["mode"] for r in doc["results"]}
-  assert modes == {"softmax", "sigmoid", "linear"}
+  assert modes == {"softmax", "sigmoid", "categorical", "linear"}
   # The peers that need nothing from focal_jax / focal_torch must all have run.
   peers = {"jax_optax_ce", "jax_copy", "torch_ce", "torch_deepspeed", "torch_copy",
            "jax_optax_sigmoid_focal", "torch_torchvision", "jax_linear_materialized_ce",
-           "torch_linear_materialized_ce"}
+           "torch_linear_materialized_ce", "jax_optax_categorical_ce", "torch_ce_probs"}
   refs = [r for r in doc["results"] if r["impl"] in peers]
   assert {r["impl"] for r in refs} == peers
   for r in refs:
@@ -71,12 +71,54 @@ def test_quick_copy_floor_measures_about_one_logits_of_memory(quick_run):
 def test_quick_writes_png_plots_and_report(quick_run):
   _, _, out = quick_run
   import matplotlib.image
-  for mode in ("softmax", "sigmoid"):
+  for mode in ("softmax", "sigmoid", "categorical"):
     path = out / f"{mode}.png"
     assert path.read_bytes()[:8] == _PNG_MAGIC
     height, width = matplotlib.image.imread(path).shape[:2]
     assert height > 100 and width > 100
   assert "## Targets" in (out / "report.md").read_text()
+
+
+def test_quick_categorical_mode_times_and_measures_both_frameworks(quick_run):
+  # The categorical mode: focal_jax / focal_torch categorical_focal against the probability
+  # cross-entropy of optax and F.cross_entropy, at every quick class count, each line timed,
+  # measured and divided by its reference.
+  _, doc, _ = quick_run
+  recs = [r for r in doc["results"] if r["problem"]["mode"] == "categorical"]
+  want = {"jax_categorical_focal", "jax_optax_categorical_ce", "torch_categorical_focal",
+          "torch_ce_probs"}  # quick: no torch.compile
+  cs = {r["problem"]["c"] for r in recs}
+  assert cs == set(doc["settings"]["classes"]) and cs
+  for c in cs:
+    at_c = {r["impl"]: r for r in recs if r["problem"]["c"] == c}
+    assert set(at_c) == want, (c, set(at_c))
+    for key, r in at_c.items():
+      p = r["problem"]
+      assert p["n"] == doc["settings"]["budget"] // c and p["dtype"] == "float32"
+      assert r["time"]["status"] == "ok", (key, r["time"])
+      assert 0 < r["time"]["min"] <= r["time"]["median"] <= r["time"]["max"]
+      assert r["memory"]["status"] == "ok", (key, r["memory"])
+      # The gradient alone is as large as the logits.
+      assert r["ratios"]["extra_peak_x_logits"] >= 0.8, (key, r["ratios"])
+    for key, ref in (("jax_categorical_focal", "jax_optax_categorical_ce"),
+                     ("torch_categorical_focal", "torch_ce_probs")):
+      assert at_c[key]["ref"] == ref and at_c[key]["ratios"]["time_x_ref"] > 0
+      assert at_c[key]["ratios"]["extra_peak_x_ref"] > 0
+  text = report.markdown(doc, "machine")
+  assert "## categorical" in text and "focal_jax.categorical_focal" in text
+
+
+def test_categorical_problem_has_smoothed_one_hot_targets():
+  from focal_bench import problems
+  p = problems.Problem("categorical", 64, 10, seed=3)
+  data = problems.make_data(p)
+  z, y = data["logits"], data["targets"]
+  assert z.shape == y.shape == (64, 10) and y.dtype == np.float32
+  eps = problems.CATEGORICAL_SMOOTHING
+  np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+  assert np.allclose(np.sort(y, axis=1)[:, :-1], eps / 10)
+  assert np.allclose(y.max(axis=1), 1 - eps + eps / 10)
+  np.testing.assert_array_equal(problems.make_data(p)["targets"], y)  # seeded
 
 
 def test_peak_rss_reset_sees_a_known_allocation():
