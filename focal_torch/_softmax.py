@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 from focal_torch import _checks
 from focal_torch import _chunking
@@ -322,6 +323,11 @@ RECOMPUTE_MAX_CLASSES = 32
 # at C = 2 (1 MiB each), and there are few enough chunks that the per-operator cost (large on
 # a loaded machine, where each parallel region waits for a descheduled thread) stays small.
 RECOMPUTE_CHUNK_ROWS = 1 << 18
+# Under torch.compile, only rows of at most this many classes take that path, their loss and
+# gradient written column by column (:func:`column_terms`); longer rows keep the saved per-row
+# scalars, which weigh little there, where recomputing them costs a second pass over the
+# logits in the backward.
+COLUMN_MAX_CLASSES = 4
 
 
 def safe_labels(labels: torch.Tensor, valid: torch.Tensor, in_range: torch.Tensor | None
@@ -387,6 +393,69 @@ def recomputed_loss(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   return loss
 
 
+def column_terms(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                 in_range: torch.Tensor | None, alpha: Any, gamma: Any,
+                 options: SoftmaxOptions) -> tuple[list, list, torch.Tensor, tuple]:
+  """``(target, masked, lse_rest, row_terms(...))`` of very short rows (torch.compile) from
+  their ``C`` columns: ``target[c]`` whether column ``c`` holds the label, ``masked[c]`` that
+  column (compute dtype) with the target at -inf.
+
+  The row statistics are elementwise functions of the columns, not row reductions, so
+  inductor computes them inside the one loop that writes the loss or the gradient, and no
+  per-row vector is stored between two loops (at C = 2 each is half the logits): the
+  compiled backward recomputes them from the inputs alone.
+  """
+  cdt, eps = options.compute_dtype, options.label_smoothing
+  t3 = safe_labels(labels, valid, in_range)
+  num_classes = z3.shape[1]
+  cols = [z3[:, c:c + 1].to(cdt) for c in range(num_classes)]
+  target = [t3 == c for c in range(num_classes)]
+  zero = torch.zeros((), dtype=cdt, device=z3.device)
+  # z_t as a sum of selects (0 + z_t is z_t exactly; a NaN or inf elsewhere is not read).
+  zt = torch.where(target[0], cols[0], zero)
+  for k, w in zip(target[1:], cols[1:]):
+    zt = zt + torch.where(k, w, zero)
+  masked = [torch.where(k, float("-inf"), w) for k, w in zip(target, cols)]
+  m = masked[0]
+  for w in masked[1:]:
+    m = torch.maximum(m, w)
+  # As torch.logsumexp: shifted by the largest other logit unless that is infinite.
+  m = torch.where(m.abs() == float("inf"), zero, m)
+  s_rest = torch.exp(masked[0] - m)
+  for w in masked[1:]:
+    s_rest = s_rest + torch.exp(w - m)
+  lse_rest = (torch.log(s_rest) + m).clamp_min(torch.finfo(cdt).min)
+  sum_z = None
+  if eps:
+    sum_z = cols[0]
+    for w in cols[1:]:
+      sum_z = sum_z + w
+  terms = row_terms(zt, lse_rest, sum_z, num_classes, _numerics.per_row(alpha, t3, cdt),
+                    _numerics.per_row(gamma, t3, cdt), eps, valid, in_range)
+  return target, masked, lse_rest, terms
+
+
+def column_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                in_range: torch.Tensor | None, alpha: Any, gamma: Any,
+                options: SoftmaxOptions, go: torch.Tensor) -> torch.Tensor:
+  """The gradient of :func:`recomputed_grad` from :func:`column_terms` (torch.compile):
+  selects, not a scatter, and one column at a time, so that it fuses into one loop."""
+  target, masked, lse_rest, (_, a, b_over_c, grad_t) = column_terms(
+      z3, labels, valid, in_range, alpha, gamma, options)
+  zero = torch.zeros((), dtype=lse_rest.dtype, device=z3.device)
+  a, grad_t = a * go, grad_t * go
+  b_over_c = None if b_over_c is None else b_over_c * go
+  out = []
+  for k, w in zip(target, masked):
+    # exp(w - lse_rest) is 0 at the target (masked to -inf) and <= 1 elsewhere.
+    g = a * torch.exp(w - lse_rest)
+    if b_over_c is not None:
+      g = g - b_over_c
+    g = torch.where(k, grad_t, g)
+    out.append(torch.where(valid, g, zero))
+  return torch.cat(out, 1).to(z3.dtype)
+
+
 def recomputed_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                     in_range: torch.Tensor | None, alpha: Any, gamma: Any,
                     options: SoftmaxOptions, go: torch.Tensor) -> torch.Tensor:
@@ -423,9 +492,10 @@ class SoftmaxOptions:
     split: the ``_class_split.ClassSplit`` of ``class_process_group`` (this rank holds a
       slice of the classes), or None.
     compute_dtype: the dtype of the per-row math (float32, or float64 for float64 logits).
-    recompute: short rows (see ``RECOMPUTE_MAX_CLASSES``; eager, no ``split``): the labels
-      are passed as given (not made safe), only the inputs are saved, and the backward
-      recomputes the per-row scalars chunk by chunk.
+    recompute: short rows (see ``RECOMPUTE_MAX_CLASSES``, under torch.compile
+      ``COLUMN_MAX_CLASSES``; no ``split``): the labels are passed as given (not made safe),
+      only the inputs are saved, and the backward recomputes the per-row scalars (chunk by
+      chunk in eager mode, column by column when compiled).
   """
   label_smoothing: float
   chunk_elements: int | None
@@ -457,6 +527,8 @@ class SoftmaxFocalFunction(torch.autograd.Function):
     ctx.options = options
     if options.recompute:
       _numerics.save_hypers(ctx, (z3, t3, valid, in_range), alpha, gamma)
+      if torch.compiler.is_compiling():
+        return column_terms(z3, t3, valid, in_range, alpha, gamma, options)[3][0]
       return recomputed_loss(z3, t3, valid, in_range, alpha, gamma, options)
     eps, elements, split = options.label_smoothing, options.chunk_elements, options.split
     cdt = options.compute_dtype
@@ -488,6 +560,8 @@ class SoftmaxFocalFunction(torch.autograd.Function):
         cdt = options.compute_dtype
         grad = grad_autodiff(z3, t3, valid, in_range, _numerics.per_row(alpha, t3, cdt),
                              _numerics.per_row(gamma, t3, cdt), options.label_smoothing, go)
+      elif torch.compiler.is_compiling():
+        grad = column_grad(z3, labels, valid, in_range, alpha, gamma, options, go)
       else:
         grad = recomputed_grad(z3, labels, valid, in_range, alpha, gamma, options, go)
       return grad, None, None, None, None, None, None
@@ -528,9 +602,10 @@ def softmax_focal(
   cross-entropy term only, as in ``F.cross_entropy(label_smoothing=...)``. With
   ``gamma=0`` and ``alpha=None`` this is ``F.cross_entropy``. The backward is analytic
   (a ``torch.autograd.Function``): it keeps the logits and a few numbers per row (for
-  ``C <= 32``, in eager mode, only its inputs: the per-row numbers are recomputed), and
-  writes the gradient chunk by chunk without other temporaries of the logits' size.
-  Log space throughout: finite losses and gradients at any margin and any ``gamma >= 0``.
+  ``C <= 32`` in eager mode and ``C <= 4`` under torch.compile, only its inputs: the per-row
+  numbers are recomputed), and writes the gradient chunk by chunk without other temporaries
+  of the logits' size. Log space throughout: finite losses and gradients at any margin and
+  any ``gamma >= 0``.
 
   Args:
     logits: floating-point scores, class axis at ``dim``.
@@ -678,8 +753,8 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
                      f"{_checks.shape_str(logits.shape)}, class dim {dim})")
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
-  recompute = (num_classes <= RECOMPUTE_MAX_CLASSES and class_process_group is None
-               and not torch.compiler.is_compiling())
+  recompute = (num_classes <= (COLUMN_MAX_CLASSES if torch.compiler.is_compiling()
+                               else RECOMPUTE_MAX_CLASSES) and class_process_group is None)
   pre = prepare_labels(
       fn, labels, num_classes, expected, logits,
       lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
@@ -692,15 +767,21 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   z3 = _chunking.as_rows(logits, dim)
   rows = _chunking.row_shape(z3.shape)
   elements = _chunking.chunk_elements(z3.numel(), chunk_elements)
-  if recompute:
+  if recompute and elements is not None:
     elements = min(elements, num_classes * RECOMPUTE_CHUNK_ROWS)
   options = SoftmaxOptions(label_smoothing=pre.eps, chunk_elements=elements, split=pre.split,
                            compute_dtype=cdt, recompute=recompute)
-  loss = SoftmaxFocalFunction.apply(
-      z3, pre.t.reshape(rows), pre.valid.reshape(rows),
-      None if pre.in_range is None else pre.in_range.reshape(rows),
-      _numerics.traced(pre.alpha, cdt, logits), _numerics.traced(pre.gamma, cdt, logits),
-      options)
+  args = (z3, pre.t.reshape(rows), pre.valid.reshape(rows),
+          None if pre.in_range is None else pre.in_range.reshape(rows),
+          _numerics.traced(pre.alpha, cdt, logits), _numerics.traced(pre.gamma, cdt, logits),
+          options)
+  if recompute and torch.compiler.is_compiling():
+    # Checkpointed, so that the compiled graph's partitioner saves only the inputs for the
+    # backward (not the forward's per-row numbers, which the backward recomputes anyway).
+    loss = torch.utils.checkpoint.checkpoint(SoftmaxFocalFunction.apply, *args,
+                                             use_reentrant=False)
+  else:
+    loss = SoftmaxFocalFunction.apply(*args)
   loss = loss.reshape(labels.shape)
   loss = _checks.apply_sample_weight(loss, pre.weight, pre.valid)
   return _reduce.reduce_loss(loss, pre.reduction, valid=pre.valid, positive=pre.positive,
