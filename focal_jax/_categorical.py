@@ -159,6 +159,16 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
       start=start)
 
 
+def _hyper_tangent(z, y, alpha, gamma, valid, rows, dalpha, dgamma, split):
+  """sum_c dloss/dalpha_c dalpha_c + dloss/dgamma_c dgamma_c, per row (None: not given)."""
+  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
+  per_class = jnp.where(valid[..., None], -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
+  return _numerics.tangent_sum(
+      rows.loss, (dalpha, lambda da: jnp.sum(per_class * da, axis=-1)),
+      (dgamma, lambda dg: jnp.sum(alpha * per_class * el.log_1m_s * dg, axis=-1)),
+      start=jnp.zeros_like(rows.loss))
+
+
 # --- engine (JAX-specific: jax.checkpoint, the (.., C) derivatives recomputed in the backward;
 # the CPU forward in blocks of rows)
 # Reverse mode keeps the logits, targets and per-row scalars; the (.., C) gradient is
@@ -180,7 +190,8 @@ def _slice_rows(start, size, *arrays):
   conversion to the compute dtype.
   """
   start, *arrays = lax.optimization_barrier((start, *arrays))
-  return lax.optimization_barrier([lax.dynamic_slice_in_dim(a, start, size, axis=0)
+  return lax.optimization_barrier([None if a is None else
+                                   lax.dynamic_slice_in_dim(a, start, size, axis=0)
                                    for a in arrays])
 
 
@@ -273,6 +284,115 @@ def _blocked_dot(z, y, alpha, gamma, valid, dz, dy, options: CategoricalOptions)
 _BLOCKED_DOT_CLASSES = 64
 
 
+def _total_block_rows(rows: int, num_classes: int) -> tuple[int, bool]:
+  """Rows per block of `_blocked_total`, and whether they divide `rows`.
+
+  The most rows in `_BLOCK` entries, or fewer (down to a quarter of them) where that divides
+  `rows`: the tangent's blocks of `dz` and `dy` are then a view, whose cotangent the
+  transposed loop writes block by block. Otherwise they are sliced from the whole tangent,
+  and the transposed loop adds each block into the whole cotangent: in place for float32.
+  For 16-bit cotangents XLA on CPU does either in float32 over the whole array, once a block
+  (time, not memory; slicing about 5x slower than the view), hence few, large blocks.
+  """
+  per_block = max(1, _BLOCK // num_classes)
+  for size in range(per_block, max(2, per_block // 4) - 1, -1):
+    if rows % size == 0:
+      return size, True
+  return per_block, False
+
+
+def _block_view(z, y, alpha, gamma, valid, weight):
+  """The (rows, C) views of `z` and `y`, the (rows,) `valid` and `weight` (None stays None),
+  `alpha` and `gamma` as (1, C) or scalars, rows per block and the number of blocks."""
+  num_classes = z.shape[-1]
+  rows = math.prod(z.shape[:-1])
+  per_block = _total_block_rows(rows, num_classes)[0]
+  flat_rows = lambda a: None if a is None else jnp.broadcast_to(a, z.shape[:-1]).reshape(rows)
+  classes = lambda a: None if a is None else a.reshape((1,) * (a.ndim > 0) + a.shape[-1:])
+  return ((z.reshape(rows, num_classes), y.reshape(rows, num_classes), flat_rows(valid),
+           flat_rows(weight), classes(alpha), classes(gamma)), per_block, -(-rows // per_block))
+
+
+def _block_start(i, per_block, rows):
+  """The first row of block `i` (the last block ends at the last row: it may overlap the one
+  before) and the mask of its rows that no block before it holds."""
+  start = jnp.minimum(i * per_block, rows - per_block)
+  return start, start + lax.iota(start.dtype, per_block) >= i * per_block
+
+
+def _blocked_total(z, y, alpha, gamma, valid, weight):
+  """The sum over whole rows of `weight * loss` (`weight` None or per row), one block of rows
+  at a time: the CPU form of a reduction, where neither the (N,) losses nor their (N,)
+  cotangent need to exist (`_blocked_rows` and `_blocked_dot` hand them over whole: 1x
+  float32 logits at C = 2). Rows that an overlapping last block shares with the one before
+  count once (masked in the last block: 0 loss and exactly 0 derivatives)."""
+  (z2, y2, valid2, weight2, alpha2, gamma2), per_block, blocks = _block_view(
+      z, y, alpha, gamma, valid, weight)
+
+  def body(i, acc):
+    start, new = _block_start(i, per_block, z2.shape[0])
+    zs, ys, vs, ws = _slice_rows(start, per_block, z2, y2, valid2, weight2)
+    vs = vs & new
+    loss = _rows(zs, ys, alpha2, gamma2, vs).loss
+    return acc + jnp.sum(_checks.apply_sample_weight(loss, ws, vs))
+
+  return lax.fori_loop(0, blocks, body, jnp.zeros((), alpha.dtype))
+
+
+def _blocked_total_jvp(primals, tangents):
+  """The tangent of `_blocked_total`: a loop over the blocks whose body is checkpointed, so
+  reverse mode keeps only the inputs and the block indices; the transposed loop recomputes a
+  block's per-row scalars (`_rows`) and the rule of `_focal_rows_jvp` (`_dot`,
+  `_hyper_tangent`) and writes its block of the gradient into the output.
+
+  The primal inputs are sliced through `_slice_rows` (never transposed); the tangents `dz`,
+  `dy` as a view of blocks or by plain slices (see `_total_block_rows`), whose transposes
+  write one block.
+  """
+  z, y, alpha, gamma, valid, weight = primals
+  dz, dy, dalpha, dgamma = map(_numerics.given, tangents[:4])  # valid, weight: constants
+  out = _blocked_total(z, y, alpha, gamma, valid, weight)
+  if dz is None and dy is None and dalpha is None and dgamma is None:
+    return out, jnp.zeros_like(out)
+  (z2, y2, valid2, weight2, alpha2, gamma2), per_block, blocks = _block_view(
+      z, y, alpha, gamma, valid, weight)
+  dz2, dy2 = (None if d is None else d.reshape(z2.shape) for d in (dz, dy))
+  dalpha2, dgamma2 = (None if d is None else d.reshape(a.shape)
+                      for d, a in ((dalpha, alpha2), (dgamma, gamma2)))
+
+  @functools.partial(jax.checkpoint, prevent_cse=True)
+  def block_tangent(i, z2, y2, valid2, weight2, alpha2, gamma2, dzs, dys, dalpha2, dgamma2):
+    start, new = _block_start(i, per_block, z2.shape[0])
+    zs, ys, vs, ws = _slice_rows(start, per_block, z2, y2, valid2, weight2)
+    vs = vs & new
+    rows = _rows(zs, ys, alpha2, gamma2, vs)
+    tangent = _numerics.tangent_sum(
+        rows.loss,
+        ((dzs, dys), lambda d: _dot(zs, ys, alpha2, gamma2, vs, rows, *d, _WHOLE_ROWS)),
+        ((dalpha2, dgamma2),
+         lambda d: _hyper_tangent(zs, ys, alpha2, gamma2, vs, rows, *d, None)))
+    return jnp.sum(_checks.apply_sample_weight(tangent, ws, vs))
+
+  primal = (z2, y2, valid2, weight2, alpha2, gamma2)
+  zero = jnp.zeros((), out.dtype)
+  if blocks * per_block == z2.shape[0]:  # dz and dy as (blocks, rows, C) views
+    blocked = lambda d: None if d is None else d.reshape(blocks, per_block, d.shape[-1])
+    tangent, _ = lax.scan(
+        lambda acc, x: (acc + block_tangent(x[0], *primal, *x[1:], dalpha2, dgamma2), None),
+        zero, (jnp.arange(blocks), blocked(dz2), blocked(dy2)))
+  else:  # an overlapping last block: dz and dy sliced (the rows of _block_start)
+    def body(i, acc):
+      start = _block_start(i, per_block, z2.shape[0])[0]
+      block = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, start, per_block, 0)
+      return acc + block_tangent(i, *primal, block(dz2), block(dy2), dalpha2, dgamma2)
+    tangent = lax.fori_loop(0, blocks, body, zero)
+  return out, tangent
+
+
+_blocked_total = jax.custom_jvp(_blocked_total)
+_blocked_total.defjvp(_blocked_total_jvp, symbolic_zeros=True)
+
+
 def _zy_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
   """The tangent in the logits and targets: `_dot_remat`; for whole rows larger than a block,
   `_blocked_dot` on the CPU (`rows` unused there)."""
@@ -308,12 +428,7 @@ def _focal_rows_jvp(options, primals, tangents):
   rows = _any_rows(z, y, alpha, gamma, valid, split)
 
   def hyper_term(d):  # d = (dalpha, dgamma), None for a symbolic zero
-    el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
-    per_class = jnp.where(valid[..., None], -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
-    return _numerics.tangent_sum(
-        rows.loss, (d[0], lambda da: jnp.sum(per_class * da, axis=-1)),
-        (d[1], lambda dg: jnp.sum(alpha * per_class * el.log_1m_s * dg, axis=-1)),
-        start=jnp.zeros_like(rows.loss))
+    return _hyper_tangent(z, y, alpha, gamma, valid, rows, *d, split)
 
   if all(isinstance(d, SymbolicZero) for d in (dz, dy, dalpha, dgamma)):
     return rows.loss, jnp.zeros_like(rows.loss)
@@ -449,6 +564,16 @@ def _gpu_form_fits(num_classes: int) -> bool:
 
 
 _WHOLE_ROWS = CategoricalOptions(split=None)
+
+
+def _total_blocked(shape) -> bool:
+  """Whether a reduction of whole rows of `shape` is summed in blocks on the CPU
+  (`_blocked_total`): more than one block of rows, at most `_BLOCKED_DOT_CLASSES` classes.
+  Beyond, the (N,) losses and their cotangent cost 2 / C float32 entries per logit, and the
+  per-row form's backward (one fused pass, no loop) is the faster, in 16-bit much so."""
+  rows = math.prod(shape[:-1])
+  return (shape[-1] <= _BLOCKED_DOT_CLASSES
+          and rows > _total_block_rows(rows, shape[-1])[0])
 
 
 def _platform_rows(z, y, alpha, gamma, valid):
@@ -593,11 +718,20 @@ def categorical_focal(
   if jnp.promote_types(y.dtype, cdtype) != cdtype:
     y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
-  if split is None:
-    loss = _platform_rows(z, y, alpha, gamma, valid)
+  total = None
+  if split is None and reduction != "none" and _total_blocked(z.shape):
+    # On the CPU the sum of the weighted losses comes from a loop over blocks of rows
+    # (`_blocked_total`); elsewhere it is the sum of the per-row losses.
+    total = lax.platform_dependent(
+        cpu=lambda: _blocked_total(z, y, alpha, gamma, valid, weight),
+        default=lambda: jnp.sum(_checks.apply_sample_weight(
+            _platform_rows(z, y, alpha, gamma, valid), weight, where)))
+    loss = jax.ShapeDtypeStruct(row_shape, cdtype)  # the sum is `total`
+  elif split is None:
+    loss = _checks.apply_sample_weight(_platform_rows(z, y, alpha, gamma, valid), weight, where)
   else:
-    loss = _focal_rows(z, y, alpha, gamma, valid, CategoricalOptions(split=split))
-  loss = _checks.apply_sample_weight(loss, weight, where)
+    loss = _checks.apply_sample_weight(
+        _focal_rows(z, y, alpha, gamma, valid, CategoricalOptions(split=split)), weight, where)
   if split is None:
     positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
   elif reduction == "mean_positive":  # the whole rows' argmax (two (rows,) collectives)
@@ -605,4 +739,4 @@ def categorical_focal(
   else:
     positive = None
   return _reduce.reduce_loss(loss, valid=where, positive=positive, reduction=reduction,
-                             axis_name=axis_name, dtype=dtype)
+                             axis_name=axis_name, dtype=dtype, total=total)
