@@ -96,31 +96,25 @@ def _measure_one(impl: Impl, problem: Problem, inputs: dict[str, Any], repeats: 
     base = dev.memory_stats()["bytes_in_use"]
   runner = impl.build(problem, inputs)
   warm_up(runner, warmup)
-  # The collection before each step scans only what the steps made (see timing.time_interleaved).
-  gc.collect()
-  gc.freeze()
   samples = []
-  try:
-    if method == "jax_allocator":
-      samples.append(dev.memory_stats()["peak_bytes_in_use"] - base)
-    for _ in range(repeats if method != "jax_allocator" else 0):
-      if runner.setup is not None:
-        runner.setup()
-      gc.collect()
-      if method == "rss":
-        before = rss_bytes()
-        reset_peak_rss()
-        runner.run()
-        samples.append(peak_rss_bytes() - before)
-      else:
-        import torch
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        runner.run()
-        samples.append(torch.cuda.max_memory_allocated() - before)
-  finally:
-    gc.unfreeze()
+  if method == "jax_allocator":
+    samples.append(dev.memory_stats()["peak_bytes_in_use"] - base)
+  for _ in range(repeats if method != "jax_allocator" else 0):
+    if runner.setup is not None:
+      runner.setup()
+    gc.collect()
+    if method == "rss":
+      before = rss_bytes()
+      reset_peak_rss()
+      runner.run()
+      samples.append(peak_rss_bytes() - before)
+    else:
+      import torch
+      torch.cuda.synchronize()
+      before = torch.cuda.memory_allocated()
+      torch.cuda.reset_peak_memory_stats()
+      runner.run()
+      samples.append(torch.cuda.max_memory_allocated() - before)
   del runner
   gc.collect()
   s = sorted(samples)
