@@ -19,6 +19,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
+import jax.extend.core
 
 from focal_jax import _checks
 from focal_jax import _numerics
@@ -223,6 +227,13 @@ _dot_grad_remat = jax.checkpoint(_dot_grad, static_argnums=(5,), prevent_cse=Fal
 
 # Entries per block (a few blocks' temporaries: a few MiB at most).
 _BLOCK = 1 << 16
+# Most classes of the blocked form: the per-row float32 vectors it keeps out of memory cost
+# 4/C bytes per logit byte (fused, about 9/C float32 logits' size), so with more classes the
+# fused form costs little memory and is faster. 16-bit logits pay one 16-bit copy in the blocked
+# form (XLA on CPU copies for their uint16 bitcasts) and a slower loop: blocked only where
+# the fused form's temporaries are several times the logits.
+_BLOCKED_CLASSES = 16
+_BLOCKED_CLASSES_16BIT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,15 +246,18 @@ class _BlockSpec:
   total: bool  # the sum of the weighted losses (else the per-row losses)
 
 
-def _block_rows(rows: int, num_classes: int) -> int | None:
-  """Rows per block of the CPU form for `rows` rows of `num_classes` logits, or None.
+def _block_rows(rows: int, num_classes: int, itemsize: int) -> int | None:
+  """Rows per block of the CPU form for `rows` rows of `num_classes` logits of `itemsize`
+  bytes, or None.
 
   A divisor of `rows` (the blocks are a reshape of the logits, no copy) of at most `_BLOCK`
-  entries; None (the fused form) for at most one block of rows, or when `rows` has no divisor
-  within 64x of a block (a prime count of rows would make one-row blocks).
+  entries; None (the fused form) for at most one block of rows, more than `_BLOCKED_CLASSES`
+  classes (`_BLOCKED_CLASSES_16BIT` for 16-bit logits), or when `rows` has no divisor within
+  64x of a block (a prime count of rows would make one-row blocks).
   """
   per_block = _BLOCK // num_classes
-  if rows <= per_block or per_block < 16:
+  most = _BLOCKED_CLASSES_16BIT if itemsize <= 2 else _BLOCKED_CLASSES
+  if rows <= per_block or per_block < 16 or num_classes > most:
     return None
   for size in range(per_block, max(2, per_block // 64) - 1, -1):
     if rows % size == 0:
@@ -263,17 +277,63 @@ def _block_loss(z, labels, where, weight, alpha, gamma, spec: _BlockSpec):
 
 
 def _as_blocks(a, spec: _BlockSpec):
-  """(rows, ...) -> (blocks, block_rows, ...), a view; None stays None. 16-bit floats as their
-  bits (XLA on CPU would otherwise hand the loop a float32 copy of the whole input)."""
+  """(rows, ...) -> (blocks, block_rows, ...), a view; None stays None. bfloat16 as float16 bits
+  (`_linear_bitcast`: XLA on CPU would otherwise hand the loop a float32 copy of the whole
+  input; a float type, so forward mode over reverse differentiates through it)."""
   if a is None:
     return None
-  if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
-    a = lax.bitcast_convert_type(a, jnp.uint16)
+  if a.dtype == jnp.bfloat16:
+    a = _linear_bitcast(a, jnp.float16)
   return a.reshape((a.shape[0] // spec.block_rows, spec.block_rows) + a.shape[1:])
 
 
 def _from_bits(a, dtype):
-  return a if a is None or a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
+  return a if a is None or a.dtype == dtype else _linear_bitcast(a, dtype)
+
+
+# A bitcast between bfloat16 and float16 as a linear map whose transpose bitcasts back, so a
+# bfloat16 tangent can enter the tangent scan as float16 bits: the transposed scan then stacks
+# the gradient blocks as float16 (XLA on CPU converts a bfloat16 buffer that a loop updates to
+# float32 whole, at every step; not a float16 one). A float type, so that forward mode (over
+# reverse) carries tangents through it; the bits are only moved, never computed on. jax's
+# linear_call would do, but has no batching rule.
+_linear_bitcast_p = jax.extend.core.Primitive("focal_linear_bitcast")
+
+
+def _bitcast_impl(a, *, dtype, src):
+  del src
+  return lax.bitcast_convert_type(a, dtype)
+
+
+def _bitcast_jvp(primals, tangents, *, dtype, src):
+  (a,), (da,) = primals, tangents
+  out = _linear_bitcast_p.bind(a, dtype=dtype, src=src)
+  if type(da) is ad.Zero:
+    return out, ad.Zero.from_primal_value(out)
+  return out, _linear_bitcast_p.bind(da, dtype=dtype, src=src)
+
+
+def _bitcast_transpose(ct, a, *, dtype, src):
+  del a
+  if type(ct) is ad.Zero:
+    return [None]
+  return [_linear_bitcast_p.bind(ct, dtype=src, src=dtype)]
+
+
+_linear_bitcast_p.def_impl(_bitcast_impl)
+_linear_bitcast_p.def_abstract_eval(
+    lambda a, *, dtype, src: jax.core.ShapedArray(a.shape, dtype))
+mlir.register_lowering(_linear_bitcast_p, mlir.lower_fun(_bitcast_impl, multiple_results=False))
+ad.primitive_jvps[_linear_bitcast_p] = _bitcast_jvp
+ad.primitive_transposes[_linear_bitcast_p] = _bitcast_transpose
+batching.defvectorized(_linear_bitcast_p)
+
+
+def _linear_bitcast(a, dtype):
+  """`a` bitcast to `dtype` (bfloat16 <-> float16), linear (`_linear_bitcast_p`)."""
+  if a is None or a.dtype == dtype:
+    return a
+  return _linear_bitcast_p.bind(a, dtype=jnp.dtype(dtype), src=a.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
@@ -324,12 +384,19 @@ def _blocked_focal_jvp(spec, primals, tangents):
   if dz is None and dalpha is None and dgamma is None:
     return out, jnp.zeros_like(out)
   dtypes = (z.dtype, weight.dtype if weight is not None else None)
-  # The primal inputs as blocks; dz as it came (a tangent: no bitcast).
+  # The primal inputs as blocks; dz as blocks, bfloat16 as float16 bits through a linear
+  # bitcast (`_linear_bitcast`), so the gradient is stacked as float16.
+  dz_bits = None
+  if dz is not None and dz.dtype == jnp.bfloat16:
+    dz_bits = dz.dtype
+    dz = _linear_bitcast(dz, jnp.float16)
   xs = tuple(_as_blocks(a, spec) for a in (z, labels, where, weight)) + (
       None if dz is None else dz.reshape(-1, spec.block_rows, z.shape[-1]),)
 
   def body(acc, x):
     zb, lb, wb, sw, dzb = x
+    if dz_bits is not None:
+      dzb = _linear_bitcast(dzb, dz_bits)
     # The bits go in as they are: a residual the transposed scan reads from the input.
     tan = _block_tangent_remat(zb, lb, wb, sw, alpha, gamma, dzb, dalpha, dgamma, spec, dtypes)
     return (acc + tan, None) if spec.total else (acc, tan)
@@ -355,7 +422,8 @@ def platform_focal(z: jax.Array, prep: Prepared, options: SoftmaxOptions,
 
   num_classes = z.shape[-1]
   rows = math.prod(z.shape[:-1])
-  size = None if options.split is not None else _block_rows(rows, num_classes)
+  size = (None if options.split is not None else
+          _block_rows(rows, num_classes, jnp.dtype(z.dtype).itemsize))
   if size is None:
     return fused()
   spec = _BlockSpec(label_smoothing=prep.eps, ignore_index=prep.ignore_index,
