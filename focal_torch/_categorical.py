@@ -35,6 +35,17 @@ def safe_pow(q: torch.Tensor, gamma: Any) -> torch.Tensor:
   return torch.where(pos, q_safe ** gamma, at_zero)
 
 
+def _expm1(x: torch.Tensor) -> torch.Tensor:
+  """``expm1(x)`` for ``x <= 0``; under torch.compile as ``2 t / (1 - t)``, ``t = tanh(x / 2)``:
+  inductor's vectorized ``expm1`` is ``exp(x) - 1``, 0 below ``|x|`` of about 1e-8 (so
+  ``q = 0`` and ``r = l / 0`` where ``s`` nears 1), while its ``tanh`` keeps full relative
+  precision there."""
+  if torch.compiler.is_compiling():
+    t = torch.tanh(x * 0.5)
+    return 2.0 * t / (1.0 - t)
+  return torch.expm1(x)
+
+
 def _weighted_log(coef: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
   """``coef * log s`` with 0 where ``coef`` is 0 (no target mass): a class with a logit of
   -inf and no target mass is a masked class, not ``0 * -inf``. A NaN ``coef`` (NaN logits)
@@ -79,7 +90,7 @@ def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, wit
     else:
       # Clamped below too: r = l / expm1(l) stays finite (s r = 0) where l = -inf.
       log_c = log_s.clamp(min=finfo.min, max=-finfo.tiny)
-      em1 = torch.expm1(log_c)
+      em1 = _expm1(log_c)
       coef = coef * torch.exp2(torch.log2(-em1).mul_(gamma))
   loss = -_weighted_log(coef, log_s).sum(1, keepdim=True) if with_loss else None
   if not with_grad:
