@@ -63,6 +63,22 @@ class RowStats(NamedTuple):
 def row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
               valid: jax.Array, in_range: jax.Array, eps: float, *,
               one_pass: bool = False, split: _rowreduce.ClassSplit | None = None) -> RowStats:
+  """`_row_stats`, with `one_pass` honoured on TPU and GPU only: XLA:CPU runs the one-pass
+  (variadic) reduction as a slow scalar loop, several times the time of a max and a masked sum
+  (BENCHMARKS.md, "CPU time of the one-pass row statistics"), so the CPU takes the two-pass
+  form for 32- and 64-bit logits, the same numbers up to rounding. 16-bit logits keep the
+  one-pass form everywhere: the two-pass form would copy them to float32 in memory."""
+  args = (z, t, alpha, gamma, valid, in_range, eps)
+  if not one_pass or split is not None or z.dtype.itemsize < 4:
+    return _row_stats(*args, one_pass=one_pass, split=split)
+  return lax.platform_dependent(
+      cpu=lambda: _row_stats(*args, one_pass=False),
+      default=lambda: _row_stats(*args, one_pass=True))
+
+
+def _row_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
+               valid: jax.Array, in_range: jax.Array, eps: float, *,
+               one_pass: bool = False, split: _rowreduce.ClassSplit | None = None) -> RowStats:
   """Loss and gradient coefficients of each row of `z` (class axis last).
 
   `t` are in-range labels (out-of-range ones replaced by 0; `in_range` says which were not),
@@ -272,7 +288,8 @@ def _block_loss(z, labels, where, weight, alpha, gamma, spec: _BlockSpec):
                                                 spec.background_class)
   alpha_t = jnp.broadcast_to(alpha, t.shape) if alpha.ndim == 0 else alpha[t]
   gamma_t = jnp.broadcast_to(gamma, t.shape) if gamma.ndim == 0 else gamma[t]
-  st = row_stats(z, t, alpha_t, gamma_t, valid, in_range, spec.label_smoothing, one_pass=True)
+  # CPU only: the two-pass statistics (see row_stats).
+  st = row_stats(z, t, alpha_t, gamma_t, valid, in_range, spec.label_smoothing)
   return st, t, valid, _checks.apply_sample_weight(st.loss, weight, valid)
 
 
