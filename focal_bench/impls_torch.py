@@ -81,23 +81,26 @@ def _grad_runner(loss: Callable, args: tuple, wrt: tuple, compiled: bool) -> Run
 
 # --- softmax -------------------------------------------------------------------------------
 
-def _focal_softmax(compiled: bool) -> Callable:
+def _focal_mean(name: str, target: str, compiled: bool) -> Callable:
+  """focal_torch.NAME(logits, x[target]) with gamma P.GAMMA, mean, its gradient in the logits."""
   def build(problem: P.Problem, x: dict) -> Runner:
-    fn = _focal("softmax_focal")
+    fn = _focal(name)
 
     def loss(z, y):
       return fn(z, y, gamma=P.GAMMA, reduction="mean")
-    return _grad_runner(loss, (x["logits"], x["labels"]), (x["logits"],), compiled)
+    return _grad_runner(loss, (x["logits"], x[target]), (x["logits"],), compiled)
   return build
 
 
-def _cross_entropy(compiled: bool) -> Callable:
+def _cross_entropy(target: str, compiled: bool) -> Callable:
+  """F.cross_entropy(logits, x[target]): integer labels, or floating-point targets of the
+  logits' shape (the probability form)."""
   def build(problem: P.Problem, x: dict) -> Runner:
     import torch.nn.functional as F
 
     def loss(z, y):
       return F.cross_entropy(z, y)
-    return _grad_runner(loss, (x["logits"], x["labels"]), (x["logits"],), compiled)
+    return _grad_runner(loss, (x["logits"], x[target]), (x["logits"],), compiled)
   return build
 
 
@@ -183,29 +186,6 @@ def _torchvision(compiled: bool) -> Callable:
   return build
 
 
-# --- categorical ---------------------------------------------------------------------------
-
-def _focal_categorical(compiled: bool) -> Callable:
-  def build(problem: P.Problem, x: dict) -> Runner:
-    fn = _focal("categorical_focal")
-
-    def loss(z, y):
-      return fn(z, y, gamma=P.GAMMA, reduction="mean")
-    return _grad_runner(loss, (x["logits"], x["targets"]), (x["logits"],), compiled)
-  return build
-
-
-def _cross_entropy_probs(compiled: bool) -> Callable:
-  def build(problem: P.Problem, x: dict) -> Runner:
-    import torch.nn.functional as F
-
-    def loss(z, y):
-      # Floating-point targets of the logits' shape: the probability form of cross-entropy.
-      return F.cross_entropy(z, y)
-    return _grad_runner(loss, (x["logits"], x["targets"]), (x["logits"],), compiled)
-  return build
-
-
 # --- linear --------------------------------------------------------------------------------
 
 def _focal_linear(problem: P.Problem, x: dict) -> Runner:
@@ -269,14 +249,15 @@ def _focal_linear_gamma0(problem: P.Problem, x: dict) -> Runner:
 
 IMPLS: list[Impl] = [
     Impl("torch_focal", "focal_torch.softmax_focal", "torch", "softmax", PROJECT,
-         _focal_softmax(compiled=False), ref="torch_ce", vs_deepspeed=True),
+         _focal_mean("softmax_focal", "labels", compiled=False), ref="torch_ce",
+         vs_deepspeed=True),
     Impl("torch_ce", "F.cross_entropy", "torch", "softmax", REFERENCE,
-         _cross_entropy(compiled=False), vs_deepspeed=True),
+         _cross_entropy("labels", compiled=False), vs_deepspeed=True),
     Impl("torch_focal_compiled", "focal_torch.softmax_focal, compiled", "torch", "softmax",
-         PROJECT, _focal_softmax(compiled=True), ref="torch_ce_compiled", vs_deepspeed=True,
-         compiled=True),
+         PROJECT, _focal_mean("softmax_focal", "labels", compiled=True),
+         ref="torch_ce_compiled", vs_deepspeed=True, compiled=True),
     Impl("torch_ce_compiled", "F.cross_entropy, compiled", "torch", "softmax", REFERENCE,
-         _cross_entropy(compiled=True), vs_deepspeed=True, compiled=True),
+         _cross_entropy("labels", compiled=True), vs_deepspeed=True, compiled=True),
     Impl("torch_deepspeed", "DeepSpeed FocalLoss algorithm", "torch", "softmax", DEEPSPEED,
          _deepspeed, note="focal_reference.deepspeed.DeepSpeedFocalLoss, eager"),
     Impl("torch_liger_ce", "Liger cross-entropy", "torch", "softmax", PEER, _liger_ce,
@@ -292,14 +273,15 @@ IMPLS: list[Impl] = [
     Impl("torch_torchvision_compiled", "torchvision sigmoid focal, compiled", "torch", "sigmoid",
          REFERENCE, _torchvision(compiled=True), compiled=True),
     Impl("torch_categorical_focal", "focal_torch.categorical_focal", "torch", "categorical",
-         PROJECT, _focal_categorical(compiled=False), ref="torch_ce_probs"),
+         PROJECT, _focal_mean("categorical_focal", "targets", compiled=False),
+         ref="torch_ce_probs"),
     Impl("torch_ce_probs", "F.cross_entropy (probability targets)", "torch", "categorical",
-         REFERENCE, _cross_entropy_probs(compiled=False)),
+         REFERENCE, _cross_entropy("targets", compiled=False)),
     Impl("torch_categorical_focal_compiled", "focal_torch.categorical_focal, compiled", "torch",
-         "categorical", PROJECT, _focal_categorical(compiled=True),
+         "categorical", PROJECT, _focal_mean("categorical_focal", "targets", compiled=True),
          ref="torch_ce_probs_compiled", compiled=True),
     Impl("torch_ce_probs_compiled", "F.cross_entropy (probability targets), compiled", "torch",
-         "categorical", REFERENCE, _cross_entropy_probs(compiled=True), compiled=True),
+         "categorical", REFERENCE, _cross_entropy("targets", compiled=True), compiled=True),
     Impl("torch_linear_focal", "focal_torch.linear_softmax_focal", "torch", "linear", PROJECT,
          _focal_linear, ref="torch_linear_materialized"),
     Impl("torch_linear_materialized", "softmax_focal(F.linear(hidden, weight))", "torch", "linear",
