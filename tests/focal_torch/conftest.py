@@ -106,6 +106,22 @@ def spawn_ranks(script: Path | str, world: int, tmp_path: Path, timeout_s: float
   return [torch.load(out) for out in outs]
 
 
+def memory_probe(script: str, n: int, c: int, timeout_s: float) -> list[float]:
+  """Runs the probe ``python -c SCRIPT N C`` in a fresh process as the harness measures
+  (focal_bench.memory: every large buffer its own mapping, so freed memory leaves the RSS) and
+  returns the extra peaks it prints as JSON ``{"works": ..., "peaks": [...]}``; skips the test
+  where resetting the peak RSS does not work."""
+  import json  # pylint: disable=import-outside-toplevel
+  root = Path(__file__).resolve().parents[2]
+  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(root))
+  out = subprocess.run([sys.executable, "-c", script, str(n), str(c)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=timeout_s, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  if not result["works"]:
+    pytest.skip("resetting the peak RSS does not work here")
+  return result["peaks"]
+
+
 # Tolerances of the loss tests against the float64 references, per input dtype.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6),
        torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -8),
@@ -122,10 +138,11 @@ def grad(loss: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> tor
 def ref():
   """The NumPy references: ``ref.softmax_focal``, ``ref.sigmoid_focal``,
   ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``; and three test helpers,
-  ``ref.TOL`` (tolerances per dtype), ``ref.grad`` and ``ref.spawn_ranks`` (the gloo tests'
-  worker processes).
+  ``ref.TOL`` (tolerances per dtype), ``ref.grad``, ``ref.spawn_ranks`` (the gloo tests'
+  worker processes) and ``ref.memory_probe`` (a fresh process's extra peak memory).
   """
   return types.SimpleNamespace(
       softmax_focal=softmax_focal, sigmoid_focal=sigmoid_focal,
       categorical_focal=categorical_focal, log_softmax=log_softmax,
-      free_port=free_port, TOL=TOL, grad=grad, spawn_ranks=spawn_ranks)
+      free_port=free_port, TOL=TOL, grad=grad, spawn_ranks=spawn_ranks,
+      memory_probe=memory_probe)

@@ -9,9 +9,6 @@ peak. Compiling is slow on small CI machines: few graphs, several losses in each
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -44,19 +41,13 @@ _PROBE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_compiled_extra_peak_at_two_classes_is_at_most_1_5x_the_logits():
+def test_compiled_extra_peak_at_two_classes_is_at_most_1_5x_the_logits(ref):
   # The harness's measure (focal_bench.memory: VmHWM - VmRSS(before) in a fresh process with
   # every large buffer its own mapping) of torch.compile(forward + backward of the mean) at
   # (2^21, 2) float32. The gradient itself is 1.0x. Before (per-row scalars and int64 labels
   # saved, a scatter in the backward): 3.5x.
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=root)
-  out = subprocess.run([sys.executable, "-c", _PROBE, str(1 << 21), "2"], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  if not result["works"]:
-    pytest.skip("resetting the peak RSS does not work here")
-  assert max(result["peaks"]) <= 1.5, result["peaks"]
+  peaks = ref.memory_probe(_PROBE, 1 << 21, 2, timeout_s=600)
+  assert max(peaks) <= 1.5, peaks
 
 
 def _rows(rng, n, c, margin):
