@@ -144,6 +144,76 @@ def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tens
   return big_m + s.log()
 
 
+# Under torch.compile rows of at most this many classes are computed column by column.
+COLUMN_MAX_CLASSES = 4
+
+
+def _after(go: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+  """``z`` as a function of the cotangent ``go`` too (rows where ``go`` is NaN become NaN,
+  as their gradient ``part * go`` is anyway).
+
+  Under torch.compile the joint graph's partitioner may compute anything that depends on
+  forward inputs alone in the forward and save it: the gradient before its multiply by
+  ``go``, one ``(N, C)`` buffer, costs less to save than the logits and targets it comes
+  from, which the caller keeps alive regardless. Once the backward's math starts from this,
+  only the inputs can be saved.
+  """
+  return torch.where(torch.isnan(go), go, z)
+
+
+def _row_stats(z: torch.Tensor) -> torch.Tensor:
+  """``(m, log sum_c exp(z_c - m))`` per row, stacked: ``log_s = (z - m) - log_total`` keeps
+  full precision where ``m + log_total`` would round to the ulp of ``m`` (2.4e-4 at 5000).
+  ``m`` is 0 where the row maximum is infinite, as in torch.logsumexp."""
+  m = z.amax(1, keepdim=True)
+  m = torch.where(m.abs() == float("inf"), torch.zeros((), dtype=z.dtype, device=z.device), m)
+  return torch.stack([m, torch.log(torch.exp(z - m).sum(1, keepdim=True))])
+
+
+def _class_column(x: Any, c: int) -> Any:
+  """Column ``c`` of a class vector shaped by ``_chunking.class_shape``; scalars as they are."""
+  if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[1] > 1:
+    return x[:, c:c + 1]
+  return x
+
+
+def _column_terms(z3: torch.Tensor, y3: torch.Tensor, alpha: Any, gamma: Any,
+                  cdt: torch.dtype, go: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+  """The per-row loss (``go`` None) or the columns of the gradient ``s_j W - w_j`` (given
+  ``go``, before its multiply) of very short rows, from their columns.
+
+  The row statistics are elementwise functions of the ``C`` columns, not row reductions, so
+  inductor computes them in the loop that writes the loss or the gradient, and no per-row
+  vector (half the logits at ``C = 2``) is stored between two loops.
+  """
+  cols = [z3[:, c:c + 1].to(cdt) for c in range(z3.shape[1])]
+  if go is not None:
+    cols = [_after(go, w) for w in cols]
+  m = cols[0]
+  for w in cols[1:]:
+    m = torch.maximum(m, w)
+  # As torch.logsumexp: shifted by the row maximum unless that is infinite.
+  m = torch.where(m.abs() == float("inf"), torch.zeros((), dtype=cdt, device=z3.device), m)
+  total = torch.exp(cols[0] - m)
+  for w in cols[1:]:
+    total = total + torch.exp(w - m)
+  # (z - m) - log(total), not z - lse: lse rounds to the ulp of m (2.4e-4 at 5000).
+  log_total = torch.log(total)
+  parts = [loss_and_w((w - m) - log_total, y3[:, c:c + 1], _class_column(alpha, c),
+                      _class_column(gamma, c), with_grad=go is not None,
+                      with_loss=go is None) for c, w in enumerate(cols)]
+  if go is None:
+    loss = parts[0][0]
+    for part in parts[1:]:
+      loss = loss + part[0]
+    return loss, None
+  w_sum = parts[0][2]
+  for part in parts[1:]:
+    w_sum = w_sum + part[2]
+  return None, [s * w_sum - w for _, s, w in parts]
+
+
 # --- the autograd.Function and the loss ---
 
 
@@ -172,6 +242,11 @@ class CategoricalFocalFunction(torch.autograd.Function):
   ``alpha``/``gamma``: None, floats, 0-d tensors or class vectors shaped by
   ``_chunking.class_shape``.
 
+  Under torch.compile (one chunk) the backward starts from the logits made to depend on its
+  cotangent (:func:`_after`), so that the compiled step keeps only the inputs and, for rows
+  longer than ``COLUMN_MAX_CLASSES``, two numbers per row (:func:`_row_stats`); shorter rows
+  are computed column by column (:func:`_column_terms`).
+
   With ``options.split`` ``z3`` and ``y3`` hold this rank's slice of the classes
   (``alpha``/``gamma`` cut to the slice). Forward: the whole rows' log-sum-exp (a MAX and a
   SUM all-reduce), then each rank's per-row loss and ``w_sum`` (the sum of ``w_c`` over its
@@ -184,14 +259,22 @@ class CategoricalFocalFunction(torch.autograd.Function):
   def forward(ctx, z3, y3, valid, alpha, gamma, options):  # pylint: disable=W0221
     cdt, elements, split = options.compute_dtype, options.chunk_elements, options.split
     rows = _chunking.row_shape(z3.shape)
-    loss = torch.empty(rows, dtype=cdt, device=z3.device)
-    if split is None:
-      lse = w_sum = None
+    lse = w_sum = stats = None
+    if split is None and elements is None and z3.shape[1] <= COLUMN_MAX_CLASSES:
+      loss, _ = _column_terms(z3, y3, alpha, gamma, cdt, None)
+    elif split is None and elements is None:
+      # torch.compile: the row statistics are kept for the backward (2/C of the logits).
+      z = z3.to(cdt)
+      stats = _row_stats(z)
+      loss, _ = terms((z - stats[0]) - stats[1], y3, alpha, gamma, with_grad=False)
+    elif split is None:
+      loss = torch.empty(rows, dtype=cdt, device=z3.device)
       for idx in _chunking.chunks(z3.shape, elements):
         part, _ = terms(_log_softmax_chunk(z3[idx], cdt), y3[idx], alpha, gamma,
                         with_grad=False)
         loss[idx] = part
     else:
+      loss = torch.empty(rows, dtype=cdt, device=z3.device)
       lse = _split_lse(z3, elements, split)
       w_sum = torch.empty(rows, dtype=cdt, device=z3.device)
       for idx in _chunking.chunks(z3.shape, elements):
@@ -200,7 +283,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
         loss[idx] = part
         w_sum[idx] = w.sum(1, keepdim=True)
       loss, w_sum = split.row_sum(loss, w_sum)
-    _numerics.save_hypers(ctx, (z3, y3, valid, lse, w_sum), alpha, gamma)
+    _numerics.save_hypers(ctx, (z3, y3, valid, lse, w_sum, stats), alpha, gamma)
     ctx.options = options
     return _mask(loss, valid)
 
@@ -209,7 +292,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
     options = ctx.options
     if torch.is_grad_enabled() and options.split is not None:
       raise _class_split.no_double_backward(options.split.fn)
-    (z3, y3, valid, lse, w_sum), alpha, gamma = _numerics.saved_hypers(ctx)
+    (z3, y3, valid, lse, w_sum, stats), alpha, gamma = _numerics.saved_hypers(ctx)
     cdt = options.compute_dtype
     go = _mask(go.to(cdt), valid)
     if torch.is_grad_enabled():
@@ -217,6 +300,16 @@ class CategoricalFocalFunction(torch.autograd.Function):
       _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True,
                       differentiable=True, with_loss=False)
       return _mask(grad * go, valid).to(z3.dtype), None, None, None, None, None
+    if options.split is None and options.chunk_elements is None:
+      # torch.compile: one chunk, from the logits made to depend on go (see _after).
+      if stats is None:
+        # Each column finished before the cat, so that the cat writes the gradient itself.
+        _, cols = _column_terms(z3, y3, alpha, gamma, cdt, go)
+        return (torch.cat([_mask(g * go, valid).to(z3.dtype) for g in cols], dim=1),
+                None, None, None, None, None)
+      _, part = terms((z3.to(cdt) - _after(go, stats[0])) - stats[1], y3, alpha, gamma,
+                      with_grad=True, with_loss=False)
+      return _mask(part * go, valid).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, options.chunk_elements):
       if lse is None:

@@ -54,24 +54,26 @@ def _reference(logits, targets, where, alpha, gamma, weight):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
 def test_compiled_short_rows_match_float64_reference():
-  # One graph: C = 2, 3 (as an (N, C, d) view) and 4 column by column, and C = 16 (whole
-  # rows, checkpointed), per-class and scalar alpha/gamma, where, sample_weight, margins to
-  # 1e4, NaN/inf rows; then float16 and bfloat16 logits at C = 2 and 3.
+  # One graph: C = 2, 3 (as an (N, C, d) view) and 4 column by column, and C = 6 (as an
+  # (N, C, d) view) and 16 (whole rows, two statistics per row kept), per-class and scalar
+  # alpha/gamma, where, sample_weight, margins to 1e4, NaN/inf rows; then float16 and
+  # bfloat16 logits at C = 2, 3 and 16.
   torch._dynamo.reset()  # pylint: disable=protected-access
   rng = np.random.default_rng(21)
   cases = []
   for c, per_class, dtype in ((2, True, torch.float32), (3, False, torch.float32),
-                              (4, True, torch.float32), (16, True, torch.float32),
-                              (2, False, torch.float16), (3, True, torch.bfloat16)):
+                              (4, True, torch.float32), (6, False, torch.float32),
+                              (16, True, torch.float32), (2, False, torch.float16),
+                              (3, True, torch.bfloat16), (16, False, torch.bfloat16)):
     logits, targets, where = _rows(rng, 24, c, 1e4 if dtype == torch.float32 else 1e3)
     if dtype != torch.float32:
       logits[7, 0] = 0.0  # a NaN would round the same in any dtype; keep the others finite
     alpha = rng.uniform(0.2, 1.5, c) if per_class else 0.25
     gamma = rng.uniform(0, 3, c) if per_class else 0.5
     weight = rng.uniform(0.5, 2.0, 24)
-    if c == 3 and dtype == torch.float32:  # the class axis in the middle: (4, 3, 6)
-      logits = logits.reshape(4, 6, 3).transpose(0, 2, 1)
-      targets = targets.reshape(4, 6, 3).transpose(0, 2, 1)
+    if c in (3, 6) and dtype == torch.float32:  # the class axis in the middle: (4, C, 6)
+      logits = logits.reshape(4, 6, c).transpose(0, 2, 1)
+      targets = targets.reshape(4, 6, c).transpose(0, 2, 1)
       where, weight = where.reshape(4, 6), weight.reshape(4, 6)
     # The reference sees the logits as rounded to their dtype.
     logits = torch.tensor(logits, dtype=dtype).double().numpy()
