@@ -37,6 +37,24 @@ from focal_torch._numerics import exp_
 from focal_torch._numerics import softplus
 
 
+def exp_nonpositive(y: torch.Tensor) -> torch.Tensor:
+  """``exp(y)`` for ``y <= 0`` (or -inf, or NaN) as ``sigmoid(y) / sigmoid(-y)``, to a few ulp.
+
+  On the CPU ``torch.exp`` (also ``log``, ``log1p``) opens a parallel region from 2048
+  elements on, so every per-row exponential of a batch would wait on a loaded machine for a
+  descheduled thread, as each logits-sized operator does (BENCHMARKS.md, "torch eager softmax:
+  short rows, and (16384, 91) under load"); ``sigmoid`` and division stay serial below 32768
+  elements. ``sigmoid(-y)`` lies in [1/2, 1]: no cancellation, no overflow; differentiable.
+  """
+  return torch.sigmoid(y) / torch.sigmoid(-y)
+
+
+def log_serial(x: torch.Tensor) -> torch.Tensor:
+  """``log(x)`` as ``xlogy(1, x)`` (exactly ``log``; serial at per-row sizes, see
+  :func:`exp_nonpositive`)."""
+  return torch.special.xlogy(1.0, x)
+
+
 def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | None,
               num_classes: int, alpha: Any, gamma: Any, eps: float,
               valid: torch.Tensor, in_range: torch.Tensor | None
@@ -52,8 +70,10 @@ def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | No
   log_p = -softplus(-u)
   # log(1 - p) from the other classes' log-sum-exp: finite and exact where p rounds to 1.
   log_q = (-softplus(u)).clamp_min(torch.finfo(u.dtype).min)
-  p = torch.exp(log_p)
-  q = torch.exp(log_q)
+  # sigmoid(u) = exp(log p) and sigmoid(-u) = exp(log q), each to a few ulp; serial at
+  # per-row sizes on the CPU (see exp_nonpositive).
+  p = torch.sigmoid(u)
+  q = torch.sigmoid(-u)
   if eps:
     # Label smoothing acts on the cross-entropy only: eps * (lse - mean_c z_c). The
     # log-sum-exp from the larger of z_t and lse_rest: no inf - inf when z_t = -inf.
@@ -72,7 +92,7 @@ def row_terms(zt: torch.Tensor, lse_rest: torch.Tensor, sum_z: torch.Tensor | No
     h = q
   else:
     # (1 - p)^gamma in log space: 0^0 = 1 and no inf * 0 in the derivative.
-    focal = torch.exp(gamma * log_q)
+    focal = exp_nonpositive(gamma * log_q)
     # p * CE -> 0 as p -> 0 (a target logit of -inf: CE = inf, p = 0).
     pce = p * ce
     h = q + gamma * torch.where(p > 0, pce, zero)
@@ -129,24 +149,7 @@ def grad_autodiff(z3: torch.Tensor, t3: torch.Tensor, valid: torch.Tensor,
   return grad.to(z3.dtype)
 
 
-# --- engine (torch-specific: chunking, exp2, padding for vector width, in-place buffers) ---
-
-
-def _padded_classes(shape: tuple[int, ...]) -> int:
-  """Row length of the forward chunk buffer: torch's CPU ``amax`` is much slower over short
-  rows whose length is not a multiple of the vector width (BENCHMARKS.md, "Engine choices in
-  focal_torch"), so short 2-D rows are padded with -inf to a multiple of 16."""
-  c = shape[1]
-  if len(shape) != 2 or c >= 512 or c % 16 == 0:
-    return c
-  return -(-c // 16) * 16
-
-
-def chunk_buffer(shape: tuple[int, ...], elements: int, cdt: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-  """A flat scratch buffer large enough for one (padded) chunk of a rows view."""
-  n = _chunking.max_chunk_rows(shape, elements) * _padded_classes(shape)
-  return torch.empty(n, dtype=cdt, device=device)
+# --- engine (torch-specific: chunking, exp2, fused ATen kernels, in-place buffers) ---
 
 
 def exp_others_(e: torch.Tensor, t: torch.Tensor, owned: torch.Tensor | None = None
@@ -176,17 +179,83 @@ def chunk_lse_others(w: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> tor
   """``log sum_{c != t} exp(w_c)`` per row of a chunk (2-D or 3-D), in ``buf``'s dtype.
 
   The target is left out, so that ``log(1 - p)`` comes out exact where ``p`` rounds to 1.
+  (The short-row path's, for rows whose length suits ``amax``: 3-D, or C a multiple of 16.)
   """
-  c = w.shape[1]
-  pad = _padded_classes(w.shape)
-  if pad == c:
-    e = buf[:w.numel()].view(w.shape)
-    e.copy_(w)
-    return lse_from(*exp_others_(e, t))
-  full = buf[:w.shape[0] * pad].view(w.shape[0], pad)
-  full[:, c:] = float("-inf")  # exp(-inf) = 0: the padding adds nothing to the sums
-  full[:, :c].copy_(w)
-  return lse_from(*exp_others_(full, t))
+  e = buf[:w.numel()].view(w.shape)
+  e.copy_(w)
+  return lse_from(*exp_others_(e, t))
+
+
+def fewer_chunks(z3: torch.Tensor, elements: int) -> int:
+  """Elements per chunk for the long-row path: ``elements`` rounded up so that the logits
+  split into whole chunks with no short tail (at most 2x ``elements`` each). Each operator
+  over a chunk is one parallel region, and on a loaded machine each region waits for a
+  descheduled thread (BENCHMARKS.md, "torch eager softmax: short rows, and (16384, 91) under
+  load"). Half-precision logits keep ``elements``: their backward needs a float32 chunk.
+  None (one chunk) stays None."""
+  if elements is None or z3.dtype != compute_dtype(z3.dtype):
+    return elements
+  return -(-z3.numel() // max(1, z3.numel() // elements))
+
+
+def fused_lse_others(w: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+  """:func:`chunk_lse_others` in three parallel operators: a masked copy into the scratch
+  chunk ``e`` (compute dtype, ``w``'s shape), one fused log-softmax over it, one max.
+
+  The log-softmax leaves ``e_c - lse_rest`` in ``e`` (``-inf`` at the target); at the row's
+  largest other logit ``j`` it is ``-log s_rest`` (``s_rest = sum_{c != t} exp(e_c - e_j)``),
+  so ``lse_rest = z_j - e[j] = m + log s_rest``, :func:`lse_from`'s value.
+  """
+  lowest = torch.finfo(e.dtype).min
+  if w.shape[1] == 1:  # no other class (a softmax over nothing is NaN)
+    return torch.full(_chunking.row_shape(w.shape), lowest, dtype=e.dtype, device=e.device)
+  # -inf logits as the lowest finite number: a row with no finite other class then has a
+  # finite maximum, and lse_rest comes out as that number, not NaN (exp(-inf - -inf)).
+  if w.dtype == e.dtype:
+    torch.clamp(w, min=lowest, out=e)
+  else:
+    e.copy_(w).clamp_min_(lowest)
+  e.scatter_(1, t, float("-inf"))
+  torch.ops.aten._log_softmax.out(e, 1, False, out=e)
+  # The largest entry, not any one: z_j - e[j] is exact to a rounding only where e[j] is
+  # small (e[j] = -log s_rest, at most log C in size).
+  top, j = torch.max(e, 1, keepdim=True)
+  return w.gather(1, j).to(e.dtype).clamp_min_(lowest) - top
+
+
+def softmax_lse_others(w: torch.Tensor, t: torch.Tensor, zt: torch.Tensor, e: torch.Tensor
+                       ) -> torch.Tensor:
+  """:func:`fused_lse_others` of a 2-D chunk on the CPU in two parallel operators: one fused
+  softmax of the whole rows into the scratch chunk ``e`` and one row sum of it with the
+  target zeroed, the non-target mass ``q`` (``zt``: the target logits, compute dtype).
+  Then ``log q`` (and ``log p = log1p(-q)`` where ``p > 1/2``, else ``log p`` itself) hold
+  full relative precision, and ``lse_rest = (z_t - log p) + log q``.
+
+  Rows where that is not so are recomputed by :func:`fused_lse_others`, alone: ``q`` below
+  ``C`` times the smallest normal number (its underflowed terms could then weigh more than a
+  rounding: a margin beyond about 80 in float32), ``p < 2^-20`` (``z_t - log p`` would round
+  at the size of ``log p``, beyond ``lse_rest``'s own rounding), and non-finite rows. With
+  few of them that costs a few small serial operators.
+  """
+  if w.dtype == e.dtype:
+    torch.ops.aten._softmax.out(w, 1, False, out=e)
+  else:
+    torch.ops.aten._softmax.out(e.copy_(w), 1, False, out=e)
+  p = e.gather(1, t)
+  e.scatter_(1, t, 0.0)
+  q = e.sum(1, keepdim=True)
+  # xlog1py(1, -q) = log1p(-q) and log_serial: the exact functions, serial (see
+  # exp_nonpositive).
+  log_p = torch.where(p > 0.5, torch.special.xlog1py(1.0, -q), log_serial(p))
+  lse_rest = (zt - log_p).add_(log_serial(q))
+  # NaN fails both tests: such rows take the exact path too.
+  ok = (q >= w.shape[1] * torch.finfo(e.dtype).tiny) & (p >= 2.0 ** -20)
+  if not bool(ok.all()):
+    rows = (~ok).view(-1).nonzero().view(-1)
+    w_bad = w.index_select(0, rows)
+    lse_rest[rows] = fused_lse_others(w_bad, t.index_select(0, rows),
+                                      e[:w_bad.shape[0]].view(w_bad.shape))
+  return lse_rest
 
 
 def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
@@ -207,12 +276,18 @@ def row_stats(z3: torch.Tensor, t3: torch.Tensor, with_sum: bool, elements: int
   rows = _chunking.row_shape(z3.shape)
   lse_rest = torch.empty(rows, dtype=cdt, device=z3.device)
   sum_z = torch.empty(rows, dtype=cdt, device=z3.device) if with_sum else None
-  buf = chunk_buffer(z3.shape, elements, cdt, z3.device)
+  elements = fewer_chunks(z3, elements)
+  buf = torch.empty(_chunking.max_chunk_rows(z3.shape, elements) * z3.shape[1], dtype=cdt,
+                    device=z3.device)
+  # The softmax form needs a per-row test (a device synchronization elsewhere).
+  cpu_rows = z3.ndim == 2 and z3.device.type == "cpu"
   for idx in _chunking.chunks(z3.shape, elements):
     w = z3[idx]
     if sum_z is not None:
       sum_z[idx] = w.sum(1, keepdim=True, dtype=cdt)
-    lse_rest[idx] = chunk_lse_others(w, t3[idx], buf)
+    e = buf[:w.numel()].view(w.shape)
+    lse_rest[idx] = (softmax_lse_others(w, t3[idx], zt[idx], e) if cpu_rows
+                     else fused_lse_others(w, t3[idx], e))
   return zt, lse_rest, sum_z
 
 
@@ -225,6 +300,15 @@ def masked_rows(valid: torch.Tensor, lse_rest: torch.Tensor) -> torch.Tensor | N
     return ~valid
   fix = ~valid & ~torch.isfinite(lse_rest)
   return fix if bool(fix.any()) else None
+
+
+def rows_where(mask: torch.Tensor) -> torch.Tensor | None:
+  """``mask`` (per row), or None where no row is set: on the CPU a cheap per-row test, so
+  that the fix-up it guards costs nothing in the common case; elsewhere, and under
+  torch.compile, ``mask`` itself (no device synchronization)."""
+  if torch.compiler.is_compiling() or mask.device.type != "cpu":
+    return mask
+  return mask if bool(mask.any()) else None
 
 
 def chunk_grad(w: torch.Tensor, t: torch.Tensor, lse_rest: torch.Tensor, a: torch.Tensor,
@@ -256,16 +340,45 @@ def grad_chunked(z3: torch.Tensor, t3: torch.Tensor, lse_rest: torch.Tensor, a: 
                  b_over_c: torch.Tensor | None, grad_t: torch.Tensor, elements: int,
                  valid: torch.Tensor | None = None, owned: torch.Tensor | None = None
                  ) -> torch.Tensor:
-  """The gradient, chunk by chunk: no temporary beyond it (half inputs: one float32
-  chunk). Rows not ``valid`` are exactly 0. ``owned``: as in :func:`chunk_grad`."""
+  """The gradient, chunk by chunk: :func:`chunk_grad`'s values in two parallel operators
+  per chunk, written straight into the gradient (half inputs: into one float32 chunk, then
+  copied). No temporary beyond it. Rows not ``valid`` are exactly 0. ``owned``: as in
+  :func:`chunk_grad`."""
   out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
   cdt = compute_dtype(z3.dtype)
-  buf = None if z3.dtype == cdt else chunk_buffer(z3.shape, elements, cdt, z3.device)
   fix = None if valid is None else masked_rows(valid, lse_rest)
+  if torch.compiler.is_compiling():
+    # Inductor fuses chunk_grad's elementwise steps into one loop whatever their number.
+    buf = None if z3.dtype == cdt else torch.empty(z3.numel(), dtype=cdt, device=z3.device)
+    chunk_grad(z3, t3, lse_rest, a, b_over_c, grad_t, out, buf, fix, owned)
+    return out
+  elements = fewer_chunks(z3, elements)
+  buf = None if z3.dtype == cdt else torch.empty(
+      _chunking.max_chunk_rows(z3.shape, elements) * z3.shape[1], dtype=cdt, device=z3.device)
   for idx in _chunking.chunks(z3.shape, elements):
-    chunk_grad(z3[idx], t3[idx], lse_rest[idx], a[idx],
-               None if b_over_c is None else b_over_c[idx], grad_t[idx], out[idx], buf,
-               None if fix is None else fix[idx], None if owned is None else owned[idx])
+    w, a_c = z3[idx], a[idx]
+    e = out[idx] if buf is None else buf[:w.numel()].view(w.shape)
+    # a exp(z - lse_rest) = sign(a) exp(z - (lse_rest - log|a|)): the scale folded into the
+    # exponent, so that the chunk takes one fused multiply-add and one exp2 (base 2: exp2 is
+    # the faster kernel); a = 0 gives exp(-inf) = 0. The per-row shift in float64, rounded
+    # once (per chunk: no per-row temporary of the whole batch beside the gradient).
+    shift = ((lse_rest[idx].double() - log_serial(a_c.double().abs())) * -1.4426950408889634
+             ).to(cdt)
+    torch.add(shift, w, alpha=1.4426950408889634, out=e)  # (z - lse_rest + log|a|) log2 e
+    e.exp2_()
+    flip = rows_where(a_c < 0)
+    if flip is not None:
+      e.mul_(torch.where(flip, -1.0, 1.0).to(e.dtype))
+    if fix is not None:
+      e.masked_fill_(fix[idx], 0.0)  # a = b_over_c = grad_t = 0 there, whatever the logits
+    if b_over_c is not None:
+      e.sub_(b_over_c[idx])
+    g = grad_t[idx]
+    if owned is not None:
+      g = torch.where(owned[idx], g, e.gather(1, t3[idx]))
+    e.scatter_(1, t3[idx], g)
+    if buf is not None:
+      out[idx].copy_(e)
   return out
 
 
