@@ -46,6 +46,11 @@ def _expm1(x: torch.Tensor) -> torch.Tensor:
   return torch.expm1(x)
 
 
+def _expm1_(x: torch.Tensor) -> torch.Tensor:
+  """:func:`_expm1` in ``x``'s buffer where eager."""
+  return _expm1(x) if torch.compiler.is_compiling() else x.expm1_()
+
+
 def _weighted_log(coef: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
   """``coef * log s`` with 0 where ``coef`` is 0 (no target mass): a class with a logit of
   -inf and no target mass is a masked class, not ``0 * -inf``. A NaN ``coef`` (NaN logits)
@@ -71,45 +76,77 @@ def terms(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_gra
   loss, s, w = loss_and_w(log_s, y, alpha, gamma, with_grad, differentiable, with_loss)
   if not with_grad:
     return loss, None
-  return loss, s * (w.sum(1, keepdim=True) if w_sum is None else w_sum) - w
+  w_sum = w.sum(1, keepdim=True) if w_sum is None else w_sum
+  # s W - w, in s's buffer unless autograd records it.
+  return loss, s * w_sum - w if differentiable else s.mul_(w_sum).sub_(w)
 
 
 def loss_and_w(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any, with_grad: bool,
                differentiable: bool = False, with_loss: bool = True
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-  """The per-row loss, ``s`` and ``w`` (None unless ``with_grad``) of :func:`terms`."""
+  """The per-row loss, ``s`` and ``w`` (None unless ``with_grad``) of :func:`terms`.
+
+  Except with ``differentiable``, it works in place: ``log_s`` (a tensor the caller owns and
+  gives up) comes back as ``s``, and ``w`` and the focal factor reuse one buffer each, so an
+  eager chunk holds at most three chunk-sized buffers at a time.
+  """
+  if differentiable:
+    return _loss_and_w_differentiable(log_s, y, alpha, gamma, with_grad, with_loss)
+  y = y.to(log_s.dtype)
+  plain = isinstance(gamma, float) and gamma == 0.0
+  finfo = torch.finfo(log_s.dtype)
+  r = None
+  if plain:
+    coef = y if alpha is None else alpha * y
+  else:
+    # Clamped below too: r = l / expm1(l) stays finite (s r = 0) where l = -inf.
+    log_c = log_s.clamp(min=finfo.min, max=-finfo.tiny)
+    # em1 = expm1(log s) = s - 1 = -(1 - s): 1 - s without cancellation near s = 1.
+    em1 = _expm1(log_c) if with_grad else _expm1_(log_c)
+    if with_grad:
+      r = log_c.div_(em1)  # r = l / expm1(l), in log_c's buffer
+    # coef = alpha_c y_c focal_c, focal = (1 - s)^gamma = exp2(gamma log2(-em1)), in em1's.
+    coef = em1.neg_().log2_().mul_(gamma).exp2_().mul_(y)
+    if alpha is not None:
+      coef.mul_(alpha)
+  loss = None
+  if with_loss:
+    # coef * log s, 0 where coef is 0 (as _weighted_log): in log_s's buffer unless s follows.
+    prod = coef * log_s if with_grad else log_s.mul_(coef)
+    loss = -prod.masked_fill_(coef == 0, 0.0).sum(1, keepdim=True)
+    del prod
+  if not with_grad:
+    return loss, None, None
+  s = exp_(log_s)
+  w = coef if plain else r.mul_(s).mul_(gamma).add_(1.0).mul_(coef)  # coef (1 + gamma s r)
+  return loss, s, w
+
+
+def _loss_and_w_differentiable(log_s: torch.Tensor, y: torch.Tensor, alpha: Any, gamma: Any,
+                               with_grad: bool, with_loss: bool
+                               ) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                          torch.Tensor | None]:
+  """:func:`loss_and_w` from differentiable operations (double backward)."""
   y = y.to(log_s.dtype)
   coef = y if alpha is None else alpha * y  # alpha_c y_c focal_c once focal is in
   plain = isinstance(gamma, float) and gamma == 0.0
-  finfo = torch.finfo(log_s.dtype)
   if not plain:
-    # em1 = expm1(log s) = s - 1 = -(1 - s): 1 - s without cancellation near s = 1.
-    if differentiable:
-      em1 = torch.expm1(log_s)
-      coef = coef * safe_pow(-em1, gamma)
-    else:
-      # Clamped below too: r = l / expm1(l) stays finite (s r = 0) where l = -inf.
-      log_c = log_s.clamp(min=finfo.min, max=-finfo.tiny)
-      em1 = _expm1(log_c)
-      coef = coef * torch.exp2(torch.log2(-em1).mul_(gamma))
+    # em1 = expm1(log s) = -(1 - s); a where-guarded power: derivative 0, not NaN, at q = 0.
+    em1 = torch.expm1(log_s)
+    coef = coef * safe_pow(-em1, gamma)
   loss = -_weighted_log(coef, log_s).sum(1, keepdim=True) if with_loss else None
   if not with_grad:
     return loss, None, None
-  s = torch.exp(log_s) if differentiable else exp_(log_s.clone())
+  s = torch.exp(log_s)
   if plain:
-    w = coef
-  elif differentiable:
-    # r = l / expm1(l) -> 1 as l -> 0 (s -> 1); the where keeps 0/0 out of value and grad.
-    at_one = log_s == 0
-    l_safe = torch.where(at_one, -torch.ones((), dtype=s.dtype, device=s.device),
-                         log_s.clamp_min(finfo.min))
-    r = torch.where(at_one, torch.ones((), dtype=s.dtype, device=s.device),
-                    l_safe / torch.expm1(l_safe))
-    w = coef * (1.0 + gamma * s * r)
-  else:
-    r = log_c / em1
-    w = coef * (1.0 + gamma * s * r)
-  return loss, s, w
+    return loss, s, coef
+  # r = l / expm1(l) -> 1 as l -> 0 (s -> 1); the where keeps 0/0 out of value and grad.
+  at_one = log_s == 0
+  l_safe = torch.where(at_one, -torch.ones((), dtype=s.dtype, device=s.device),
+                       log_s.clamp_min(torch.finfo(log_s.dtype).min))
+  r = torch.where(at_one, torch.ones((), dtype=s.dtype, device=s.device),
+                  l_safe / torch.expm1(l_safe))
+  return loss, s, coef * (1.0 + gamma * s * r)
 
 
 # --- engine (torch-specific: chunking, log_softmax per chunk) ---
@@ -121,8 +158,13 @@ def _mask(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
   return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _log_softmax_chunk(w: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-  return torch.log_softmax(w.to(cdt), dim=1)
+def _log_softmax_chunk(w: torch.Tensor, cdt: torch.dtype, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+  """``log_softmax(w)`` along the classes in ``cdt``, into ``out`` if given (``cdt``,
+  contiguous)."""
+  if out is None:
+    return torch.log_softmax(w.to(cdt), dim=1)
+  return torch.ops.aten._log_softmax.out(w.to(cdt), 1, False, out=out)
 
 
 def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tensor:
@@ -312,14 +354,24 @@ class CategoricalFocalFunction(torch.autograd.Function):
       return _mask(part * go, valid).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, options.chunk_elements):
+      dst = out[idx]
+      # The chunk's math in the gradient's own memory where it can be (terms works in place
+      # on log_s): one chunk-sized buffer fewer.
+      own = dst.dtype == cdt and dst.is_contiguous()
       if lse is None:
-        log_s = _log_softmax_chunk(z3[idx], cdt)
+        log_s = _log_softmax_chunk(z3[idx], cdt, dst if own else None)
+      elif own:
+        log_s = torch.sub(z3[idx], lse[idx], out=dst)
       else:
         log_s = z3[idx].to(cdt) - lse[idx]
       _, part = terms(log_s, y3[idx], alpha, gamma, with_grad=True, with_loss=False,
                       w_sum=None if w_sum is None else w_sum[idx])
-      # Masked rows are exactly 0, whatever their logits (NaN * 0 is NaN).
-      out[idx] = _mask(part * go[idx], None if valid is None else valid[idx])
+      part.mul_(go[idx])
+      if valid is not None:
+        # Masked rows are exactly 0, whatever their logits (NaN * 0 is NaN).
+        part.masked_fill_(~valid[idx], 0.0)
+      if not own:
+        dst.copy_(part)
     return out, None, None, None, None, None
 
 
