@@ -228,14 +228,13 @@ def softmax_lse_others(w: torch.Tensor, t: torch.Tensor, zt: torch.Tensor, e: to
   """:func:`fused_lse_others` of a 2-D chunk on the CPU in two parallel operators: one fused
   softmax of the whole rows into the scratch chunk ``e`` and one row sum of it with the
   target zeroed, the non-target mass ``q`` (``zt``: the target logits, compute dtype).
-  Then ``log q`` (and ``log p = log1p(-q)`` where ``p > 1/2``, else ``log p`` itself) hold
-  full relative precision, and ``lse_rest = (z_t - log p) + log q``.
 
-  Rows where that is not so are recomputed by :func:`fused_lse_others`, alone: ``q`` below
-  ``C`` times the smallest normal number (its underflowed terms could then weigh more than a
-  rounding: a margin beyond about 80 in float32), ``p < 2^-20`` (``z_t - log p`` would round
-  at the size of ``log p``, beyond ``lse_rest``'s own rounding), and non-finite rows. With
-  few of them that costs a few small serial operators.
+  ``p`` (the softmax at the target) and ``q`` each hold full relative precision, so their
+  logs do, and the margin ``u = log p - log q`` comes to within a rounding of its size:
+  ``lse_rest = z_t - u``. Rows where ``p`` or ``q`` is below ``C`` times the smallest normal
+  number (their underflowed terms could weigh more than a rounding: a margin beyond about 80
+  in float32), or not finite, are recomputed by :func:`fused_lse_others`, alone; with few of
+  them that costs a few small serial operators.
   """
   if w.dtype == e.dtype:
     torch.ops.aten._softmax.out(w, 1, False, out=e)
@@ -244,12 +243,9 @@ def softmax_lse_others(w: torch.Tensor, t: torch.Tensor, zt: torch.Tensor, e: to
   p = e.gather(1, t)
   e.scatter_(1, t, 0.0)
   q = e.sum(1, keepdim=True)
-  # xlog1py(1, -q) = log1p(-q) and log_serial: the exact functions, serial (see
-  # exp_nonpositive).
-  log_p = torch.where(p > 0.5, torch.special.xlog1py(1.0, -q), log_serial(p))
-  lse_rest = (zt - log_p).add_(log_serial(q))
-  # NaN fails both tests: such rows take the exact path too.
-  ok = (q >= w.shape[1] * torch.finfo(e.dtype).tiny) & (p >= 2.0 ** -20)
+  lse_rest = zt - (log_serial(p) - log_serial(q))
+  # NaN fails the test: such rows take the exact path too.
+  ok = torch.minimum(p, q) >= w.shape[1] * torch.finfo(e.dtype).tiny
   if not bool(ok.all()):
     rows = (~ok).view(-1).nonzero().view(-1)
     w_bad = w.index_select(0, rows)
