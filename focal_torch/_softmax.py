@@ -233,8 +233,10 @@ def softmax_lse_others(w: torch.Tensor, t: torch.Tensor, zt: torch.Tensor, e: to
   logs do, and the margin ``u = log p - log q`` comes to within a rounding of its size:
   ``lse_rest = z_t - u``. Rows where ``p`` or ``q`` is below ``C`` times the smallest normal
   number (their underflowed terms could weigh more than a rounding: a margin beyond about 80
-  in float32), or not finite, are recomputed by :func:`fused_lse_others`, alone; with few of
-  them that costs a few small serial operators.
+  in float32), or not finite, are recomputed by :func:`fused_lse_others`, alone: small
+  operators, but ATen's log-softmax and max split even a few rows over the threads, so on a
+  loaded machine those two still wait like logits-sized ones (a looser test that sent the 5
+  rows of p < 2^-20 at the bench's (16384, 91) there cost about as much as the rest).
   """
   if w.dtype == e.dtype:
     torch.ops.aten._softmax.out(w, 1, False, out=e)
