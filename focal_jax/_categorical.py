@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -38,8 +39,16 @@ class CategoricalOptions:
   Attributes:
     split: the `_rowreduce.ClassSplit` of `class_axis_name` (this member holds a slice of the
       classes), or None.
+    cpu: the CPU form (`lax.platform_dependent(cpu=...)` branches only): the row statistics
+      in two passes above `_ONE_PASS_CLASSES` classes (`_two_pass_top_stats`), `1 - s` for
+      `exp(log(1 - s))` and, with `whole_gamma`, `(1 - s)**gamma` as products (`_elems`).
+      The same numbers up to rounding.
+    whole_gamma: `gamma` where it is a scalar whole number known at trace time (0 to
+      `_MAX_WHOLE_GAMMA`), else None. Used by the CPU form only.
   """
   split: _rowreduce.ClassSplit | None = None
+  cpu: bool = False
+  whole_gamma: int | None = None
 
 
 class _Rows(NamedTuple):
@@ -60,25 +69,43 @@ class _Elems(NamedTuple):
   w: jax.Array  # alpha y (1 - s)**gamma (1 + gamma s r), r = -log s / (1 - s)
   log_s_fin: jax.Array  # log_s, 0 where s = 0 exactly (a logit of -inf)
   no_mass: jax.Array  # s = 0 exactly
+  one_m_s: jax.Array | None = None  # 1 - s (the CPU form only)
+
+
+def _class_index(dtype, shape):
+  return lax.broadcasted_iota(dtype, shape, len(shape) - 1)
 
 
 def _is_top(top, shape, split):
   """Where the (global) class index equals the row's top class; `split`: this member's slice."""
-  classes = lax.broadcasted_iota(top.dtype, shape, len(shape) - 1)
+  classes = _class_index(top.dtype, shape)
   if split is not None:
     classes = classes + split.first().astype(top.dtype)
   return classes == top[..., None]
 
 
-def _elems(z, y, alpha, gamma, top, m, s_rest, split=None) -> _Elems:
-  """Elementwise terms from the per-row max and non-top mass; differentiable jnp ops only."""
+def _elems(z, y, alpha, gamma, top, m, s_rest, options: CategoricalOptions) -> _Elems:
+  """Elementwise terms from the per-row max and non-top mass; differentiable jnp ops only.
+
+  `options.cpu`: the CPU form, with fewer transcendental functions (each several times the
+  cost of a multiply on XLA:CPU, and the terms are recomputed in the backward): `s` from the
+  row statistics' own `exp(z - m)`, `1 - s` itself where the default form takes
+  `exp(log(1 - s))`, `r` by a division for `exp(-log(1 - s))`, and with
+  `options.whole_gamma` `(1 - s)**gamma` as products.
+  """
+  split, cpu = options.split, options.cpu
   z = z.astype(alpha.dtype)
   is_top = _is_top(top, z.shape, split)
   has_rest = s_rest > 0.0
   s_rest_safe = jnp.where(has_rest, s_rest, 1.0)
   log_norm = jnp.log1p(s_rest)  # log sum_c exp(z_c - m); exp(z_top - m) = 1 exactly
   log_s = z - m[..., None] - log_norm[..., None]
-  s = jnp.exp(log_s)
+  if cpu:
+    # exp(z - m), the very term of the row statistics' sum (_two_pass_top_stats), which XLA
+    # then computes once in the forward, over 1 + s_rest (= exp(log_norm)).
+    s = jnp.exp(z - m[..., None]) / (1.0 + s_rest)[..., None]
+  else:
+    s = jnp.exp(log_s)
   # A logit of -inf: s = 0 exactly, log s = -inf. Where needed below it is replaced by 0 (the
   # terms it enters are 0 there: s log s, y log s with y = 0), keeping 0 * inf out.
   no_mass = log_s == -jnp.inf
@@ -89,14 +116,29 @@ def _elems(z, y, alpha, gamma, top, m, s_rest, split=None) -> _Elems:
   s_not_top = jnp.where(is_top, 0.0, s)
   log_1m_s_top = jnp.where(has_rest, jnp.log(s_rest_safe) - log_norm, _NO_REST_LOG)
   log_1m_s = jnp.where(is_top, log_1m_s_top[..., None], jnp.log1p(-s_not_top))
-  # (1 - s)**gamma as exp(gamma * log(1 - s)): finite with finite derivatives for gamma < 1.
-  focal = jnp.exp(gamma * log_1m_s)
-  # r = -log s / (1 - s) -> 1 as s -> 1: at the top class log1p(s_rest) (1 + s_rest) / s_rest.
-  r_top = jnp.where(has_rest, log_norm * (1.0 + s_rest_safe) / s_rest_safe, 1.0)
-  r = jnp.where(is_top, r_top[..., None],
-                -log_s_fin * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
+  one_m_s = None
+  if cpu:
+    # 1 - s: off the top class s <= 1/2 and 1 - s is exact to rounding; at the top class
+    # s_rest / (1 + s_rest) = s_rest * s there (exp(z_top - m) = 1), 0 without other mass.
+    # r = -log s / (1 - s) from it at every class (at the top class -log s = log_norm), 1 at
+    # a top class without other mass (the double where keeps 0 / 0 out of derivatives).
+    # No per-row divisions: XLA would write each to memory for the backward.
+    one_m_s = jnp.where(is_top, s_rest[..., None] * s, 1.0 - s)
+    has_den = one_m_s > 0.0
+    r = jnp.where(has_den, -log_s_fin / jnp.where(has_den, one_m_s, 1.0), 1.0)
+  else:
+    # r = -log s / (1 - s) -> 1 as s -> 1: at the top class log1p(s_rest) (1 + s_rest) / s_rest.
+    r_top = jnp.where(has_rest, log_norm * (1.0 + s_rest_safe) / s_rest_safe, 1.0)
+    r = jnp.where(is_top, r_top[..., None],
+                  -log_s_fin * jnp.exp(-jnp.where(is_top, 0.0, log_1m_s)))
+  if cpu and options.whole_gamma is not None:
+    # A whole gamma: (1 - s)**gamma as products of 1 - s, no log1p and exp.
+    focal = lax.integer_pow(one_m_s, options.whole_gamma)
+  else:
+    # (1 - s)**gamma as exp(gamma * log(1 - s)): finite with finite derivatives for gamma < 1.
+    focal = jnp.exp(gamma * log_1m_s)
   w = alpha * y * focal * (1.0 + gamma * s * r)
-  return _Elems(log_s, log_1m_s, focal, s, w, log_s_fin, no_mass)
+  return _Elems(log_s, log_1m_s, focal, s, w, log_s_fin, no_mass, one_m_s)
 
 
 def _y_log_s(coef, el: _Elems) -> jax.Array:
@@ -106,22 +148,68 @@ def _y_log_s(coef, el: _Elems) -> jax.Array:
   return jnp.where(el.no_mass, at_no_mass, coef * el.log_s_fin)
 
 
-def _rows(z, y, alpha, gamma, valid, split=None) -> _Rows:
+# The most classes at which the CPU form keeps the one-pass statistics: on rows this short
+# XLA:CPU's three plain reductions cost more than the variadic one (crossover from 8 to 16).
+_ONE_PASS_CLASSES = 8
+
+# The top class of a row without one (a NaN logit): no class index equals it.
+_NO_TOP = jnp.iinfo(jnp.int32).max
+
+
+@jax.custom_jvp
+def _two_pass_top_stats(z):
+  """`_rowreduce.top_stats` (same values, same derivatives) as a max, the first class at it
+  (a min of class indices) and a masked sum of `exp(z - m)`: the CPU form. XLA:CPU runs the
+  one-pass (variadic) reduction as a scalar loop, several times the time of these three
+  plain reductions. A row with a NaN logit has `m` NaN and no top class (`_NO_TOP`)."""
+  m = jnp.max(z, axis=-1)  # NaN propagates
+  if z.shape[-1] <= 1 << 24:
+    # The class indices as float32 (exact to 2**24): XLA:CPU splits an int32 min into a
+    # reduce-window and a reduce.
+    first = jnp.min(jnp.where(z == m[..., None], _class_index(jnp.float32, z.shape), jnp.inf),
+                    axis=-1)
+    top = jnp.where(first == jnp.inf, _NO_TOP, first.astype(jnp.int32))
+  else:
+    top = jnp.min(jnp.where(z == m[..., None], _class_index(jnp.int32, z.shape), _NO_TOP),
+                  axis=-1)
+  fin = jnp.isfinite(m)
+  e = jnp.where(_is_top(top, z.shape, None), 0.0,
+                jnp.exp(z - jnp.where(fin, m, 0.0)[..., None]))
+  return m, top, jnp.where(fin, jnp.sum(e, axis=-1), 0.0)
+
+
+@_two_pass_top_stats.defjvp
+def _two_pass_top_stats_jvp(primals, tangents):
+  # The rule of `_rowreduce.top_stats`: dm = dz_top, ds = sum_{c != top} e_c (dz_c - dm).
+  (z,), (dz,) = primals, tangents
+  m, top, s_rest = _two_pass_top_stats(z)
+  is_top = _is_top(top, z.shape, None)
+  dm = jnp.sum(jnp.where(is_top, dz, 0.0), axis=-1)
+  m_fin = jnp.isfinite(m)
+  e = jnp.where(is_top, 0.0, jnp.exp(z - jnp.where(m_fin, m, 0.0)[..., None]))
+  ds = jnp.where(m_fin, jnp.sum(e * (dz - dm[..., None]), axis=-1), 0.0)
+  return (m, top, s_rest), (dm, jnp.zeros_like(top, dtype=jax.dtypes.float0), ds)
+
+
+def _rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Rows:
   # Logits and targets stay in their dtype outside (converted inside the fusions); math in
   # the compute dtype.
   z = z.astype(alpha.dtype)
-  # One read of z for the argmax, the max and the non-top mass. m = z_top itself, not a
+  # One read of z for the argmax, the max and the non-top mass (the CPU form above
+  # _ONE_PASS_CLASSES: three reads, see _two_pass_top_stats). m = z_top itself, not a
   # stop_gradient copy: log(1 + s_rest) below relies on exp(z_top - m) = 1 identically, also
   # in the derivatives of this rule (Hessian).
+  split = options.split
   if split is None:
-    m, top, s_rest = _rowreduce.top_stats(z)
+    two_pass = options.cpu and z.shape[-1] > _ONE_PASS_CLASSES
+    m, top, s_rest = (_two_pass_top_stats if two_pass else _rowreduce.top_stats)(z)
   else:  # whole rows' statistics from every member's slice; top is a global class
     m, top, s_rest = _rowreduce.split_top_stats(z, split)
   is_top = _is_top(top, z.shape, split)
   # A NaN logit (m is NaN) or no finite logit (m = -inf): no defined loss, NaN.
   undefined = jnp.isnan(m) | (m == -jnp.inf)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  el = _elems(z, y, alpha, gamma, top, m, s_rest, split)
+  el = _elems(z, y, alpha, gamma, top, m, s_rest, options)
   coef = alpha * y * el.focal
   loss = -jnp.sum(_y_log_s(coef, el), axis=-1)
   loss = jnp.where(undefined, jnp.nan, loss)
@@ -138,7 +226,8 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
   With `options.split`, the sum over this member's slice of the classes only.
   """
   split = options.split
-  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
+  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, options)
+  one_m_s = el.one_m_s if options.cpu else jnp.exp(el.log_1m_s)
   start = jnp.zeros_like(rows.loss)
   # Masked rows: the (.., C) derivatives themselves are set to 0 (not just the output), so
   # that whatever their logits hold (even NaN), reverse mode gives them exactly 0.
@@ -149,7 +238,7 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
     # dloss/dz_j = s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly:
     # no cancellation at the top class as s -> 1.
     others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
-    grad = el.s * others - jnp.exp(el.log_1m_s) * el.w
+    grad = el.s * others - one_m_s * el.w
     return jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
 
   return _numerics.tangent_sum(
@@ -159,9 +248,9 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
       start=start)
 
 
-def _hyper_tangent(z, y, alpha, gamma, valid, rows, dalpha, dgamma, split):
+def _hyper_tangent(z, y, alpha, gamma, valid, rows, dalpha, dgamma, options):
   """sum_c dloss/dalpha_c dalpha_c + dloss/dgamma_c dgamma_c, per row (None: not given)."""
-  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, split)
+  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, options)
   per_class = jnp.where(valid[..., None], -_y_log_s(y * el.focal, el), 0.0)  # dloss/dalpha_c
   return _numerics.tangent_sum(
       rows.loss, (dalpha, lambda da: jnp.sum(per_class * da, axis=-1)),
@@ -195,18 +284,19 @@ def _slice_rows(start, size, *arrays):
                                    for a in arrays])
 
 
-def _blocked_rows(z, y, alpha, gamma, valid) -> _Rows:
+def _blocked_rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Rows:
   """`_rows` of whole rows, one block of rows at a time (the CPU form of the forward).
 
   XLA on CPU writes every (.., C) term shared by the forward's row sums to memory (about 5x
   the logits under `jit(value_and_grad)`); in a loop over blocks of `_BLOCK` entries those
-  terms are a block's. Same values as `_rows` (the same code on each block).
+  terms are a block's. Same values as `_rows` (the same code on each block), in its CPU form.
   """
+  options = dataclasses.replace(options, cpu=True)
   num_classes = z.shape[-1]
   rows = math.prod(z.shape[:-1])
   per_block = max(1, _BLOCK // num_classes)
   if rows <= per_block:
-    return _rows(z, y, alpha, gamma, valid)
+    return _rows(z, y, alpha, gamma, valid, options)
   row_shape = z.shape[:-1]
   z2, y2 = z.reshape(rows, num_classes), y.reshape(rows, num_classes)
   valid2 = jnp.broadcast_to(valid, row_shape).reshape(rows)
@@ -214,7 +304,7 @@ def _blocked_rows(z, y, alpha, gamma, valid) -> _Rows:
 
   def block_rows(start, size):
     zs, ys, vs = _slice_rows(start, size, z2, y2, valid2)
-    return _rows(zs, ys, alpha2, gamma2, vs)
+    return _rows(zs, ys, alpha2, gamma2, vs, options)
 
   blocks = rows // per_block
   shapes = jax.eval_shape(lambda: block_rows(0, per_block))
@@ -233,9 +323,11 @@ def _blocked_rows(z, y, alpha, gamma, valid) -> _Rows:
 
 
 # The loop is never differentiated: derivatives of the blocked rows (Hessians differentiate the
-# rule of _focal_rows) are those of `_rows` on the whole array.
-_blocked_rows = jax.custom_jvp(_blocked_rows)
-_blocked_rows.defjvp(lambda primals, tangents: jax.jvp(_rows, primals, tangents))
+# rule of _focal_rows) are those of `_rows` (its CPU form) on the whole array.
+_blocked_rows = jax.custom_jvp(_blocked_rows, nondiff_argnums=(5,))
+_blocked_rows.defjvp(lambda options, primals, tangents: jax.jvp(
+    functools.partial(_rows, options=dataclasses.replace(options, cpu=True)), primals,
+    tangents))
 
 
 def _blocked_dot(z, y, alpha, gamma, valid, dz, dy, options: CategoricalOptions):
@@ -248,6 +340,7 @@ def _blocked_dot(z, y, alpha, gamma, valid, dz, dy, options: CategoricalOptions)
   block of the gradient. `_dot_remat` keeps the six per-row scalars instead (3x float32 logits
   at C = 2), and its backward holds them all at once.
   """
+  options = dataclasses.replace(options, cpu=True)
   num_classes = z.shape[-1]
   rows = math.prod(z.shape[:-1])
   per_block = max(1, _BLOCK // num_classes)
@@ -261,8 +354,8 @@ def _blocked_dot(z, y, alpha, gamma, valid, dz, dy, options: CategoricalOptions)
   def block_dot(start, z2, y2, valid2, dz2, dy2):
     block = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, start, per_block, 0)
     zs, ys, vs = _slice_rows(start, per_block, z2, y2, valid2)
-    return _dot(zs, ys, alpha2, gamma2, vs, _rows(zs, ys, alpha2, gamma2, vs), block(dz2),
-                block(dy2), options)
+    return _dot(zs, ys, alpha2, gamma2, vs, _rows(zs, ys, alpha2, gamma2, vs, options),
+                block(dz2), block(dy2), options)
 
   # The last block ends at the last row and may overlap the one before: its rows are written
   # twice with the same values (and their cotangents are read once, by the last block).
@@ -320,12 +413,14 @@ def _block_start(i, per_block, rows):
   return start, start + lax.iota(start.dtype, per_block) >= i * per_block
 
 
-def _blocked_total(z, y, alpha, gamma, valid, weight):
+def _blocked_total(z, y, alpha, gamma, valid, weight, options: CategoricalOptions):
   """The sum over whole rows of `weight * loss` (`weight` None or per row), one block of rows
   at a time: the CPU form of a reduction, where neither the (N,) losses nor their (N,)
   cotangent need to exist (`_blocked_rows` and `_blocked_dot` hand them over whole: 1x
   float32 logits at C = 2). Rows that an overlapping last block shares with the one before
-  count once (masked in the last block: 0 loss and exactly 0 derivatives)."""
+  count once (masked in the last block: 0 loss and exactly 0 derivatives). `_rows` in its
+  CPU form."""
+  options = dataclasses.replace(options, cpu=True)
   (z2, y2, valid2, weight2, alpha2, gamma2), per_block, blocks = _block_view(
       z, y, alpha, gamma, valid, weight)
 
@@ -333,13 +428,13 @@ def _blocked_total(z, y, alpha, gamma, valid, weight):
     start, new = _block_start(i, per_block, z2.shape[0])
     zs, ys, vs, ws = _slice_rows(start, per_block, z2, y2, valid2, weight2)
     vs = vs & new
-    loss = _rows(zs, ys, alpha2, gamma2, vs).loss
+    loss = _rows(zs, ys, alpha2, gamma2, vs, options).loss
     return acc + jnp.sum(_checks.apply_sample_weight(loss, ws, vs))
 
   return lax.fori_loop(0, blocks, body, jnp.zeros((), alpha.dtype))
 
 
-def _blocked_total_jvp(primals, tangents):
+def _blocked_total_jvp(options, primals, tangents):
   """The tangent of `_blocked_total`: a loop over the blocks whose body is checkpointed, so
   reverse mode keeps only the inputs and the block indices; the transposed loop recomputes a
   block's per-row scalars (`_rows`) and the rule of `_focal_rows_jvp` (`_dot`,
@@ -351,7 +446,8 @@ def _blocked_total_jvp(primals, tangents):
   """
   z, y, alpha, gamma, valid, weight = primals
   dz, dy, dalpha, dgamma = map(_numerics.given, tangents[:4])  # valid, weight: constants
-  out = _blocked_total(z, y, alpha, gamma, valid, weight)
+  out = _blocked_total(z, y, alpha, gamma, valid, weight, options)
+  options = dataclasses.replace(options, cpu=True)
   if dz is None and dy is None and dalpha is None and dgamma is None:
     return out, jnp.zeros_like(out)
   (z2, y2, valid2, weight2, alpha2, gamma2), per_block, blocks = _block_view(
@@ -365,12 +461,12 @@ def _blocked_total_jvp(primals, tangents):
     start, new = _block_start(i, per_block, z2.shape[0])
     zs, ys, vs, ws = _slice_rows(start, per_block, z2, y2, valid2, weight2)
     vs = vs & new
-    rows = _rows(zs, ys, alpha2, gamma2, vs)
+    rows = _rows(zs, ys, alpha2, gamma2, vs, options)
     tangent = _numerics.tangent_sum(
         rows.loss,
-        ((dzs, dys), lambda d: _dot(zs, ys, alpha2, gamma2, vs, rows, *d, _WHOLE_ROWS)),
+        ((dzs, dys), lambda d: _dot(zs, ys, alpha2, gamma2, vs, rows, *d, options)),
         ((dalpha2, dgamma2),
-         lambda d: _hyper_tangent(zs, ys, alpha2, gamma2, vs, rows, *d, None)))
+         lambda d: _hyper_tangent(zs, ys, alpha2, gamma2, vs, rows, *d, options)))
     return jnp.sum(_checks.apply_sample_weight(tangent, ws, vs))
 
   primal = (z2, y2, valid2, weight2, alpha2, gamma2)
@@ -389,28 +485,34 @@ def _blocked_total_jvp(primals, tangents):
   return out, tangent
 
 
-_blocked_total = jax.custom_jvp(_blocked_total)
+_blocked_total = jax.custom_jvp(_blocked_total, nondiff_argnums=(6,))
 _blocked_total.defjvp(_blocked_total_jvp, symbolic_zeros=True)
 
 
 def _zy_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
-  """The tangent in the logits and targets: `_dot_remat`; for whole rows larger than a block,
-  `_blocked_dot` on the CPU (`rows` unused there)."""
+  """The tangent in the logits and targets: `_dot_remat`, its CPU form on the CPU; for whole
+  rows larger than a block, `_blocked_dot` on the CPU (`rows` unused there)."""
   per_block = max(1, _BLOCK // z.shape[-1])
-  if (options.split is not None or math.prod(z.shape[:-1]) <= per_block
-      or z.shape[-1] > _BLOCKED_DOT_CLASSES):
+  if options.split is not None:
     return _dot_remat(z, y, alpha, gamma, valid, rows, dz, dy, options)
+  if math.prod(z.shape[:-1]) <= per_block or z.shape[-1] > _BLOCKED_DOT_CLASSES:
+    return lax.platform_dependent(
+        z, y, alpha, gamma, valid, rows, dz, dy,
+        cpu=lambda *a: _dot_remat(*a, dataclasses.replace(options, cpu=True)),
+        default=lambda *a: _dot_remat(*a, options))
   return lax.platform_dependent(
       z, y, alpha, gamma, valid, rows, dz, dy,
       cpu=lambda z, y, a, g, v, rows, dz, dy: _blocked_dot(z, y, a, g, v, dz, dy, options),
       default=lambda *a: _dot_remat(*a, options))
 
 
-def _any_rows(z, y, alpha, gamma, valid, split) -> _Rows:
+def _any_rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Rows:
   """`_rows`; for whole rows, in blocks on the CPU (`_blocked_rows`)."""
-  if split is not None:
-    return _rows(z, y, alpha, gamma, valid, split)
-  return lax.platform_dependent(z, y, alpha, gamma, valid, cpu=_blocked_rows, default=_rows)
+  if options.split is not None:
+    return _rows(z, y, alpha, gamma, valid, options)
+  return lax.platform_dependent(z, y, alpha, gamma, valid,
+                                cpu=lambda *a: _blocked_rows(*a, options),
+                                default=lambda *a: _rows(*a, options))
 # --- end of engine -----------------------------------------------------------------------
 
 
@@ -418,17 +520,17 @@ def _any_rows(z, y, alpha, gamma, valid, split) -> _Rows:
 # the closed form gradient in log space, finite where autodiff of (1 - s)**gamma is NaN.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _focal_rows(z, y, alpha, gamma, valid, options: CategoricalOptions):
-  return _any_rows(z, y, alpha, gamma, valid, options.split).loss
+  return _any_rows(z, y, alpha, gamma, valid, options).loss
 
 
 def _focal_rows_jvp(options, primals, tangents):
   z, y, alpha, gamma, valid = primals
   dz, dy, dalpha, dgamma, _ = tangents
   split = options.split
-  rows = _any_rows(z, y, alpha, gamma, valid, split)
+  rows = _any_rows(z, y, alpha, gamma, valid, options)
 
   def hyper_term(d):  # d = (dalpha, dgamma), None for a symbolic zero
-    return _hyper_tangent(z, y, alpha, gamma, valid, rows, *d, split)
+    return _hyper_tangent(z, y, alpha, gamma, valid, rows, *d, options)
 
   if all(isinstance(d, SymbolicZero) for d in (dz, dy, dalpha, dgamma)):
     return rows.loss, jnp.zeros_like(rows.loss)
@@ -504,14 +606,20 @@ def _gpu_loss(parts: _GpuParts, y, alpha, valid) -> jax.Array:
   return jnp.where(valid, jnp.where(parts.bad, jnp.nan, loss), 0.0)
 
 
-@jax.custom_jvp
-def gpu_focal_rows(z, y, alpha, gamma, valid):
+def gpu_focal_rows(z, y, alpha, gamma, valid, options: CategoricalOptions | None = None):
   """Per-row categorical focal losses, the GPU form (classes whole, class axis last).
 
   The same value and derivatives as `_focal_rows` (docs/math.md, "Categorical"), apart from
   a row without any finite logit, whose gradient is NaN here. Runs on every platform (the
-  tests call it on the CPU); `categorical_focal` selects it for CUDA only.
+  tests call it on the CPU); `categorical_focal` selects it for CUDA only. `options` is not
+  used (the signature of `_platform_rows`, which this form can stand in for).
   """
+  del options
+  return _gpu_focal_rows(z, y, alpha, gamma, valid)
+
+
+@jax.custom_jvp
+def _gpu_focal_rows(z, y, alpha, gamma, valid):
   return _gpu_loss(_gpu_parts(z, y, alpha, gamma), y, alpha, valid)
 
 
@@ -543,7 +651,7 @@ def _gpu_focal_rows_jvp(primals, tangents):
   return loss, tangent
 
 
-gpu_focal_rows.defjvp(_gpu_focal_rows_jvp, symbolic_zeros=True)
+_gpu_focal_rows.defjvp(_gpu_focal_rows_jvp, symbolic_zeros=True)
 
 
 def _gpu_form_fits(num_classes: int) -> bool:
@@ -563,7 +671,18 @@ def _gpu_form_fits(num_classes: int) -> bool:
   return False
 
 
-_WHOLE_ROWS = CategoricalOptions(split=None)
+# The largest gamma that the CPU form takes as a whole number (CategoricalOptions.whole_gamma).
+_MAX_WHOLE_GAMMA = 8
+
+
+def _whole_gamma(gamma: Any) -> int | None:
+  """`gamma` as an int where it is a scalar whole number from 0 to `_MAX_WHOLE_GAMMA` known at
+  trace time (a Python number, a NumPy or a concrete jax scalar), else None."""
+  values = _checks._concrete_values(gamma)
+  if values is None or values.ndim != 0 or not np.issubdtype(values.dtype, np.number):
+    return None
+  value = float(values)
+  return int(value) if value.is_integer() and 0 <= value <= _MAX_WHOLE_GAMMA else None
 
 
 def _total_blocked(shape) -> bool:
@@ -576,12 +695,12 @@ def _total_blocked(shape) -> bool:
           and rows > _total_block_rows(rows, shape[-1])[0])
 
 
-def _platform_rows(z, y, alpha, gamma, valid):
+def _platform_rows(z, y, alpha, gamma, valid, options: CategoricalOptions):
   """Per-row losses of whole rows: the GPU form on CUDA where it fits, else `_focal_rows`."""
   if not _gpu_form_fits(z.shape[-1]):
-    return _focal_rows(z, y, alpha, gamma, valid, _WHOLE_ROWS)
+    return _focal_rows(z, y, alpha, gamma, valid, options)
   return lax.platform_dependent(z, y, alpha, gamma, valid, cuda=gpu_focal_rows,
-                                default=lambda *a: _focal_rows(*a, _WHOLE_ROWS))
+                                default=lambda *a: _focal_rows(*a, options))
 # --- end of engine -----------------------------------------------------------------------
 
 
@@ -702,6 +821,7 @@ def categorical_focal(
     num_classes = split.num_classes
   alpha = _checks.class_param(fn, "alpha", 1.0 if alpha is None else alpha, num_classes,
                               cdtype, nonnegative=True, what_classes=per_class)
+  options = CategoricalOptions(split=split, whole_gamma=_whole_gamma(gamma))
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=per_class)
   if split is not None:  # this member's entries of the class vectors
@@ -723,15 +843,16 @@ def categorical_focal(
     # On the CPU the sum of the weighted losses comes from a loop over blocks of rows
     # (`_blocked_total`); elsewhere it is the sum of the per-row losses.
     total = lax.platform_dependent(
-        cpu=lambda: _blocked_total(z, y, alpha, gamma, valid, weight),
+        cpu=lambda: _blocked_total(z, y, alpha, gamma, valid, weight, options),
         default=lambda: jnp.sum(_checks.apply_sample_weight(
-            _platform_rows(z, y, alpha, gamma, valid), weight, where)))
+            _platform_rows(z, y, alpha, gamma, valid, options), weight, where)))
     loss = jax.ShapeDtypeStruct(row_shape, cdtype)  # the sum is `total`
   elif split is None:
-    loss = _checks.apply_sample_weight(_platform_rows(z, y, alpha, gamma, valid), weight, where)
+    loss = _checks.apply_sample_weight(_platform_rows(z, y, alpha, gamma, valid, options), weight,
+                                       where)
   else:
     loss = _checks.apply_sample_weight(
-        _focal_rows(z, y, alpha, gamma, valid, CategoricalOptions(split=split)), weight, where)
+        _focal_rows(z, y, alpha, gamma, valid, options), weight, where)
   if split is None:
     positive = valid & _checks.not_equal(jnp.argmax(y, axis=-1), background_class)
   elif reduction == "mean_positive":  # the whole rows' argmax (two (rows,) collectives)
