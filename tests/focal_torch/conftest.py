@@ -106,12 +106,35 @@ def spawn_ranks(script: Path | str, world: int, tmp_path: Path, timeout_s: float
   return [torch.load(out) for out in outs]
 
 
-def memory_probe(script: str, n: int, c: int, timeout_s: float) -> list[float]:
-  """Runs the probe ``python -c SCRIPT N C`` in a fresh process as the harness measures
-  (focal_bench.memory: every large buffer its own mapping, so freed memory leaves the RSS) and
-  returns the extra peaks it prints as JSON ``{"works": ..., "peaks": [...]}``; skips the test
-  where resetting the peak RSS does not work."""
+_PROBE_HEAD = """\
+import gc, json, sys
+import torch, focal_torch
+from focal_bench import memory
+n, c = int(sys.argv[1]), int(sys.argv[2])
+"""
+
+_PROBE_TAIL = """
+peaks = []
+for _ in range(2):
+  gc.collect()
+  before = memory.rss_bytes()
+  memory.reset_peak_rss()
+  torch.autograd.grad(step(z, y), z)
+  peaks.append((memory.peak_rss_bytes() - before) / (z.numel() * 4))
+print(json.dumps({"works": memory.rss_peak_works(), "peaks": peaks}))
+"""
+
+
+def memory_probe(setup: str, n: int, c: int, timeout_s: float) -> list[float]:
+  """The extra peaks (over the float32 logits' size) of two calls of
+  ``torch.autograd.grad(step(z, y), z)``, measured in a fresh process as the harness measures
+  (focal_bench.memory: every large buffer its own mapping, so freed memory leaves the RSS).
+  ``setup`` is the probe's own code: given ``n`` and ``c`` (and ``torch``, ``focal_torch``)
+  it defines ``z``, ``y`` and ``step`` (and makes any warm-up call). Skips the test where
+  resetting the peak RSS does not work."""
   import json  # pylint: disable=import-outside-toplevel
+  import textwrap  # pylint: disable=import-outside-toplevel
+  script = _PROBE_HEAD + textwrap.dedent(setup) + _PROBE_TAIL
   root = Path(__file__).resolve().parents[2]
   env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(root))
   out = subprocess.run([sys.executable, "-c", script, str(n), str(c)], env=env, cwd=root,
