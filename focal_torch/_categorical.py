@@ -207,8 +207,7 @@ def _row_stats(z: torch.Tensor) -> torch.Tensor:
   """``(m, log sum_c exp(z_c - m))`` per row, stacked: ``log_s = (z - m) - log_total`` keeps
   full precision where ``m + log_total`` would round to the ulp of ``m`` (2.4e-4 at 5000).
   ``m`` is 0 where the row maximum is infinite, as in torch.logsumexp."""
-  m = z.amax(1, keepdim=True)
-  m = torch.where(m.abs() == float("inf"), torch.zeros((), dtype=z.dtype, device=z.device), m)
+  m = _numerics.lse_shift(z.amax(1, keepdim=True))
   return torch.stack([m, torch.log(torch.exp(z - m).sum(1, keepdim=True))])
 
 
@@ -235,8 +234,7 @@ def _column_terms(z3: torch.Tensor, y3: torch.Tensor, alpha: Any, gamma: Any,
   m = cols[0]
   for w in cols[1:]:
     m = torch.maximum(m, w)
-  # As torch.logsumexp: shifted by the row maximum unless that is infinite.
-  m = torch.where(m.abs() == float("inf"), torch.zeros((), dtype=cdt, device=z3.device), m)
+  m = _numerics.lse_shift(m)
   total = torch.exp(cols[0] - m)
   for w in cols[1:]:
     total = total + torch.exp(w - m)

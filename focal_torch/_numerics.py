@@ -42,6 +42,13 @@ def exp_(x: torch.Tensor) -> torch.Tensor:
   return x.mul_(1.4426950408889634).exp2_()
 
 
+def lse_shift(m: torch.Tensor) -> torch.Tensor:
+  """A row maximum ``m`` as the shift of a log-sum-exp, as torch.logsumexp takes it: 0 where
+  ``m`` is infinite (a row of -inf, or one with +inf), so that ``exp(z - m)`` is not NaN there
+  unless the row's result is."""
+  return torch.where(m.abs() == float("inf"), torch.zeros((), dtype=m.dtype, device=m.device), m)
+
+
 def traced(value: Any, cdt: torch.dtype, logits: torch.Tensor) -> Any:
   """Under torch.compile, a Python-number hyperparameter as a 0-d tensor: a number that
   changes between calls (a gamma schedule) is symbolic there, and dynamo cannot pass a

@@ -531,7 +531,7 @@ def column_terms(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   for w in masked[1:]:
     m = torch.maximum(m, w)
   # As torch.logsumexp: shifted by the largest other logit unless that is infinite.
-  m = torch.where(m.abs() == float("inf"), zero, m)
+  m = _numerics.lse_shift(m)
   s_rest = torch.exp(masked[0] - m)
   for w in masked[1:]:
     s_rest = s_rest + torch.exp(w - m)
