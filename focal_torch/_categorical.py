@@ -203,6 +203,28 @@ def _after(go: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
   return torch.where(torch.isnan(go), go, z)
 
 
+# Under torch.compile on the CPU, inductor computes the two passes over a row (W = sum w_j,
+# then s_j W - w_j) in one loop over the rows, ``w`` in a row-sized buffer per thread, unless a
+# row is more than this many times as long as there are rows (torch 2.13,
+# CppScheduling.check_outer_fusion_loop_level_attr: then the inner loops are left to be
+# parallelized). Its fallback writes ``w`` to an (N, C) buffer beside the gradient's.
+CPU_LONG_ROWS = 300
+
+
+def _few_long_rows(z3: torch.Tensor) -> bool:
+  """Whether a compiled backward on the CPU would store ``w`` whole (see ``CPU_LONG_ROWS``)."""
+  return (z3.device.type == "cpu" and z3.ndim == 2
+          and z3.shape[1] > CPU_LONG_ROWS * z3.shape[0])
+
+
+def _row_sum_unfused(w: torch.Tensor) -> torch.Tensor:
+  """``w.sum(1, keepdim=True)`` of an ``(N, C)`` ``w`` as the product ``w @ 1``, a library call
+  inductor does not fuse with the loops around it: ``w`` is then written once, by the loop
+  that computes it, and the gradient ``s W - w`` is written into its buffer by a loop of its
+  own (inductor reuses a buffer in place only across loops it did not fuse)."""
+  return w @ torch.ones((w.shape[1], 1), dtype=w.dtype, device=w.device)
+
+
 def _row_stats(z: torch.Tensor) -> torch.Tensor:
   """``(m, log sum_c exp(z_c - m))`` per row, stacked: ``log_s = (z - m) - log_total`` keeps
   full precision where ``m + log_total`` would round to the ulp of ``m`` (2.4e-4 at 5000).
@@ -285,7 +307,9 @@ class CategoricalFocalFunction(torch.autograd.Function):
   Under torch.compile (one chunk) the backward starts from the logits made to depend on its
   cotangent (:func:`_after`), so that the compiled step keeps only the inputs and, for rows
   longer than ``COLUMN_MAX_CLASSES``, two numbers per row (:func:`_row_stats`); shorter rows
-  are computed column by column (:func:`_column_terms`).
+  are computed column by column (:func:`_column_terms`). On the CPU, rows more than
+  ``CPU_LONG_ROWS`` times as long as there are rows take ``W`` from :func:`_row_sum_unfused`,
+  so that the gradient is written into ``w``'s buffer.
 
   With ``options.split`` ``z3`` and ``y3`` hold this rank's slice of the classes
   (``alpha``/``gamma`` cut to the slice). Forward: the whole rows' log-sum-exp (a MAX and a
@@ -347,8 +371,12 @@ class CategoricalFocalFunction(torch.autograd.Function):
         _, cols = _column_terms(z3, y3, alpha, gamma, cdt, go)
         return (torch.cat([_mask(g * go, valid).to(z3.dtype) for g in cols], dim=1),
                 None, None, None, None, None)
-      _, part = terms((z3.to(cdt) - _after(go, stats[0])) - stats[1], y3, alpha, gamma,
-                      with_grad=True, with_loss=False)
+      log_s = (z3.to(cdt) - _after(go, stats[0])) - stats[1]
+      if _few_long_rows(z3):
+        _, s, w = loss_and_w(log_s, y3, alpha, gamma, with_grad=True, with_loss=False)
+        part = s * _row_sum_unfused(w) - w
+      else:
+        _, part = terms(log_s, y3, alpha, gamma, with_grad=True, with_loss=False)
       return _mask(part * go, valid).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, options.chunk_elements):

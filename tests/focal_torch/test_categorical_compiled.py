@@ -116,3 +116,37 @@ def test_compiled_short_rows_match_float64_reference():
     assert np.isfinite(g[finite]).all()
     np.testing.assert_allclose(g[finite], wg[finite], rtol=rtol, atol=atol)
     assert (g[[4, 5]] == 0).all() and (got[[4, 5]] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
+@pytest.mark.parametrize("per_class", [True, False])
+def test_compiled_few_long_rows_match_float64_reference(per_class):
+  # 8 rows of 4096 classes: more than CPU_LONG_ROWS times as long as there are rows, where
+  # the compiled backward takes W from a matrix product (w @ 1); margins to 1e4, NaN/inf rows.
+  torch._dynamo.reset()  # pylint: disable=protected-access
+  rng = np.random.default_rng(22)
+  n, c = 8, 4096
+  assert c > focal_torch._categorical.CPU_LONG_ROWS * n  # pylint: disable=protected-access
+  logits, targets, where = _rows(rng, n, c, 1e4)
+  alpha = rng.uniform(0.2, 1.5, c) if per_class else 0.25
+  gamma = rng.uniform(0, 3, c) if per_class else 2.0
+  weight = rng.uniform(0.5, 2.0, n)
+  z = torch.tensor(logits, dtype=torch.float32, requires_grad=True)
+  tensor = lambda x: torch.tensor(x, dtype=torch.float32) if isinstance(x, np.ndarray) else x
+  loss = lambda z, y, w, a, g, sw: focal_torch.categorical_focal(
+      z, y, where=w, alpha=a, gamma=g, sample_weight=sw, reduction="none")
+  value = torch.compile(loss, fullgraph=True, dynamic=False)(
+      z, torch.tensor(targets, dtype=torch.float32), torch.tensor(where), tensor(alpha),
+      tensor(gamma), torch.tensor(weight, dtype=torch.float32))
+  (grad,) = torch.autograd.grad(value.nan_to_num(0.0).sum(), z)
+  want, want_grad = _reference(torch.tensor(logits, dtype=torch.float32).double().numpy(),
+                               torch.tensor(targets, dtype=torch.float32).double().numpy(),
+                               where, alpha, gamma, weight)
+  got, g = value.detach().double().numpy(), grad.double().numpy()
+  assert np.isnan(got[7]) and np.isnan(g[7]).all()
+  finite = np.isfinite(want)
+  assert finite.sum() == n - 1
+  np.testing.assert_allclose(got[finite], want[finite], rtol=2e-5, atol=2e-6)
+  assert np.isfinite(g[finite]).all()
+  np.testing.assert_allclose(g[finite], want_grad[finite], rtol=2e-5, atol=2e-6)
+  assert (g[[4, 5]] == 0).all() and (got[[4, 5]] == 0).all()
