@@ -425,15 +425,132 @@ def _blocked_focal_jvp(spec, primals, tangents):
 _blocked_focal.defjvp(_blocked_focal_jvp, symbolic_zeros=True)
 
 
+# --- engine (XLA:GPU-specific): the column form, for few classes ----------------------------
+# On XLA:GPU the one-pass statistics are a variadic reduce, a fusion of their own: they and the
+# per-row coefficients derived from them go to memory, and the loop fusion that writes the
+# gradient reads them back (compiled for the H100 without a device, `focal-bench aot`'s
+# `jit(grad(mean loss))` step: temporaries 2.0x the float32 logits at (65536, 2), 4.0x in
+# bfloat16; 0.27x / 0.53x at (131072, 16)). The column form computes every per-row value as
+# an elementwise function of the C column slices of the logits (the max, the target logit and
+# the non-target sum of exponentials unrolled over the columns; `row_stats`' two-pass
+# formulas), and builds the gradient column by column (a concatenate), so nothing in the step
+# is a reduction over classes. How much of it XLA fuses into the gradient's loop is priority
+# fusion's choice (its cost model weighs recomputing a row's statistics for each of its C
+# outputs against storing them, and depends on N): at C = 2 all of it up to N = 2^16 rows
+# (no temporaries, one read of the logits and labels, one write of the gradient; at N = 2^20
+# one / three per-row vectors stay, 0.5x / 3.0x of float32 / bfloat16 logits against 2.0x /
+# 4.0x), at C = 5 all of it at N = 1000; otherwise two or three per-row vectors (at C = 16 the
+# max, the non-target mass and the gradient coefficient; there the model puts recomputing them
+# per output at 2.5x to 3x the unfused time), against the default form's four to five.
+# Measured from C = 2 to 40, N = 1000 to 2^20, float32 and bfloat16: temporaries and bytes
+# below the default form's at every point; at C = 48, 64 and 91 several times the default's,
+# hence `_COLUMN_CLASSES`.
+
+# Most classes of the column form (`_column_form_fits`).
+_COLUMN_CLASSES = 32
+
+
+def _column_form_fits(num_classes: int) -> bool:
+  """Whether CUDA takes the column form at this class count (see above)."""
+  return num_classes <= _COLUMN_CLASSES
+
+
+def _columns(z: jax.Array, dtype) -> list[jax.Array]:
+  return [z[..., c].astype(dtype) for c in range(z.shape[-1])]
+
+
+def _column_stats(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
+                  valid: jax.Array, in_range: jax.Array, eps: float) -> RowStats:
+  """`row_stats` (the two-pass form) from the columns of `z`, elementwise."""
+  cols = _columns(z, alpha.dtype)
+  m = cols[0]
+  for col in cols[1:]:
+    m = jnp.maximum(m, col)  # NaN propagates
+  m = lax.stop_gradient(m)
+  undefined = jnp.isnan(m) | (m == -jnp.inf)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  z_t = cols[0]
+  s_rest = jnp.where(t == 0, 0.0, jnp.exp(cols[0] - m))
+  for c, col in enumerate(cols[1:], 1):
+    z_t = jnp.where(t == c, col, z_t)
+    s_rest = s_rest + jnp.where(t == c, 0.0, jnp.exp(col - m))
+
+  def row_mean():
+    total = cols[0]
+    for col in cols[1:]:
+      total = total + col
+    return total / len(cols)
+
+  return _finish(m, s_rest, z_t, undefined, row_mean, alpha, gamma, valid, in_range, eps)
+
+
+def _column_grad(z: jax.Array, t: jax.Array, st: RowStats, valid: jax.Array,
+                 eps: float) -> jax.Array:
+  """`grad_from_stats`, its columns computed one by one and stacked (class axis last)."""
+  num_classes = z.shape[-1]
+  out = []
+  for c, col in enumerate(_columns(z, st.m.dtype)):
+    is_t = t == c
+    g = jnp.where(is_t, -st.a, jnp.exp(col - st.m) * st.a_rest)
+    if eps > 0.0:
+      g = g + st.b * (is_t.astype(g.dtype) - 1.0 / num_classes)
+    out.append(jnp.where(valid, g, 0.0))
+  return jnp.stack(out, axis=-1)
+
+
+def _column_dot_grad(z, t, st, valid, dz, eps):
+  return jnp.sum(_column_grad(z, t, st, valid, eps) * dz.astype(st.m.dtype), axis=-1)
+
+
+_column_dot_grad_remat = jax.checkpoint(_column_dot_grad, static_argnums=(5,),
+                                        prevent_cse=False)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def column_focal_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
+                      valid: jax.Array, in_range: jax.Array, options: SoftmaxOptions) -> jax.Array:
+  """`focal_rows` in the column form (classes whole, class axis last): the same values and
+  derivatives. Runs on every platform (the tests call it on the CPU); `softmax_focal` selects
+  it for CUDA only, at few classes (`_platform_rows`)."""
+  return _column_stats(z, t, alpha, gamma, valid, in_range, options.label_smoothing).loss
+
+
+def _column_focal_rows_jvp(options, primals, tangents):
+  z, t, alpha, gamma, valid, in_range = primals
+  dz, _, dalpha, dgamma, _, _ = tangents
+  eps = options.label_smoothing
+  st = _column_stats(z, t, alpha, gamma, valid, in_range, eps)
+  return st.loss, _numerics.tangent_sum(
+      st.loss, (dz, lambda dz: _column_dot_grad_remat(z, t, st, valid, dz, eps)),
+      (dalpha, lambda d: st.dloss_dalpha * d), (dgamma, lambda d: st.dloss_dgamma * d))
+
+
+column_focal_rows.defjvp(_column_focal_rows_jvp, symbolic_zeros=True)
+
+
+def _platform_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Array,
+                   valid: jax.Array, in_range: jax.Array, options: SoftmaxOptions) -> jax.Array:
+  """Per-row losses: on CUDA at few classes (classes whole) the column form, else
+  `focal_rows`."""
+  args = (z, t, alpha, gamma, valid, in_range)
+  if options.split is not None or not _column_form_fits(z.shape[-1]):
+    return focal_rows(*args, options)
+  return lax.platform_dependent(*args, cuda=lambda *a: column_focal_rows(*a, options),
+                                default=lambda *a: focal_rows(*a, options))
+# --- end of engine -------------------------------------------------------------------------
+
+
 def platform_focal(z: jax.Array, prep: Prepared, options: SoftmaxOptions,
                    total: bool) -> jax.Array:
   """The weighted per-row losses of `z` (class axis last), or their sum when `total`.
 
   On CPU, for more than one block of rows, the blocked form above (`lax.platform_dependent`);
-  elsewhere (and for split classes) `focal_rows`, which XLA fuses on TPU and GPU.
+  elsewhere (and for split classes) `_platform_rows`: on CUDA at few classes the column form,
+  else `focal_rows`, which XLA fuses on TPU and GPU.
   """
   def fused():
-    loss = focal_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range, options)
+    loss = _platform_rows(z, prep.t, prep.alpha, prep.gamma, prep.valid, prep.in_range,
+                          options)
     loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
     return jnp.sum(loss) if total else loss
 
