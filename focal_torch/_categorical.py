@@ -190,9 +190,9 @@ def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tens
 COLUMN_MAX_CLASSES = 4
 
 
-def _after(go: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-  """``z`` as a function of the cotangent ``go`` too (rows where ``go`` is NaN become NaN,
-  as their gradient ``part * go`` is anyway).
+def _after(go: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+  """``x`` (logits or targets) as a function of the cotangent ``go`` too (rows where ``go``
+  is NaN become NaN, as their gradient ``part * go`` is anyway).
 
   Under torch.compile the joint graph's partitioner may compute anything that depends on
   forward inputs alone in the forward and save it: the gradient before its multiply by
@@ -200,7 +200,7 @@ def _after(go: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
   from, which the caller keeps alive regardless. Once the backward's math starts from this,
   only the inputs can be saved.
   """
-  return torch.where(torch.isnan(go), go, z)
+  return torch.where(torch.isnan(go), go, x)
 
 
 # Under torch.compile on the CPU, inductor computes the two passes over a row (W = sum w_j,
@@ -304,12 +304,12 @@ class CategoricalFocalFunction(torch.autograd.Function):
   ``alpha``/``gamma``: None, floats, 0-d tensors or class vectors shaped by
   ``_chunking.class_shape``.
 
-  Under torch.compile (one chunk) the backward starts from the logits made to depend on its
-  cotangent (:func:`_after`), so that the compiled step keeps only the inputs and, for rows
-  longer than ``COLUMN_MAX_CLASSES``, two numbers per row (:func:`_row_stats`); shorter rows
-  are computed column by column (:func:`_column_terms`). On the CPU, rows more than
-  ``CPU_LONG_ROWS`` times as long as there are rows take ``W`` from :func:`_row_sum_unfused`,
-  so that the gradient is written into ``w``'s buffer.
+  Under torch.compile (one chunk) the backward starts from inputs made to depend on its
+  cotangent (:func:`_after`: the targets, or the logits' columns), so that the compiled step
+  keeps only the inputs and, for rows longer than ``COLUMN_MAX_CLASSES``, two numbers per row
+  (:func:`_row_stats`); shorter rows are computed column by column (:func:`_column_terms`).
+  On the CPU, rows more than ``CPU_LONG_ROWS`` times as long as there are rows take ``W``
+  from :func:`_row_sum_unfused`, so that the gradient is written into ``w``'s buffer.
 
   With ``options.split`` ``z3`` and ``y3`` hold this rank's slice of the classes
   (``alpha``/``gamma`` cut to the slice). Forward: the whole rows' log-sum-exp (a MAX and a
@@ -358,25 +358,32 @@ class CategoricalFocalFunction(torch.autograd.Function):
       raise _class_split.no_double_backward(options.split.fn)
     (z3, y3, valid, lse, w_sum, stats), alpha, gamma = _numerics.saved_hypers(ctx)
     cdt = options.compute_dtype
-    go = _mask(go.to(cdt), valid)
+    go_raw = go.to(cdt)
+    go = _mask(go_raw, valid)
     if torch.is_grad_enabled():
       # create_graph=True: differentiable formulas, so that the gradient has a gradient.
       _, grad = terms(torch.log_softmax(z3.to(cdt), dim=1), y3, alpha, gamma, with_grad=True,
                       differentiable=True, with_loss=False)
       return _mask(grad * go, valid).to(z3.dtype), None, None, None, None, None
     if options.split is None and options.chunk_elements is None:
-      # torch.compile: one chunk, from the logits made to depend on go (see _after).
+      # torch.compile: one chunk, from inputs made to depend on go (see _after).
       if stats is None:
         # Each column finished before the cat, so that the cat writes the gradient itself.
         _, cols = _column_terms(z3, y3, alpha, gamma, cdt, go)
         return (torch.cat([_mask(g * go, valid).to(z3.dtype) for g in cols], dim=1),
                 None, None, None, None, None)
-      log_s = (z3.to(cdt) - _after(go, stats[0])) - stats[1]
+      # go enters through the targets, not the row statistics: log s then reads three
+      # buffers (logits, m, log_total) and stays inside the fused row loop. Through the
+      # statistics it also read go's parts (with where=, the mask and the mean's count), past
+      # inductor's realize_reads_threshold (4), and was written whole: an (N, C) buffer, 2x
+      # the logits. The raw go (masked rows are zeroed below whatever it holds): one read fewer.
+      log_s = (z3.to(cdt) - stats[0]) - stats[1]
+      y_go = _after(go_raw, y3)
       if _few_long_rows(z3):
-        _, s, w = loss_and_w(log_s, y3, alpha, gamma, with_grad=True, with_loss=False)
+        _, s, w = loss_and_w(log_s, y_go, alpha, gamma, with_grad=True, with_loss=False)
         part = s * _row_sum_unfused(w) - w
       else:
-        _, part = terms(log_s, y3, alpha, gamma, with_grad=True, with_loss=False)
+        _, part = terms(log_s, y_go, alpha, gamma, with_grad=True, with_loss=False)
       return _mask(part * go, valid).to(z3.dtype), None, None, None, None, None
     out = torch.empty(z3.shape, dtype=z3.dtype, device=z3.device)
     for idx in _chunking.chunks(z3.shape, options.chunk_elements):
