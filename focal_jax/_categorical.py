@@ -4,7 +4,9 @@ The quantities and their names are docs/math.md's ("Categorical", its "Names" ta
 `top`, `m`, `s_rest`, `log_s`, `s`, `log_1m_s`, `focal`, `coef`, `r`, `w`, `w_sum`, `w_rest`,
 `valid`), and so is the reason for the `custom_jvp` ("Why a `custom_jvp` in JAX and an
 `autograd.Function` in torch"). The one-pass row statistics are the engine module
-`_rowreduce`'s; the remat of the derivatives sits below a marked boundary.
+`_rowreduce`'s; the remat of the derivatives sits below a marked boundary. On TPU the logits'
+gradient of whole 2-D rows is one Pallas kernel, `_categorical_kernel`'s (see there and
+`CategoricalOptions.kernel`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from focal_jax import _categorical_kernel
 from focal_jax import _checks
 from focal_jax import _numerics
 from focal_jax import _reduce
@@ -45,10 +48,15 @@ class CategoricalOptions:
       The same numbers up to rounding.
     whole_gamma: `gamma` where it is a scalar whole number known at trace time (0 to
       `_MAX_WHOLE_GAMMA`), else None. Used by the CPU form only.
+    kernel: the logits' tangent term of whole 2-D rows through `_categorical_kernel`'s
+      primitives, whose transpose (the gradient) is a Pallas kernel: "tpu" on TPU where the
+      kernel's plan fits (`lax.platform_dependent(tpu=...)`), "interpret" on every platform
+      with the kernel in Pallas' interpret mode (the tests), "off" never.
   """
   split: _rowreduce.ClassSplit | None = None
   cpu: bool = False
   whole_gamma: int | None = None
+  kernel: str = "tpu"
 
 
 class _Rows(NamedTuple):
@@ -220,6 +228,25 @@ def _rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Rows:
   return _Rows(top, m, s_rest, jnp.where(valid, loss, 0.0), w_sum, w_rest)
 
 
+def _z_grad(z, valid_c, rows, el: _Elems, one_m_s, split):
+  """where(valid_c, dloss/dz, 0), (.., C) (`valid_c`: the row mask, (.., 1)): dloss/dz_j =
+  s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly (no
+  cancellation at the top class as s -> 1)."""
+  is_top = _is_top(rows.top, z.shape, split)
+  others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
+  grad = el.s * others - one_m_s * el.w
+  return jnp.where(valid_c, grad, 0.0)
+
+
+def masked_z_grad(z, y, alpha, gamma, valid, options: CategoricalOptions):
+  """where(valid, dloss/dz, 0) of whole rows, (.., C) in the compute dtype, from the inputs
+  (the row statistics recomputed): `_categorical_kernel`'s jnp form of its primitives."""
+  rows = _rows(z, y, alpha, gamma, valid, options)
+  el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, options)
+  one_m_s = el.one_m_s if options.cpu else jnp.exp(el.log_1m_s)
+  return _z_grad(z, valid[..., None], rows, el, one_m_s, options.split)
+
+
 def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
   """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars.
 
@@ -234,12 +261,8 @@ def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
   valid_c = valid[..., None]
 
   def dz_term(dz):
-    is_top = _is_top(rows.top, z.shape, split)
-    # dloss/dz_j = s_j W - w_j = s_j (W - w_j) - (1 - s_j) w_j with W - w_top summed directly:
-    # no cancellation at the top class as s -> 1.
-    others = jnp.where(is_top, rows.w_rest[..., None], rows.w_sum[..., None] - el.w)
-    grad = el.s * others - one_m_s * el.w
-    return jnp.sum(jnp.where(valid_c, grad, 0.0) * dz.astype(grad.dtype), axis=-1)
+    grad = _z_grad(z, valid_c, rows, el, one_m_s, split)
+    return jnp.sum(grad * dz.astype(grad.dtype), axis=-1)
 
   return _numerics.tangent_sum(
       rows.loss, (dz, dz_term),
@@ -495,15 +518,42 @@ def _zy_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOpt
   per_block = max(1, _BLOCK // z.shape[-1])
   if options.split is not None:
     return _dot_remat(z, y, alpha, gamma, valid, rows, dz, dy, options)
+  kernel = _kernel_fits(z, alpha, gamma, options)
+  if kernel and options.kernel == "interpret":
+    return _kernel_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options)
+  tpu = {"tpu": lambda *a: _kernel_tangent(*a, options)} if kernel else {}
   if math.prod(z.shape[:-1]) <= per_block or z.shape[-1] > _BLOCKED_DOT_CLASSES:
     return lax.platform_dependent(
         z, y, alpha, gamma, valid, rows, dz, dy,
         cpu=lambda *a: _dot_remat(*a, dataclasses.replace(options, cpu=True)),
-        default=lambda *a: _dot_remat(*a, options))
+        default=lambda *a: _dot_remat(*a, options), **tpu)
   return lax.platform_dependent(
       z, y, alpha, gamma, valid, rows, dz, dy,
       cpu=lambda z, y, a, g, v, rows, dz, dy: _blocked_dot(z, y, a, g, v, dz, dy, options),
-      default=lambda *a: _dot_remat(*a, options))
+      default=lambda *a: _dot_remat(*a, options), **tpu)
+
+
+def _kernel_fits(z, alpha, gamma, options: CategoricalOptions) -> bool:
+  """Whether the logits' tangent term takes `_categorical_kernel`'s primitives (whole 2-D
+  rows, a kernel plan; see `CategoricalOptions.kernel`)."""
+  if options.kernel == "off" or options.split is not None:
+    return False
+  per_class = alpha.size > 1 or gamma.size > 1
+  return _categorical_kernel.plan(z.shape, z.dtype, alpha.dtype, per_class,
+                                  interpret=options.kernel == "interpret") is not None
+
+
+def _kernel_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
+  """`_dot_remat`'s tangent with the logits' term `_categorical_kernel.row_dot_grad` (whose
+  transpose, the gradient under reverse mode, is the kernel); the targets' term as before."""
+  terms = []
+  if dz is not None:
+    terms.append(_categorical_kernel.row_dot_grad(
+        dz, z, y, alpha, gamma, valid, options=options,
+        interpret=options.kernel == "interpret"))
+  if dy is not None:
+    terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, None, dy, options))
+  return functools.reduce(lambda a, b: a + b, terms)
 
 
 def _any_rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Rows:
