@@ -209,12 +209,16 @@ def _after(go: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # CppScheduling.check_outer_fusion_loop_level_attr: then the inner loops are left to be
 # parallelized). Its fallback writes ``w`` to an (N, C) buffer beside the gradient's.
 CPU_LONG_ROWS = 300
+# Inductor writes a row reduction over at most this many classes as that many loads
+# (torch._inductor.config.unroll_reductions_threshold), which need ``w`` stored whole too.
+UNROLLED_CLASSES = 8
 
 
-def _few_long_rows(z3: torch.Tensor) -> bool:
-  """Whether a compiled backward on the CPU would store ``w`` whole (see ``CPU_LONG_ROWS``)."""
+def _w_stored_whole(z3: torch.Tensor) -> bool:
+  """Whether a compiled backward on the CPU would store ``w`` whole beside the gradient (see
+  ``CPU_LONG_ROWS`` and ``UNROLLED_CLASSES``)."""
   return (z3.device.type == "cpu" and z3.ndim == 2
-          and z3.shape[1] > CPU_LONG_ROWS * z3.shape[0])
+          and (z3.shape[1] > CPU_LONG_ROWS * z3.shape[0] or z3.shape[1] <= UNROLLED_CLASSES))
 
 
 def _row_sum_unfused(w: torch.Tensor) -> torch.Tensor:
@@ -308,8 +312,9 @@ class CategoricalFocalFunction(torch.autograd.Function):
   cotangent (:func:`_after`: the targets, or the logits' columns), so that the compiled step
   keeps only the inputs and, for rows longer than ``COLUMN_MAX_CLASSES``, two numbers per row
   (:func:`_row_stats`); shorter rows are computed column by column (:func:`_column_terms`).
-  On the CPU, rows more than ``CPU_LONG_ROWS`` times as long as there are rows take ``W``
-  from :func:`_row_sum_unfused`, so that the gradient is written into ``w``'s buffer.
+  On the CPU, rows more than ``CPU_LONG_ROWS`` times as long as there are rows, and rows of
+  at most ``UNROLLED_CLASSES``, take ``W`` from :func:`_row_sum_unfused`, so that the gradient
+  is written into ``w``'s buffer.
 
   With ``options.split`` ``z3`` and ``y3`` hold this rank's slice of the classes
   (``alpha``/``gamma`` cut to the slice). Forward: the whole rows' log-sum-exp (a MAX and a
@@ -379,7 +384,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
       # the logits. The raw go (masked rows are zeroed below whatever it holds): one read fewer.
       log_s = (z3.to(cdt) - stats[0]) - stats[1]
       y_go = _after(go_raw, y3)
-      if _few_long_rows(z3):
+      if _w_stored_whole(z3):
         _, s, w = loss_and_w(log_s, y_go, alpha, gamma, with_grad=True, with_loss=False)
         part = s * _row_sum_unfused(w) - w
       else:

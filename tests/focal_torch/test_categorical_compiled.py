@@ -120,13 +120,15 @@ def test_compiled_short_rows_match_float64_reference():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
 @pytest.mark.parametrize("per_class", [True, False])
-def test_compiled_few_long_rows_match_float64_reference(per_class):
-  # 8 rows of 4096 classes: more than CPU_LONG_ROWS times as long as there are rows, where
-  # the compiled backward takes W from a matrix product (w @ 1); margins to 1e4, NaN/inf rows.
+@pytest.mark.parametrize("n,c", [(8, 4096), (24, 5), (24, 8)])
+def test_compiled_w_from_a_product_matches_float64_reference(per_class, n, c):
+  # 8 rows of 4096 classes (more than CPU_LONG_ROWS times as long as there are rows) and
+  # rows of 5 to UNROLLED_CLASSES classes, where the compiled backward takes W from a matrix
+  # product (w @ 1); margins to 1e4, NaN/inf rows.
   torch._dynamo.reset()  # pylint: disable=protected-access
   rng = np.random.default_rng(22)
-  n, c = 8, 4096
-  assert c > focal_torch._categorical.CPU_LONG_ROWS * n  # pylint: disable=protected-access
+  cat = focal_torch._categorical  # pylint: disable=protected-access
+  assert c > cat.CPU_LONG_ROWS * n or cat.COLUMN_MAX_CLASSES < c <= cat.UNROLLED_CLASSES
   logits, targets, where = _rows(rng, n, c, 1e4)
   alpha = rng.uniform(0.2, 1.5, c) if per_class else 0.25
   gamma = rng.uniform(0, 3, c) if per_class else 2.0
