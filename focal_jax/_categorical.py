@@ -242,6 +242,9 @@ def masked_z_grad(z, y, alpha, gamma, valid, options: CategoricalOptions):
   """where(valid, dloss/dz, 0) of whole rows, (.., C) in the compute dtype, from the inputs
   (the row statistics recomputed): `_categorical_kernel`'s jnp form of its primitives."""
   rows = _rows(z, y, alpha, gamma, valid, options)
+  # As `_dot_remat`'s prevent_cse: the (.., C) terms of the gradient are recomputed, not
+  # shared with the row sums (XLA would write them to memory between the two passes).
+  z, y, rows = lax.optimization_barrier((z, y, rows))
   el = _elems(z, y, alpha, gamma, rows.top, rows.m, rows.s_rest, options)
   one_m_s = el.one_m_s if options.cpu else jnp.exp(el.log_1m_s)
   return _z_grad(z, valid[..., None], rows, el, one_m_s, options.split)

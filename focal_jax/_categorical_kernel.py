@@ -24,7 +24,7 @@ column-major (TPU picks it where that pads less: C not a multiple of 128 and N o
 (2048, 30522)) blocks of 128 rows of the transposed view (C, N), so that no transpose is
 copied in HBM; at few classes a multiple of those (`plan`). Within a block four loops over chunks of classes read VMEM: the max and its
 first class, the non-top mass, `W` (and `W - w_top`), and the gradient. Where a block does not
-fit in VMEM (`_VMEM_CAP`), the logits are not 2-D, the compute dtype is not float32, or a
+fit in VMEM (`vmem_cap`), the logits are not 2-D, the compute dtype is not float32, or a
 per-class `alpha` / `gamma` meets the column-major form, `plan` says no and the XLA form stays.
 """
 
@@ -49,8 +49,12 @@ from jax.interpreters import mlir
 # _categorical._NO_REST_LOG).
 _NO_REST_LOG = -1e30
 
-# VMEM a kernel may ask for (a TPU v5e has 128 MiB).
-_VMEM_CAP = 110 << 20
+# VMEM a kernel may ask for: the chip's (128 MiB per core on a TPU v5e and v6e, 64 MiB on
+# v5p and 7, 16 MiB on v4) less this margin.
+_VMEM_MARGIN = 8 << 20
+# The VMEM assumed where the chip is not known at trace time (a compile ahead of time from a
+# CPU process): a v5e's.
+_DEFAULT_VMEM = 128 << 20
 # Classes per chunk of the in-kernel loops: (512, 128) column-major, (rows, 2048) row-major.
 _COL_CHUNK = 512
 _ROW_CHUNK = 2048
@@ -82,9 +86,26 @@ def column_major(n: int, c: int) -> bool:
   return _round_up(c, 8) * _round_up(n, 128) < _round_up(n, 8) * _round_up(c, 128)
 
 
+def vmem_cap(device_kind: str | None = None) -> int:
+  """The VMEM a kernel may ask for on a TPU of `device_kind` (a `Device.device_kind`, e.g.
+  "TPU v5 lite"), else on this process' TPU, else (neither known: a compile for a TPU from
+  another platform) on a chip with `_DEFAULT_VMEM`."""
+  try:
+    if device_kind is None:
+      capacity = pltpu.get_tpu_info().vmem_capacity_bytes
+    else:
+      from jax._src.pallas.mosaic import tpu_info  # pylint: disable=import-outside-toplevel
+      chip = tpu_info.chip_version_from_device_kind(device_kind)
+      capacity = tpu_info.get_tpu_info_for_chip(chip, 1).vmem_capacity_bytes
+  except Exception:  # pylint: disable=broad-except  # not a known TPU
+    capacity = _DEFAULT_VMEM
+  return capacity - _VMEM_MARGIN
+
+
 def plan(shape: tuple[int, ...], dtype: Any, compute_dtype: Any, per_class: bool,
-         interpret: bool = False) -> Plan | None:
-  """The kernel's plan for logits of `shape` and `dtype`, or None where it does not apply."""
+         interpret: bool = False, device_kind: str | None = None) -> Plan | None:
+  """The kernel's plan for logits of `shape` and `dtype`, or None where it does not apply
+  (`device_kind`: the TPU it is for, see `vmem_cap`)."""
   if len(shape) != 2 or not interpret and np.dtype(compute_dtype) != np.float32:
     return None
   n, c = shape
@@ -107,7 +128,7 @@ def plan(shape: tuple[int, ...], dtype: Any, compute_dtype: Any, per_class: bool
   if per_class:
     vmem += 2 * 2 * 8 * padded * cbytes
   vmem += 16 * chunk * rows * cbytes + (4 << 20)  # chunk temporaries, row vectors
-  if vmem > _VMEM_CAP:
+  if vmem > vmem_cap(device_kind):
     return None
   return Plan(ax, rows, chunk, padded, vmem)
 
@@ -212,14 +233,15 @@ def _kernel(hyper_ref, z_ref, y_ref, ct_ref, valid_ref, *refs, p: Plan, num_clas
   lax.fori_loop(zero_i, chunks, grad_pass, 0)
 
 
-def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = False):
+def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = False,
+                         device_kind: str | None = None):
   """`ct[:, None] * where(valid, dloss/dz, 0)` of (N, C) logits `z` and targets `y`, in the
   dtype of `z`, by the Pallas kernel. `ct`, `valid`: (N, 1); `alpha`, `gamma`: scalars or
   class vectors of the compute dtype (their dtype), broadcastable to `z`."""
   n, c = z.shape
   cdt = alpha.dtype
   per_class = alpha.size > 1 or gamma.size > 1
-  p = plan(z.shape, z.dtype, cdt, per_class, interpret)
+  p = plan(z.shape, z.dtype, cdt, per_class, interpret, device_kind)
   if p is None:
     raise ValueError(f"categorical kernel: no plan for {z.shape} {z.dtype}")
   hyper = jnp.stack([alpha.reshape(-1)[0], gamma.reshape(-1)[0]])
@@ -271,12 +293,32 @@ def _jnp_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret):
   return (ct.astype(g.dtype) * g).astype(z.dtype)
 
 
-def _kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret):
-  if plan(z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1,
-          interpret) is None:
+def _kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret,
+                          device_kind=None):
+  """The kernel where its plan fits the chip, else the jnp formula (a chip with less VMEM than
+  assumed at trace time: the same HBM passes as the XLA form's backward)."""
+  if plan(z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1, interpret,
+          device_kind) is None:
     return _jnp_ct_times_grad(ct, z, y, alpha, gamma, valid, options=options,
                               interpret=interpret)
-  return kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, interpret=interpret)
+  return kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, interpret=interpret,
+                              device_kind=device_kind)
+
+
+def _target_device_kind(ctx) -> str | None:
+  """The device kind of the TPU a lowering is for: of its backend's devices (a TPU client, or
+  the compile-only client of a TPU topology ahead of time), else None."""
+  try:
+    return ctx.module_context.backend.devices()[0].device_kind
+  except Exception:  # pylint: disable=broad-except  # no backend with devices
+    return None
+
+
+def _tpu_ct_times_grad_lowering(ctx, *args, options, interpret):
+  """ct_times_grad on TPU: the kernel, its plan checked against the target chip's VMEM."""
+  fn = functools.partial(_kernel_ct_times_grad, options=options, interpret=interpret,
+                         device_kind=_target_device_kind(ctx))
+  return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
 
 
 row_dot_grad_p = jex_core.Primitive("categorical_focal_row_dot_grad")
@@ -312,8 +354,7 @@ mlir.register_lowering(row_dot_grad_p, mlir.lower_fun(_jnp_row_dot_grad, multipl
 mlir.register_lowering(ct_times_grad_p, mlir.lower_fun(
     lambda *a, options, interpret: (_kernel_ct_times_grad if interpret else _jnp_ct_times_grad)(
         *a, options=options, interpret=interpret), multiple_results=False))
-mlir.register_lowering(ct_times_grad_p, mlir.lower_fun(
-    _kernel_ct_times_grad, multiple_results=False), platform="tpu")
+mlir.register_lowering(ct_times_grad_p, _tpu_ct_times_grad_lowering, platform="tpu")
 
 
 def _transpose_row_dot_grad(ct, dz, z, y, alpha, gamma, valid, *, options, interpret):

@@ -249,12 +249,27 @@ def test_layout_rule_and_plans():
   p = kernel.plan((2048, 30522), f32, f32, per_class=False)
   assert (p.ax, p.rows, p.chunk, p.padded) == (0, 128, 512, 30720)
   p = kernel.plan((2048, 128256), np.dtype(jnp.bfloat16), f32, per_class=True)
-  assert (p.ax, p.rows, p.chunk) == (1, 16, 2048) and p.vmem <= kernel._VMEM_CAP
+  assert (p.ax, p.rows, p.chunk) == (1, 16, 2048) and p.vmem <= kernel.vmem_cap()
   # No kernel: not 2-D, float64 on TPU, per-class vectors column-major, a block over VMEM.
   assert kernel.plan((4, 2048, 1000), f32, f32, per_class=False) is None
   assert kernel.plan((2048, 1000), np.dtype(np.float64), np.float64, per_class=False) is None
   assert kernel.plan((2048, 30522), f32, f32, per_class=True) is None
   assert kernel.plan((4096, 128001), f32, f32, per_class=False) is None  # 128 rows: 394 MB
+
+
+def test_plans_follow_the_chips_vmem(monkeypatch):
+  # A TPU with 64 MiB (v5p, 7) or 16 MiB (v4) of VMEM per core: (2048, 30522) float32 (about
+  # 100 MB of blocks) keeps the XLA form, bfloat16 fits in 64 MiB; without a TPU device, a
+  # v5e's 128 MiB.
+  f32, bf16 = np.dtype(np.float32), np.dtype(jnp.bfloat16)
+  assert kernel.vmem_cap() == (128 << 20) - kernel._VMEM_MARGIN
+  info = lambda mib: type("Info", (), {"vmem_capacity_bytes": mib << 20})()
+  monkeypatch.setattr(kernel.pltpu, "get_tpu_info", lambda: info(64))
+  assert kernel.plan((2048, 30522), f32, f32, per_class=False) is None
+  assert kernel.plan((2048, 30522), bf16, f32, per_class=False).vmem <= (64 - 8) << 20
+  monkeypatch.setattr(kernel.pltpu, "get_tpu_info", lambda: info(16))
+  assert kernel.plan((2048, 30522), bf16, f32, per_class=False) is None
+  assert kernel.plan((4096, 1000), f32, f32, per_class=False) is None
 
 
 def test_other_platforms_keep_their_program():
@@ -300,6 +315,15 @@ for devices, (n, c) in [(1, (2048, 30522)), (4, (256, 1000))]:
   hlo = compiled.as_text()
   out[devices] = [hlo.count('custom_call_target="tpu_custom_call"'),
                   aot.hbm_bytes(hlo) / (n // devices * c * 4)]
+# A TPU v4 (16 MiB of VMEM): the (2048, 30522) bfloat16 blocks do not fit; the lowering takes
+# the jnp formula (the XLA form's three passes).
+topo = topologies.get_topology_desc(platform="tpu", topology_name="v4:2x2x1")
+s = NamedSharding(Mesh(np.array(topo.devices[:1]), ("d",)), P())
+a = jax.ShapeDtypeStruct((2048, 30522), jnp.bfloat16, sharding=s)
+hlo = jax.jit(jax.grad(lambda z, y: focal_jax.categorical_focal(z, y, reduction="mean"))).lower(
+    a, a).compile().as_text()
+out["v4"] = [hlo.count('custom_call_target="tpu_custom_call"'),
+             aot.hbm_bytes(hlo) / (2048 * 30522 * 2)]
 print(json.dumps(out))
 """
 
@@ -310,7 +334,8 @@ def test_tpu_compile_under_shard_map():
   # 1000 classes per device; at more rows per block XLA's CPU branch of the forward, a
   # fori_loop, fails shard_map's check_vma at trace time, with or without the kernel): one
   # kernel, the logits and targets read once and the gradient written once (3x the logits of
-  # each device, plus the per-row vectors).
+  # each device, plus the per-row vectors). For a TPU v4 the blocks do not fit its VMEM: the
+  # XLA form's 6x, no kernel.
   pytest.importorskip("libtpu", reason="jax[tpu] (the tpu extra) is not installed")
   import json
   import subprocess
@@ -320,6 +345,8 @@ def test_tpu_compile_under_shard_map():
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
+  calls, hbm_x = got.pop("v4")
+  assert calls == 0 and hbm_x == pytest.approx(6.0, rel=1e-3), (calls, hbm_x)
   for devices, (calls, hbm_x) in got.items():
     assert calls == 1, (devices, calls)
     assert 2.999 <= hbm_x <= 3.0 * 1.03, (devices, hbm_x)
