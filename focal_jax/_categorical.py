@@ -334,7 +334,8 @@ def _blocked_rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Ro
 
   blocks = rows // per_block
   shapes = jax.eval_shape(lambda: block_rows(0, per_block))
-  init = _Rows(*(jnp.zeros((rows,), x.dtype) for x in shapes))
+  refs = (z2, y2, valid2, alpha2, gamma2)
+  init = _Rows(*(_numerics.zeros_varying((rows,), x.dtype, refs) for x in shapes))
 
   def body(i, acc):
     start = i * per_block
@@ -391,7 +392,8 @@ def _blocked_dot(z, y, alpha, gamma, valid, dz, dy, options: CategoricalOptions)
     return lax.dynamic_update_slice_in_dim(acc, tangent, start, 0)
 
   like = jax.eval_shape(lambda: block_dot(0, z2, y2, valid2, dz2, dy2))
-  out = lax.fori_loop(0, -(-rows // per_block), body, jnp.zeros((rows,), like.dtype))
+  init = _numerics.zeros_varying((rows,), like.dtype, (z2, y2, valid2, dz2, dy2, alpha2, gamma2))
+  out = lax.fori_loop(0, -(-rows // per_block), body, init)
   return out.reshape(row_shape)
 
 
@@ -457,7 +459,8 @@ def _blocked_total(z, y, alpha, gamma, valid, weight, options: CategoricalOption
     loss = _rows(zs, ys, alpha2, gamma2, vs, options).loss
     return acc + jnp.sum(_checks.apply_sample_weight(loss, ws, vs))
 
-  return lax.fori_loop(0, blocks, body, jnp.zeros((), alpha.dtype))
+  return lax.fori_loop(0, blocks, body, _numerics.zeros_varying(
+      (), alpha.dtype, (z2, y2, valid2, weight2, alpha2, gamma2)))
 
 
 def _blocked_total_jvp(options, primals, tangents):
@@ -496,7 +499,7 @@ def _blocked_total_jvp(options, primals, tangents):
     return jnp.sum(_checks.apply_sample_weight(tangent, ws, vs))
 
   primal = (z2, y2, valid2, weight2, alpha2, gamma2)
-  zero = jnp.zeros((), out.dtype)
+  zero = _numerics.zeros_varying((), out.dtype, (primal, dz2, dy2, dalpha2, dgamma2))
   if blocks * per_block == z2.shape[0]:  # dz and dy as (blocks, rows, C) views
     blocked = lambda d: None if d is None else d.reshape(blocks, per_block, d.shape[-1])
     tangent, _ = lax.scan(

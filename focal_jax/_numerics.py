@@ -58,3 +58,15 @@ def tangent_sum(like: jax.Array, *terms: tuple[Any, Callable[[Any], jax.Array]],
   if not values:
     return jnp.zeros_like(like)
   return functools.reduce(operator.add, values)
+
+
+def zeros_varying(shape, dtype, refs: Any) -> jax.Array:
+  """Zeros of `shape` and `dtype` that vary over every mesh axis that an array of `refs` (a
+  pytree; None leaves skipped) varies over: the initial carry of a loop whose body reads
+  `refs`. Under `shard_map` (with its default `check_vma=True`) a carry must come out of the
+  body as it went in, and a body that reads sharded logits makes it vary over their axes,
+  where `jnp.zeros` is invariant (a TypeError at trace time). Elsewhere: plain zeros."""
+  out = jnp.zeros(shape, dtype)
+  for ref in jax.tree_util.tree_leaves(refs):
+    out = out + jnp.zeros_like(ref, dtype=dtype, shape=shape)
+  return out

@@ -229,7 +229,8 @@ def _blocked_sum(fn, x: jax.Array, *args: jax.Array | None) -> jax.Array:
              for a, d in zip(block, dtypes)]
     return jnp.sum(fn(*block))
 
-  total = jnp.zeros((), jax.eval_shape(lambda: block_sum(0, per_block)).dtype)
+  total = _numerics.zeros_varying(
+      (), jax.eval_shape(lambda: block_sum(0, per_block)).dtype, (x2, args2))
   total = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + block_sum(i * per_block, per_block),
                             total)
   if rows > blocks * per_block:

@@ -367,7 +367,8 @@ def _blocked_focal(z, labels, where, weight, alpha, gamma, spec: _BlockSpec):
                        gamma, spec)[3]
     return (acc + jnp.sum(loss), None) if spec.total else (acc, loss)
 
-  acc, losses = lax.scan(body, jnp.zeros((), alpha.dtype), xs)
+  acc, losses = lax.scan(
+      body, _numerics.zeros_varying((), alpha.dtype, (xs, alpha, gamma)), xs)
   return acc if spec.total else losses.reshape(-1)
 
 
@@ -418,7 +419,8 @@ def _blocked_focal_jvp(spec, primals, tangents):
     tan = _block_tangent_remat(zb, lb, wb, sw, alpha, gamma, dzb, dalpha, dgamma, spec, dtypes)
     return (acc + tan, None) if spec.total else (acc, tan)
 
-  acc, tans = lax.scan(body, jnp.zeros((), alpha.dtype), xs)
+  acc, tans = lax.scan(
+      body, _numerics.zeros_varying((), alpha.dtype, (xs, alpha, gamma, dalpha, dgamma)), xs)
   return out, acc if spec.total else tans.reshape(-1)
 
 

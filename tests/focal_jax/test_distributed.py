@@ -262,3 +262,29 @@ def test_sample_weight_with_axis_name_equals_single_device_and_reference(refs, n
   total = np.where(valid, per_entry * weight, 0.0).sum()
   count = valid.sum() if reduction == "mean" else (valid & positive).sum()
   np.testing.assert_allclose(want_value, total / count, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid", "categorical"])
+@pytest.mark.parametrize("n,c", [(65536, 16), (16384, 91), (8192, 1000)])
+def test_shard_map_checks_vma_at_sizes_with_blocked_loops(name, n, c):
+  # Per device 2^14 to 2^21 float32 entries: the CPU forms' loops over blocks of rows (traced
+  # on every platform by lax.platform_dependent) start from constant zeros, which shard_map's
+  # default check_vma rejected ("carry input and carry output must have equal types": the
+  # body reads the sharded logits) before their carries took the logits' mesh axes.
+  rng = np.random.default_rng(1)
+  z = jnp.asarray(rng.normal(0, 2, (n, c)), jnp.float32)
+  labels = rng.integers(0, c, n)
+  y = labels if name == "softmax" else np.eye(c, dtype=np.float32)[labels]
+  where = np.ones(n, bool) if name != "sigmoid" else np.ones((n, c), bool)
+  where[::7] = False
+  alpha = np.float32(0.25)
+
+  @functools.partial(jax.shard_map, mesh=_mesh(), in_specs=(P(AXIS), P(AXIS), P(AXIS)),
+                     out_specs=P())
+  def mean_of_shards(z, y, where):
+    return lax.pmean(_loss(name, z, y, where, alpha, "mean", axis_name=AXIS), AXIS)
+
+  value, grad = jax.jit(jax.value_and_grad(mean_of_shards))(z, y, where)
+  want_value, want_grad = _single_device_logits(name, "mean")(z, y, where, alpha)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-9)
