@@ -250,6 +250,10 @@ def masked_z_grad(z, y, alpha, gamma, valid, options: CategoricalOptions):
   return _z_grad(z, valid[..., None], rows, el, one_m_s, options.split)
 
 
+# The kernel module's jnp formula (its lowering off TPU, its JVP rules): this one.
+_categorical_kernel.use_jnp_grad(masked_z_grad)
+
+
 def _dot(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
   """sum_c dloss/dz_c dz_c + dloss/dy_c dy_c, per row, from the logits and per-row scalars.
 

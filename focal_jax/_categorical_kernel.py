@@ -22,14 +22,16 @@ The kernel takes whole rows: for a (N, C) array stored row-major (TPU's default 
 where C is a multiple of 128, or N is not) blocks of 8 (16 for 16-bit) rows; for one stored
 column-major (TPU picks it where that pads less: C not a multiple of 128 and N one, e.g.
 (2048, 30522)) blocks of 128 rows of the transposed view (C, N), so that no transpose is
-copied in HBM; at few classes a multiple of those (`plan`). Within a block four loops over chunks of classes read VMEM: the max and its
-first class, the non-top mass, `W` (and `W - w_top`), and the gradient. Where a block does not
+copied in HBM; at few classes a multiple of those (`plan`). Within a block four loops over
+chunks of classes read VMEM: the max and its first class, the non-top mass, `W` (and
+`W - w_top`), and the gradient. Where a block does not
 fit in VMEM (`vmem_cap`), the logits are not 2-D, the compute dtype is not float32, or a
 per-class `alpha` / `gamma` meets the column-major form, `plan` says no and the XLA form stays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -230,7 +232,7 @@ def _kernel(hyper_ref, z_ref, y_ref, ct_ref, valid_ref, *refs, p: Plan, num_clas
     out_ref[idx] = (ct * grad).astype(out_ref.dtype)
     return carry
 
-  lax.fori_loop(zero_i, chunks, grad_pass, 0)
+  lax.fori_loop(zero_i, chunks, grad_pass, zero_i)
 
 
 def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = False,
@@ -260,25 +262,38 @@ def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = Fal
   if per_class:  # row-major only (plan)
     in_specs += [pl.BlockSpec((1, p.padded), lambda i: (0, 0))] * 2
     args += [jnp.broadcast_to(v.reshape(-1), (c,)).reshape(1, c) for v in (alpha, gamma)]
-  out = pl.pallas_call(
-      functools.partial(_kernel, p=p, num_classes=c, per_class=per_class, cdt=cdt),
-      grid=(pl.cdiv(n, p.rows),), in_specs=in_specs, out_specs=big,
-      # Under shard_map (check_vma) the output varies over the mesh axes as the logits do.
-      out_shape=jax.ShapeDtypeStruct(views[0].shape, z.dtype,
-                                     manual_axis_type=jax.typeof(views[0]).manual_axis_type),
-      interpret=interpret,
-      compiler_params=None if interpret else pltpu.CompilerParams(
-          dimension_semantics=("parallel",), vmem_limit_bytes=int(p.vmem)),
-  )(*args)
+  # For Mosaic, traced with 32-bit defaults also under jax_enable_x64: it has no 64-bit types,
+  # and a stray one (a Python int carry, an index map's constant) aborts the TPU compiler.
+  # (Interpret mode keeps the caller's setting: the tests run float64 logits through it.)
+  with contextlib.nullcontext() if interpret else jax.enable_x64(False):
+    out = pl.pallas_call(
+        functools.partial(_kernel, p=p, num_classes=c, per_class=per_class, cdt=cdt),
+        grid=(pl.cdiv(n, p.rows),), in_specs=in_specs, out_specs=big,
+        # Under shard_map (check_vma) the output varies over the mesh axes as the logits do.
+        out_shape=jax.ShapeDtypeStruct(views[0].shape, z.dtype,
+                                       manual_axis_type=jax.typeof(views[0]).manual_axis_type),
+        interpret=interpret,
+        compiler_params=None if interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel",), vmem_limit_bytes=int(p.vmem)),
+    )(*args)
   return out.T if p.ax == 0 else out
 
 
 # --- the primitives ----------------------------------------------------------------------
 
+# `_categorical.masked_z_grad`, the jnp formula of the gradient, handed over by `_categorical`
+# when it imports this module (`use_jnp_grad`): importing it from here would be a cycle.
+_JNP_GRAD: list = []
+
+
+def use_jnp_grad(fn) -> None:
+  """Sets the jnp formula of the gradient: `fn(z, y, alpha, gamma, valid, options)`."""
+  _JNP_GRAD[:] = [fn]
+
+
 def _jnp_grad(z, y, alpha, gamma, valid, options):
   """where(valid, dloss/dz, 0), (.., C) in the compute dtype: `_categorical`'s jnp form."""
-  from focal_jax import _categorical  # pylint: disable=import-outside-toplevel
-  return _categorical.masked_z_grad(z, y, alpha, gamma, valid[..., 0], options)
+  return _JNP_GRAD[0](z, y, alpha, gamma, valid[..., 0], options)
 
 
 def _jnp_row_dot_grad(dz, z, y, alpha, gamma, valid, *, options, interpret):

@@ -328,20 +328,23 @@ print(json.dumps(out))
 """
 
 
-def test_tpu_compile_under_shard_map():
+@pytest.mark.parametrize("x64", [False, True])
+def test_tpu_compile_under_shard_map(x64):
   # The kernel compiled for a TPU v5e (no TPU needed; a subprocess loads libtpu, as
   # focal-bench aot does), alone and in a shard_map step with check_vma=True (64 rows of
-  # 1000 classes per device; at more rows per block XLA's CPU branch of the forward, a
-  # fori_loop, fails shard_map's check_vma at trace time, with or without the kernel): one
-  # kernel, the logits and targets read once and the gradient written once (3x the logits of
-  # each device, plus the per-row vectors). For a TPU v4 the blocks do not fit its VMEM: the
-  # XLA form's 6x, no kernel.
+  # 1000 classes per device): one kernel, the logits and targets read once and the gradient
+  # written once (3x the logits of each device, plus the per-row vectors). For a TPU v4 the
+  # blocks do not fit its VMEM: the XLA form's 6x, no kernel. With jax_enable_x64 too: a
+  # 64-bit value in the kernel (a Python int loop carry) aborted the TPU compiler.
   pytest.importorskip("libtpu", reason="jax[tpu] (the tpu extra) is not installed")
   import json
   import subprocess
   import sys
   from focal_bench import aot
-  proc = subprocess.run([sys.executable, "-c", _TPU_SCRIPT], env=aot.worker_env(),
+  env = {k: v for k, v in aot.worker_env().items() if k != "JAX_ENABLE_X64"}
+  if x64:
+    env["JAX_ENABLE_X64"] = "1"
+  proc = subprocess.run([sys.executable, "-c", _TPU_SCRIPT], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
