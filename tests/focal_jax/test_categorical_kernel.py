@@ -272,6 +272,18 @@ def test_plans_follow_the_chips_vmem(monkeypatch):
   assert kernel.plan((4096, 1000), f32, f32, per_class=False) is None
 
 
+def test_environment_variable_keeps_the_kernel_out(monkeypatch):
+  # FOCAL_JAX_TPU_KERNEL=0: the TPU program without the kernel (XLA's fusions), read at trace.
+  fn = lambda z, y: focal_jax.categorical_focal(z, y, gamma=2.0, reduction="mean")
+  a = jax.ShapeDtypeStruct((256, 37), jnp.float32)
+  monkeypatch.setenv(_categorical.KERNEL_ENV, "0")
+  traced = jax.jit(jax.grad(fn)).trace(a, a)
+  assert "tpu_custom_call" not in traced.lower(lowering_platforms=("tpu",)).as_text()
+  monkeypatch.setenv(_categorical.KERNEL_ENV, "1")
+  traced = jax.jit(jax.grad(lambda z, y: fn(z, y) * 1.0)).trace(a, a)
+  assert "tpu_custom_call" in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
 def test_other_platforms_keep_their_program():
   # Off TPU the kernel is not in the lowered program (lax.platform_dependent keeps the CPU
   # and default branches there); for TPU it is.
