@@ -71,6 +71,17 @@ def class_mesh():
   return _class_mesh
 
 
+def central_differences(f, x, h):
+  """The gradient of the scalar NumPy function ``f`` at ``x`` by central differences of step
+  ``h`` (float64 truth for finite-margin checks)."""
+  grad = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    step = np.zeros_like(x)
+    step[i] = h
+    grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+  return grad
+
+
 @pytest.fixture(scope="session")
 def refs() -> types.SimpleNamespace:
   return types.SimpleNamespace(
@@ -78,7 +89,8 @@ def refs() -> types.SimpleNamespace:
       sigmoid_focal=focal_reference.sigmoid_focal,
       categorical_focal=focal_reference.categorical_focal, reduce=focal_reference.reduce,
       jnp_softmax_focal_sum=jnp_softmax_focal_sum, jnp_sigmoid_focal_sum=jnp_sigmoid_focal_sum,
-      jnp_categorical_focal_sum=jnp_categorical_focal_sum)
+      jnp_categorical_focal_sum=jnp_categorical_focal_sum,
+      central_differences=central_differences)
 
 
 # Compiled calls. Eager dispatch compiles every primitive for every new shape, which makes

@@ -124,18 +124,9 @@ def test_check_grads_float64_in_logits_alpha_and_gamma(gpu):
 MARGINS = np.array([30.0, -30.0, 100.0, -100.0, 1e4, -1e4])
 
 
-def _central_differences(f, x, h):
-  grad = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    step = np.zeros_like(x)
-    step[i] = h
-    grad[i] = (f(x + step) - f(x - step)) / (2 * h)
-  return grad
-
-
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_extreme_margins_are_finite_and_float32_matches_float64(gpu, eps, dtype):
+def test_extreme_margins_are_finite_and_float32_matches_float64(refs, gpu, eps, dtype):
   z = np.zeros((len(MARGINS), 3))
   z[:, 0] = MARGINS  # label 0: right by the margin (> 0) or wrong by it (< 0)
   t = np.zeros(len(MARGINS), np.int32)
@@ -157,7 +148,7 @@ def test_extreme_margins_are_finite_and_float32_matches_float64(gpu, eps, dtype)
       f64 = lambda x: np.sum(0.25 * focal_reference.softmax_focal(x, t, gamma=gamma,
                                                                  label_smoothing=eps))
       np.testing.assert_allclose(value, f64(z), rtol=2e-6)
-      np.testing.assert_allclose(grad, _central_differences(f64, z, 1e-3), rtol=1e-4,
+      np.testing.assert_allclose(grad, refs.central_differences(f64, z, 1e-3), rtol=1e-4,
                                  atol=1e-5)
 
 
