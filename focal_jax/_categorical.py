@@ -4,9 +4,10 @@ The quantities and their names are docs/math.md's ("Categorical", its "Names" ta
 `top`, `m`, `s_rest`, `log_s`, `s`, `log_1m_s`, `focal`, `coef`, `r`, `w`, `w_sum`, `w_rest`,
 `valid`), and so is the reason for the `custom_jvp` ("Why a `custom_jvp` in JAX and an
 `autograd.Function` in torch"). The one-pass row statistics are the engine module
-`_rowreduce`'s; the remat of the derivatives sits below a marked boundary. On TPU the logits'
-gradient of whole 2-D rows is one Pallas kernel, `_categorical_kernel`'s (see there and
-`CategoricalOptions.kernel`).
+`_rowreduce`'s; the remat of the derivatives sits below a marked boundary. On TPU and CUDA the
+logits' gradient of whole 2-D rows is one Pallas kernel, `_categorical_kernel`'s (see there,
+`CategoricalOptions.kernel` and `_kernel_total`, which hands it a scalar cotangent under a
+reduction).
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ class CategoricalOptions:
     whole_gamma: `gamma` where it is a scalar whole number known at trace time (0 to
       `_MAX_WHOLE_GAMMA`), else None. Used by the CPU form only.
     kernel: the logits' tangent term of whole 2-D rows through `_categorical_kernel`'s
-      primitives, whose transpose (the gradient) is a Pallas kernel: "tpu" on TPU where the
-      kernel's plan fits (`lax.platform_dependent(tpu=...)`), "interpret" on every platform
-      with the kernel in Pallas' interpret mode (the tests), "off" never.
+      primitives, whose transpose (the gradient) is a Pallas kernel: "auto" on TPU (Mosaic)
+      and CUDA (Triton) where that platform's kernel plan fits
+      (`lax.platform_dependent(tpu=..., cuda=...)`), "tpu-interpret" / "gpu-interpret" on
+      every platform with that kernel in Pallas' interpret mode (the tests), "off" never.
+    masked: whether `where` masks rows (else every row counts, and the kernels read no mask).
   """
   split: _rowreduce.ClassSplit | None = None
   cpu: bool = False
   whole_gamma: int | None = None
-  kernel: str = "tpu"
+  kernel: str = "auto"
+  masked: bool = True
 
 
 class _Rows(NamedTuple):
@@ -529,50 +533,119 @@ def _zy_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOpt
   per_block = max(1, _BLOCK // z.shape[-1])
   if options.split is not None:
     return _dot_remat(z, y, alpha, gamma, valid, rows, dz, dy, options)
-  kernel = _kernel_fits(z, alpha, gamma, options)
-  if kernel and options.kernel == "interpret":
+  interpret = _INTERPRET.get(options.kernel)
+  if interpret is not None and _kernel_fits(z, alpha, gamma, interpret):
     return _kernel_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options)
-  tpu = {"tpu": lambda *a: _kernel_tangent(*a, options)} if kernel else {}
+  kernels = {platform: lambda *a: _kernel_tangent(*a, options)
+             for platform in _kernel_platforms(z, alpha, gamma, options)}
   if math.prod(z.shape[:-1]) <= per_block or z.shape[-1] > _BLOCKED_DOT_CLASSES:
     return lax.platform_dependent(
         z, y, alpha, gamma, valid, rows, dz, dy,
         cpu=lambda *a: _dot_remat(*a, dataclasses.replace(options, cpu=True)),
-        default=lambda *a: _dot_remat(*a, options), **tpu)
+        default=lambda *a: _dot_remat(*a, options), **kernels)
   return lax.platform_dependent(
       z, y, alpha, gamma, valid, rows, dz, dy,
       cpu=lambda z, y, a, g, v, rows, dz, dy: _blocked_dot(z, y, a, g, v, dz, dy, options),
-      default=lambda *a: _dot_remat(*a, options), **tpu)
+      default=lambda *a: _dot_remat(*a, options), **kernels)
 
 
-# Set to "0" to keep the TPU kernel out (read when the loss is traced): the escape hatch for a
-# TPU where Mosaic misbehaves; the gradient then takes XLA's fusions (6x the logits' HBM
-# traffic at C >= 1000 instead of 3x, the same values).
-KERNEL_ENV = "FOCAL_JAX_TPU_KERNEL"
+# Set to "0" to keep the TPU / GPU kernel out (read when the loss is traced): the escape
+# hatches for a chip where Mosaic or Triton misbehaves; the gradient then takes XLA's fusions
+# (on TPU 6x the logits' HBM traffic at C >= 1000 instead of 3x; the same values).
+TPU_KERNEL_ENV = "FOCAL_JAX_TPU_KERNEL"
+GPU_KERNEL_ENV = "FOCAL_JAX_GPU_KERNEL"
+# CategoricalOptions.kernel's interpret modes: the kernel each runs.
+_INTERPRET = {"tpu-interpret": "tpu", "gpu-interpret": "gpu"}
 
 
-def _kernel_fits(z, alpha, gamma, options: CategoricalOptions) -> bool:
-  """Whether the logits' tangent term takes `_categorical_kernel`'s primitives (whole 2-D
-  rows, a kernel plan; see `CategoricalOptions.kernel` and `KERNEL_ENV`)."""
-  if options.kernel == "off" or options.split is not None:
-    return False
-  if options.kernel == "tpu" and os.environ.get(KERNEL_ENV, "1") == "0":
-    return False
+def _kernel_fits(z, alpha, gamma, kernel: str) -> bool:
+  """Whether `kernel`'s ("tpu", "gpu") plan takes these logits in interpret mode."""
+  if kernel == "gpu":
+    return _categorical_kernel.gpu_plan(z.shape, alpha.dtype, interpret=True) is not None
   per_class = alpha.size > 1 or gamma.size > 1
   return _categorical_kernel.plan(z.shape, z.dtype, alpha.dtype, per_class,
-                                  interpret=options.kernel == "interpret") is not None
+                                  interpret=True) is not None
 
 
-def _kernel_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions):
+def _kernel_platforms(z, alpha, gamma, options: CategoricalOptions) -> tuple[str, ...]:
+  """The platforms whose compiled kernel takes the logits' tangent term of these whole 2-D rows
+  (`CategoricalOptions.kernel` "auto", the platform's plan fits, its variable not "0"; on CUDA
+  not where the GPU form is chosen, `_gpu_form_fits`)."""
+  if options.kernel != "auto" or options.split is not None:
+    return ()
+  platforms = []
+  if (os.environ.get(TPU_KERNEL_ENV, "1") != "0" and _categorical_kernel.plan(
+      z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1) is not None):
+    platforms.append("tpu")
+  if (os.environ.get(GPU_KERNEL_ENV, "1") != "0" and not _gpu_form_fits(z.shape[-1])
+      and _categorical_kernel.gpu_plan(z.shape, alpha.dtype) is not None):
+    platforms.append("cuda")
+  return tuple(platforms)
+
+
+def _kernel_tangent(z, y, alpha, gamma, valid, rows, dz, dy, options: CategoricalOptions,
+                    total: bool = False):
   """`_dot_remat`'s tangent with the logits' term `_categorical_kernel.row_dot_grad` (whose
-  transpose, the gradient under reverse mode, is the kernel); the targets' term as before."""
+  transpose, the gradient under reverse mode, is the kernel); the targets' term as before.
+  `total`: the sum over the rows (the logits' term `total_dot_grad`, whose transpose hands the
+  kernel a scalar cotangent)."""
   terms = []
   if dz is not None:
-    terms.append(_categorical_kernel.row_dot_grad(
-        dz, z, y, alpha, gamma, valid, options=options,
-        interpret=options.kernel == "interpret"))
+    dot = _categorical_kernel.total_dot_grad if total else _categorical_kernel.row_dot_grad
+    terms.append(dot(dz, z, y, alpha, gamma, valid, options=options,
+                     interpret=_INTERPRET.get(options.kernel)))
   if dy is not None:
-    terms.append(_dot_remat(z, y, alpha, gamma, valid, rows, None, dy, options))
+    term = _dot_remat(z, y, alpha, gamma, valid, rows, None, dy, options)
+    terms.append(jnp.sum(term) if total else term)
   return functools.reduce(lambda a, b: a + b, terms)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _kernel_total(z, y, alpha, gamma, valid, options: CategoricalOptions):
+  """The sum of the per-row losses of whole 2-D rows where a kernel takes the gradient: its
+  logits' tangent is `total_dot_grad`, so that under `jax.grad` of a reduced loss the kernel
+  gets the cotangent as one scalar, not as a per-row vector written for it (at C = 2 that
+  vector alone is half the float32 logits' bytes)."""
+  return jnp.sum(_rows(z, y, alpha, gamma, valid, options).loss)
+
+
+def _kernel_total_jvp(options, primals, tangents):
+  z, y, alpha, gamma, valid = primals
+  dz, dy, dalpha, dgamma, _ = tangents
+  rows = _rows(z, y, alpha, gamma, valid, options)
+  total = jnp.sum(rows.loss)
+  tangent = _numerics.tangent_sum(
+      total,
+      ((dz, dy), lambda d: _kernel_tangent(z, y, alpha, gamma, valid, rows, *d, options,
+                                           total=True)),
+      ((dalpha, dgamma),
+       lambda d: jnp.sum(_hyper_tangent(z, y, alpha, gamma, valid, rows, *d, options))))
+  return total, tangent
+
+
+_kernel_total.defjvp(_kernel_total_jvp, symbolic_zeros=True)
+
+
+def _reduced_total(z, y, alpha, gamma, valid, weight, where, options: CategoricalOptions):
+  """The sum of the weighted per-row losses of whole rows for a reduction, where a form other
+  than the per-row losses' sum computes it, else None: `_kernel_total` where a kernel takes
+  the gradient and no sample weight applies (the kernel's platforms; everywhere in interpret
+  mode), `_blocked_total` on the CPU (`_total_blocked`)."""
+  kernels = () if weight is not None else _kernel_platforms(z, alpha, gamma, options)
+  interpret = _INTERPRET.get(options.kernel)
+  if weight is None and interpret is not None and _kernel_fits(z, alpha, gamma, interpret):
+    return _kernel_total(z, y, alpha, gamma, valid, options)
+  blocked = _total_blocked(z.shape)
+  if not kernels and not blocked:
+    return None
+  rows_sum = lambda: jnp.sum(_checks.apply_sample_weight(
+      _platform_rows(z, y, alpha, gamma, valid, options), weight, where))
+  return lax.platform_dependent(
+      cpu=(lambda: _blocked_total(z, y, alpha, gamma, valid, weight, options)) if blocked
+      else rows_sum,
+      default=rows_sum,
+      **{platform: lambda: _kernel_total(z, y, alpha, gamma, valid, options)
+         for platform in kernels})
 
 
 def _any_rows(z, y, alpha, gamma, valid, options: CategoricalOptions) -> _Rows:
@@ -890,7 +963,8 @@ def categorical_focal(
     num_classes = split.num_classes
   alpha = _checks.class_param(fn, "alpha", 1.0 if alpha is None else alpha, num_classes,
                               cdtype, nonnegative=True, what_classes=per_class)
-  options = CategoricalOptions(split=split, whole_gamma=_whole_gamma(gamma))
+  options = CategoricalOptions(split=split, whole_gamma=_whole_gamma(gamma),
+                               masked=where is not None)
   gamma = _checks.class_param(fn, "gamma", gamma, num_classes, cdtype, nonnegative=True,
                               what_classes=per_class)
   if split is not None:  # this member's entries of the class vectors
@@ -908,13 +982,11 @@ def categorical_focal(
     y = y.astype(cdtype)
   valid = jnp.ones(row_shape, bool) if where is None else where
   total = None
-  if split is None and reduction != "none" and _total_blocked(z.shape):
-    # On the CPU the sum of the weighted losses comes from a loop over blocks of rows
-    # (`_blocked_total`); elsewhere it is the sum of the per-row losses.
-    total = lax.platform_dependent(
-        cpu=lambda: _blocked_total(z, y, alpha, gamma, valid, weight, options),
-        default=lambda: jnp.sum(_checks.apply_sample_weight(
-            _platform_rows(z, y, alpha, gamma, valid, options), weight, where)))
+  if split is None and reduction != "none":
+    # The sum of the weighted losses from a loop over blocks of rows on the CPU, or a form
+    # whose gradient kernel takes a scalar cotangent (`_reduced_total`).
+    total = _reduced_total(z, y, alpha, gamma, valid, weight, where, options)
+  if total is not None:
     loss = jax.ShapeDtypeStruct(row_shape, cdtype)  # the sum is `total`
   elif split is None:
     loss = _checks.apply_sample_weight(_platform_rows(z, y, alpha, gamma, valid, options), weight,

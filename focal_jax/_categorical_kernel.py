@@ -1,32 +1,49 @@
-"""The categorical focal loss's gradient in one pass over the logits: a Pallas (Mosaic TPU)
-kernel in the transpose position of the tangent (engine, JAX- and TPU-specific; the whole
-module).
+"""The categorical focal loss's gradient in one pass over the logits: a Pallas kernel in the
+transpose position of the tangent, Mosaic on TPU and Triton on CUDA (engine, JAX- and
+platform-specific; the whole module).
 
 With XLA fusions the backward of `jit(grad(mean loss))` reads the rows of the logits three
 times (the row statistics, `W = sum_j w_j`, the gradient `s_j W - w_j`; docs/math.md
-"Categorical"): 6x the logits' bytes on a TPU v5e at (2048, 30522). The kernel holds a block of
-whole rows in VMEM, computes the statistics, `W` and the gradient from it, and writes
-`ct * gradient` directly: one read of the logits and targets, one write (3x).
+"Categorical"): 6x the logits' bytes on a TPU v5e at (2048, 30522), 6-10x on an H100 (with
+(N, C) temporaries there). The kernels compute the statistics, `W` and the gradient from
+blocks of whole rows and write `ct * gradient` directly: one read of the logits and targets,
+one write (3x).
 
 Under `jax.grad` the kernel must take the cotangent `ct` of the per-row losses as an input,
 or its (N, C) output would be read again by the multiply. So the logits' tangent term of
 `_focal_rows`' rule is a primitive, `row_dot_grad(dz; z, y, ...) = sum_j g_j dz_j`, linear in
 `dz`, whose transpose is the primitive `ct_times_grad(ct; z, y, ...) = ct * g` (and the other
-way round). Both have JVP rules (for second derivatives; written as `jax.jvp` of the jnp
-formulas of `_categorical`, so they are differentiable to any order) and batching rules, and
-lower to the jnp formulas everywhere except `ct_times_grad` on TPU, where it is the kernel
-(`row_dot_grad` appears in forward mode only, where it stays jnp). `interpret=True` lowers
-both to the kernel in Pallas' interpret mode on any platform (the tests, on the CPU).
+way round). Under a reduction (`_categorical._kernel_total`) the tangent is `total_dot_grad`,
+the same summed over the rows, whose transpose is `ct_times_grad` with a scalar `ct`: the
+kernel reads it once, where a per-row cotangent would be a vector XLA writes for the kernel
+(at C = 2 half the float32 logits' bytes). Without `where` (`CategoricalOptions.masked`) no
+row mask is read either. All three primitives have JVP rules (for second derivatives;
+written as `jax.jvp` of the jnp formulas of `_categorical`, so they are differentiable to any
+order) and batching rules, and lower to the jnp formulas everywhere except `ct_times_grad` on
+TPU and CUDA, where it is the kernel (the dot primitives appear in forward mode only, where
+they stay jnp). `interpret="tpu"` / `"gpu"` lowers `ct_times_grad` to that kernel in Pallas'
+interpret mode on any platform (the tests, on the CPU).
 
-The kernel takes whole rows: for a (N, C) array stored row-major (TPU's default layout
-where C is a multiple of 128, or N is not) blocks of 8 (16 for 16-bit) rows; for one stored
-column-major (TPU picks it where that pads less: C not a multiple of 128 and N one, e.g.
-(2048, 30522)) blocks of 128 rows of the transposed view (C, N), so that no transpose is
-copied in HBM; at few classes a multiple of those (`plan`). Within a block four loops over
-chunks of classes read VMEM: the max and its first class, the non-top mass, `W` (and
-`W - w_top`), and the gradient. Where a block does not
-fit in VMEM (`vmem_cap`), the logits are not 2-D, the compute dtype is not float32, or a
-per-class `alpha` / `gamma` meets the column-major form, `plan` says no and the XLA form stays.
+Both kernels run the same four loops over chunks of classes of a block of rows
+(`_grad_passes`): the max and its first class, the non-top mass, `W` (and `W - w_top`), and
+the gradient.
+
+TPU (Mosaic): a block of whole rows sits in VMEM. For a (N, C) array stored row-major (TPU's
+default layout where C is a multiple of 128, or N is not) blocks of 8 (16 for 16-bit) rows;
+for one stored column-major (TPU picks it where that pads less: C not a multiple of 128 and N
+one, e.g. (2048, 30522)) blocks of 128 rows of the transposed view (C, N), so that no
+transpose is copied in HBM; at few classes a multiple of those (`plan`). Where a block does
+not fit in VMEM (`vmem_cap`), the logits are not 2-D, the compute dtype is not float32, or a
+per-class `alpha` / `gamma` meets the column-major form, `plan` says no and the XLA form
+stays.
+
+CUDA (Triton): each program takes a power-of-two number of rows and loops over chunks of up
+to `_GPU_BLOCK` classes, loading them from the whole arrays with masks (`gpu_plan`); rows of
+at most one chunk are loaded once and kept in registers, longer ones are read once per loop
+(four times, from the L2 cache where it holds them: XLA's cost model, which the H100 figures
+come from, counts the kernel's operands once). Float32 compute only, 2-D, under 2^31
+entries. Never run on a GPU yet (compiled for an H100 ahead of time; interpret mode on CPU):
+`FOCAL_JAX_GPU_KERNEL=0` keeps it out.
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 from jax.extend import core as jex_core
 from jax.interpreters import ad
 from jax.interpreters import batching
@@ -153,34 +171,29 @@ def _elems(z, y, alpha, gamma, m, s_rest, is_top):
   return s, jnp.exp(log_1m_s), w
 
 
-def _kernel(hyper_ref, z_ref, y_ref, ct_ref, valid_ref, *refs, p: Plan, num_classes: int,
-            per_class: bool, cdt):
-  """One block of whole rows: `out = ct * where(valid, dloss/dz, 0)`."""
-  if per_class:
-    alpha_ref, gamma_ref, out_ref = refs
-  else:
-    (out_ref,) = refs
-  ax, chunk = p.ax, p.chunk
-  rows = z_ref.shape[1 - ax]
-  cshape = (chunk, rows) if ax == 0 else (rows, chunk)
-  rshape = (1, rows) if ax == 0 else (rows, 1)
-  # int32 loop indices, also with jax_enable_x64 (Mosaic has no 64-bit integers).
-  zero_i, chunks = jnp.int32(0), jnp.int32(p.padded // chunk)
+def _grad_passes(read_z, read_terms, write, *, chunks: int, chunk: int, cshape, ax: int,
+                 num_classes: int, keep, ct, cdt):
+  """The body both kernels share: four loops over the `chunks` chunks of a block of whole rows
+  (`cshape`: a chunk's shape, class axis `ax`) writing `ct * where(keep, dloss/dz, 0)`.
 
-  def index(k):
-    start = pl.multiple_of(k * chunk, chunk)
-    return (pl.ds(start, chunk), slice(None)) if ax == 0 else (slice(None), pl.ds(start, chunk))
+  `read_z(k)`: chunk `k` of the logits; `read_terms(k)`: its targets, alpha and gamma (scalars
+  or arrays that broadcast to the chunk); `write(k, v)`: chunk `k` of the output. `keep`, `ct`:
+  a row's mask and cotangent (the chunk's shape with 1 on the class axis). Classes past
+  `num_classes` (the padding of the last chunk) take no part.
+  """
+  rshape = tuple(1 if d == ax else size for d, size in enumerate(cshape))
+  # int32 loop indices, also with jax_enable_x64 (Mosaic has no 64-bit integers).
+  zero_i, n_chunks = jnp.int32(0), jnp.int32(chunks)
 
   def load(k):
-    idx = index(k)
     cls = lax.broadcasted_iota(jnp.int32, cshape, ax) + k * chunk
     inside = cls < num_classes  # the padding of the last chunk: no class
-    return z_ref[idx].astype(cdt), cls, inside, idx
+    return read_z(k).astype(cdt), cls, inside
 
   # The row max, the first class at it, and whether a logit is NaN.
   def max_pass(k, carry):
     m, top, nan = carry
-    z, cls, inside, _ = load(k)
+    z, cls, inside = load(k)
     zm = jnp.where(inside, z, -jnp.inf)
     cm = jnp.max(zm, axis=ax, keepdims=True)
     ci = jnp.min(jnp.where(zm == cm, cls, num_classes), axis=ax, keepdims=True)
@@ -188,57 +201,99 @@ def _kernel(hyper_ref, z_ref, y_ref, ct_ref, valid_ref, *refs, p: Plan, num_clas
     new = cm > m
     return jnp.where(new, cm, m), jnp.where(new, ci, top), jnp.maximum(nan, cn)
 
-  m, top, nan = lax.fori_loop(zero_i, chunks, max_pass, (
+  m, top, nan = lax.fori_loop(zero_i, n_chunks, max_pass, (
       jnp.full(rshape, -jnp.inf, cdt), jnp.zeros(rshape, jnp.int32), jnp.zeros(rshape, cdt)))
   m = jnp.where(nan > 0.0, jnp.nan, m)
   finite = jnp.isfinite(m)
   m = jnp.where(finite, m, 0.0)
 
   def mass_pass(k, s_rest):
-    z, cls, inside, _ = load(k)
+    z, cls, inside = load(k)
     e = jnp.where(inside & (cls != top), jnp.exp(z - m), 0.0)
     return s_rest + jnp.sum(e, axis=ax, keepdims=True)
 
-  s_rest = lax.fori_loop(zero_i, chunks, mass_pass, jnp.zeros(rshape, cdt))
+  s_rest = lax.fori_loop(zero_i, n_chunks, mass_pass, jnp.zeros(rshape, cdt))
   s_rest = jnp.where(finite, s_rest, 0.0)
 
   def terms(k):
-    z, cls, inside, idx = load(k)
-    if per_class:
-      alpha, gamma = alpha_ref[idx], gamma_ref[idx]
-    else:
-      alpha, gamma = hyper_ref[0], hyper_ref[1]
-    y = jnp.where(inside, y_ref[idx].astype(cdt), 0.0)
+    z, cls, inside = load(k)
+    y, alpha, gamma = read_terms(k)
+    y = jnp.where(inside, y.astype(cdt), 0.0)
     is_top = cls == top
     s, one_m_s, w = _elems(jnp.where(inside, z, -jnp.inf), y, alpha, gamma, m, s_rest, is_top)
-    return s, one_m_s, jnp.where(inside, w, 0.0), is_top, idx
+    return s, one_m_s, jnp.where(inside, w, 0.0), is_top
 
   def weight_pass(k, carry):
     w_sum, w_rest = carry
-    _, _, w, is_top, _ = terms(k)
+    _, _, w, is_top = terms(k)
     return (w_sum + jnp.sum(w, axis=ax, keepdims=True),
             w_rest + jnp.sum(jnp.where(is_top, 0.0, w), axis=ax, keepdims=True))
 
   zero = jnp.zeros(rshape, cdt)
-  w_sum, w_rest = lax.fori_loop(zero_i, chunks, weight_pass, (zero, zero))
-  keep = valid_ref[...] != 0
-  ct = ct_ref[...].astype(cdt)
+  w_sum, w_rest = lax.fori_loop(zero_i, n_chunks, weight_pass, (zero, zero))
+  ct = ct.astype(cdt)
 
   # dloss/dz_j = s_j (W - w_j) - (1 - s_j) w_j, with W - w_top summed directly.
   def grad_pass(k, carry):
-    s, one_m_s, w, is_top, idx = terms(k)
+    s, one_m_s, w, is_top = terms(k)
     others = jnp.where(is_top, w_rest, w_sum - w)
-    grad = jnp.where(keep, s * others - one_m_s * w, 0.0)
-    out_ref[idx] = (ct * grad).astype(out_ref.dtype)
+    write(k, ct * jnp.where(keep, s * others - one_m_s * w, 0.0))
     return carry
 
-  lax.fori_loop(zero_i, chunks, grad_pass, zero_i)
+  lax.fori_loop(zero_i, n_chunks, grad_pass, zero_i)
+
+
+def _unpack(refs, row_ct: bool, masked: bool, per_class: bool):
+  """A kernel's refs after the logits and targets: (ct, valid, alpha, gamma, out), None for
+  those it was not given (ct: a scalar in `hyper_ref`; valid: all rows count; alpha and gamma:
+  scalars in `hyper_ref`)."""
+  refs = list(refs)
+  ct_ref = refs.pop(0) if row_ct else None
+  valid_ref = refs.pop(0) if masked else None
+  alpha_ref, gamma_ref = (refs.pop(0), refs.pop(0)) if per_class else (None, None)
+  (out_ref,) = refs
+  return ct_ref, valid_ref, alpha_ref, gamma_ref, out_ref
+
+
+def _kernel(hyper_ref, z_ref, y_ref, *refs, p: Plan, num_classes: int, row_ct: bool,
+            masked: bool, per_class: bool, cdt):
+  """One block of whole rows in VMEM (TPU): `out = ct * where(valid, dloss/dz, 0)`."""
+  ct_ref, valid_ref, alpha_ref, gamma_ref, out_ref = _unpack(refs, row_ct, masked, per_class)
+  ax, chunk = p.ax, p.chunk
+  rows = z_ref.shape[1 - ax]
+
+  def index(k):
+    start = pl.multiple_of(k * chunk, chunk)
+    return (pl.ds(start, chunk), slice(None)) if ax == 0 else (slice(None), pl.ds(start, chunk))
+
+  def read_terms(k):
+    idx = index(k)
+    if per_class:
+      return y_ref[idx], alpha_ref[idx], gamma_ref[idx]
+    return y_ref[idx], hyper_ref[0], hyper_ref[1]
+
+  def write(k, v):
+    out_ref[index(k)] = v.astype(out_ref.dtype)
+
+  _grad_passes(lambda k: z_ref[index(k)], read_terms, write, chunks=p.padded // chunk,
+               chunk=chunk, cshape=(chunk, rows) if ax == 0 else (rows, chunk), ax=ax,
+               num_classes=num_classes, keep=valid_ref[...] != 0 if masked else True,
+               ct=ct_ref[...] if row_ct else hyper_ref[2], cdt=cdt)
+
+
+def _hyper(ct, alpha, gamma):
+  """The kernels' scalars, (alpha, gamma[, ct]) in the compute dtype, and whether `ct` is a
+  per-row vector (not among them)."""
+  row_ct = ct.ndim > 0
+  scalars = [alpha.reshape(-1)[0], gamma.reshape(-1)[0]] + ([] if row_ct else [ct])
+  return jnp.stack([v.astype(alpha.dtype) for v in scalars]), row_ct
 
 
 def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = False,
-                         device_kind: str | None = None):
-  """`ct[:, None] * where(valid, dloss/dz, 0)` of (N, C) logits `z` and targets `y`, in the
-  dtype of `z`, by the Pallas kernel. `ct`, `valid`: (N, 1); `alpha`, `gamma`: scalars or
+                         device_kind: str | None = None, masked: bool = True):
+  """`ct * where(valid, dloss/dz, 0)` of (N, C) logits `z` and targets `y`, in the dtype of
+  `z`, by the Pallas kernel. `ct`: (N, 1), or a scalar (read once, no per-row vector);
+  `valid`: (N, 1), ignored (every row counts) where not `masked`; `alpha`, `gamma`: scalars or
   class vectors of the compute dtype (their dtype), broadcastable to `z`."""
   n, c = z.shape
   cdt = alpha.dtype
@@ -246,7 +301,7 @@ def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = Fal
   p = plan(z.shape, z.dtype, cdt, per_class, interpret, device_kind)
   if p is None:
     raise ValueError(f"categorical kernel: no plan for {z.shape} {z.dtype}")
-  hyper = jnp.stack([alpha.reshape(-1)[0], gamma.reshape(-1)[0]])
+  hyper, row_ct = _hyper(ct, alpha, gamma)
   if p.ax == 0:
     views = (z.T, y.T)
     vec = lambda v: v.reshape(1, n)
@@ -257,8 +312,14 @@ def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = Fal
     vec = lambda v: v.reshape(n, 1)
     big = pl.BlockSpec((p.rows, p.padded), lambda i: (i, 0))
     small = pl.BlockSpec((p.rows, 1), lambda i: (i, 0))
-  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), big, big, small, small]
-  args = [hyper, *views, vec(ct.astype(cdt)), vec(valid.astype(jnp.int32))]
+  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), big, big]
+  args = [hyper, *views]
+  if row_ct:
+    in_specs.append(small)
+    args.append(vec(ct.astype(cdt)))
+  if masked:
+    in_specs.append(small)
+    args.append(vec(valid.astype(jnp.int32)))
   if per_class:  # row-major only (plan)
     in_specs += [pl.BlockSpec((1, p.padded), lambda i: (0, 0))] * 2
     args += [jnp.broadcast_to(v.reshape(-1), (c,)).reshape(1, c) for v in (alpha, gamma)]
@@ -267,7 +328,8 @@ def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = Fal
   # (Interpret mode keeps the caller's setting: the tests run float64 logits through it.)
   with contextlib.nullcontext() if interpret else jax.enable_x64(False):
     out = pl.pallas_call(
-        functools.partial(_kernel, p=p, num_classes=c, per_class=per_class, cdt=cdt),
+        functools.partial(_kernel, p=p, num_classes=c, row_ct=row_ct, masked=masked,
+                          per_class=per_class, cdt=cdt),
         grid=(pl.cdiv(n, p.rows),), in_specs=in_specs, out_specs=big,
         # Under shard_map (check_vma) the output varies over the mesh axes as the logits do.
         out_shape=jax.ShapeDtypeStruct(views[0].shape, z.dtype,
@@ -277,6 +339,108 @@ def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = Fal
             dimension_semantics=("parallel",), vmem_limit_bytes=int(p.vmem)),
     )(*args)
   return out.T if p.ax == 0 else out
+
+
+# --- the GPU kernel (Pallas Triton) ------------------------------------------------------
+
+# Entries of a block (rows x classes of a chunk) that one Triton program holds in registers.
+_GPU_BLOCK = 2048
+# The fewest programs a plan aims for where the rows allow (an H100 has 132 SMs).
+_GPU_PROGRAMS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+  """How the Triton kernel takes a (N, C) row-major array: rows per program, classes per chunk
+  (powers of two, as Triton's blocks must be), chunks per row, and warps per program."""
+  rows: int
+  chunk: int
+  chunks: int
+  warps: int
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << (max(1, x).bit_length() - 1)
+
+
+def gpu_plan(shape: tuple[int, ...], compute_dtype: Any,
+             interpret: bool = False) -> GpuPlan | None:
+  """The Triton kernel's plan for logits of `shape`, or None where it does not apply: not 2-D,
+  empty, a compute dtype other than float32 (any in interpret mode), or 2^31 entries or more
+  (Triton's offsets are int32)."""
+  if len(shape) != 2 or not interpret and np.dtype(compute_dtype) != np.float32:
+    return None
+  n, c = shape
+  if n == 0 or c == 0 or n * c >= 2**31:
+    return None
+  chunk = min(1 << (c - 1).bit_length(), _GPU_BLOCK)
+  rows = min(_GPU_BLOCK // chunk, _pow2_floor(n // _GPU_PROGRAMS))
+  return GpuPlan(rows, chunk, -(-c // chunk), 4 if rows * chunk <= 1024 else 8)
+
+
+def _gpu_kernel(hyper_ref, z_ref, y_ref, *refs, p: GpuPlan, n: int, num_classes: int,
+                row_ct: bool, masked: bool, per_class: bool, cdt):
+  """`p.rows` whole rows in chunks of `p.chunk` classes (Triton): `out = ct * where(valid,
+  dloss/dz, 0)`. The refs are the whole arrays; loads and stores past their ends are masked."""
+  ct_ref, valid_ref, alpha_ref, gamma_ref, out_ref = _unpack(refs, row_ct, masked, per_class)
+  first = pl.program_id(0) * p.rows
+  in_rows = first + lax.broadcasted_iota(jnp.int32, (p.rows, 1), 0) < n
+  rows, one = pl.ds(first, p.rows), pl.ds(0, 1)
+
+  def cols(k):
+    return pl.ds(k * p.chunk, p.chunk)
+
+  def in_cls(k):
+    return k * p.chunk + lax.broadcasted_iota(jnp.int32, (1, p.chunk), 1) < num_classes
+
+  def read_z(k):
+    return plgpu.load(z_ref.at[rows, cols(k)], mask=in_rows & in_cls(k), other=0.0)
+
+  def read_terms(k):
+    y = plgpu.load(y_ref.at[rows, cols(k)], mask=in_rows & in_cls(k), other=0.0)
+    if per_class:
+      return y, *(plgpu.load(r.at[one, cols(k)], mask=in_cls(k), other=0.0)
+                  for r in (alpha_ref, gamma_ref))
+    return y, hyper_ref[0], hyper_ref[1]
+
+  def write(k, v):
+    plgpu.store(out_ref.at[rows, cols(k)], v.astype(out_ref.dtype), mask=in_rows & in_cls(k))
+
+  keep = plgpu.load(valid_ref.at[rows, one], mask=in_rows, other=False) if masked else True
+  ct = plgpu.load(ct_ref.at[rows, one], mask=in_rows, other=0.0) if row_ct else hyper_ref[2]
+  if p.chunks == 1:  # whole rows in one chunk: read once, kept in registers by every loop
+    z0, terms0 = read_z(0), read_terms(0)
+    read_z, read_terms = lambda k: z0, lambda k: terms0
+  _grad_passes(read_z, read_terms, write, chunks=p.chunks, chunk=p.chunk,
+               cshape=(p.rows, p.chunk), ax=1, num_classes=num_classes, keep=keep, ct=ct,
+               cdt=cdt)
+
+
+def gpu_kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = False,
+                             masked: bool = True):
+  """`kernel_ct_times_grad` by the Triton kernel (CUDA; any platform in interpret mode)."""
+  n, c = z.shape
+  cdt = alpha.dtype
+  per_class = alpha.size > 1 or gamma.size > 1
+  p = gpu_plan(z.shape, cdt, interpret)
+  if p is None:
+    raise ValueError(f"categorical GPU kernel: no plan for {z.shape} {z.dtype}")
+  hyper, row_ct = _hyper(ct, alpha, gamma)
+  args = [hyper, z, y] + [ct.astype(cdt)] * row_ct + [valid.astype(jnp.bool_)] * masked
+  if per_class:
+    args += [jnp.broadcast_to(v.reshape(-1), (c,)).reshape(1, c) for v in (alpha, gamma)]
+  # 32-bit index arithmetic also under jax_enable_x64 (as for Mosaic).
+  with contextlib.nullcontext() if interpret else jax.enable_x64(False):
+    return pl.pallas_call(
+        functools.partial(_gpu_kernel, p=p, n=n, num_classes=c, row_ct=row_ct,
+                          masked=masked, per_class=per_class, cdt=cdt),
+        grid=(pl.cdiv(n, p.rows),),
+        out_shape=jax.ShapeDtypeStruct(z.shape, z.dtype,
+                                       manual_axis_type=jax.typeof(z).manual_axis_type),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=p.warps,
+                                                                    num_stages=1),
+    )(*args)
 
 
 # --- the primitives ----------------------------------------------------------------------
@@ -308,16 +472,32 @@ def _jnp_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret):
   return (ct.astype(g.dtype) * g).astype(z.dtype)
 
 
-def _kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret,
-                          device_kind=None):
-  """The kernel where its plan fits the chip, else the jnp formula (a chip with less VMEM than
-  assumed at trace time: the same HBM passes as the XLA form's backward)."""
-  if plan(z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1, interpret,
+def _tpu_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret,
+                       device_kind=None):
+  """The TPU kernel where its plan fits the chip, else the jnp formula (a chip with less VMEM
+  than assumed at trace time: the same HBM passes as the XLA form's backward)."""
+  if plan(z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1, bool(interpret),
           device_kind) is None:
     return _jnp_ct_times_grad(ct, z, y, alpha, gamma, valid, options=options,
                               interpret=interpret)
-  return kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, interpret=interpret,
-                              device_kind=device_kind)
+  return kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, interpret=bool(interpret),
+                              device_kind=device_kind, masked=options.masked)
+
+
+def _gpu_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret):
+  """The Triton kernel where its plan applies, else the jnp formula."""
+  if gpu_plan(z.shape, alpha.dtype, bool(interpret)) is None:
+    return _jnp_ct_times_grad(ct, z, y, alpha, gamma, valid, options=options,
+                              interpret=interpret)
+  return gpu_kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, interpret=bool(interpret),
+                                  masked=options.masked)
+
+
+def _any_ct_times_grad(*args, options, interpret):
+  """ct_times_grad off the kernels' platforms: the kernel `interpret` names ("tpu", "gpu") in
+  Pallas' interpret mode, else (None) the jnp formula."""
+  fn = {"tpu": _tpu_ct_times_grad, "gpu": _gpu_ct_times_grad}.get(interpret, _jnp_ct_times_grad)
+  return fn(*args, options=options, interpret=interpret)
 
 
 def _target_device_kind(ctx) -> str | None:
@@ -331,26 +511,56 @@ def _target_device_kind(ctx) -> str | None:
 
 def _tpu_ct_times_grad_lowering(ctx, *args, options, interpret):
   """ct_times_grad on TPU: the kernel, its plan checked against the target chip's VMEM."""
-  fn = functools.partial(_kernel_ct_times_grad, options=options, interpret=interpret,
-                         device_kind=_target_device_kind(ctx))
+  if interpret:
+    fn = functools.partial(_any_ct_times_grad, options=options, interpret=interpret)
+  else:
+    fn = functools.partial(_tpu_ct_times_grad, options=options, interpret=interpret,
+                           device_kind=_target_device_kind(ctx))
   return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
 
 
+def _cuda_ct_times_grad_lowering(ctx, *args, options, interpret):
+  """ct_times_grad on CUDA: the Triton kernel."""
+  fn = _any_ct_times_grad if interpret else _gpu_ct_times_grad
+  return mlir.lower_fun(functools.partial(fn, options=options, interpret=interpret),
+                        multiple_results=False)(ctx, *args)
+
+
 row_dot_grad_p = jex_core.Primitive("categorical_focal_row_dot_grad")
+total_dot_grad_p = jex_core.Primitive("categorical_focal_total_dot_grad")
 ct_times_grad_p = jex_core.Primitive("categorical_focal_ct_times_grad")
 
 
-def row_dot_grad(dz, z, y, alpha, gamma, valid, *, options, interpret=False):
+def row_dot_grad(dz, z, y, alpha, gamma, valid, *, options, interpret=None):
   """sum_j where(valid, dloss/dz_j, 0) dz_j per row, (..) in the compute dtype (`alpha`'s):
-  linear in `dz`; its transpose is `ct_times_grad`."""
+  linear in `dz`; its transpose is `ct_times_grad` with a per-row cotangent. `interpret`:
+  None (each platform's lowering), "tpu" or "gpu" (that kernel in Pallas' interpret mode on
+  every platform)."""
   valid = jnp.broadcast_to(valid, z.shape[:-1])[..., None]
   out = row_dot_grad_p.bind(dz, z, y, alpha, gamma, valid, options=options,
                             interpret=interpret)
   return out[..., 0]
 
 
+def total_dot_grad(dz, z, y, alpha, gamma, valid, *, options, interpret=None):
+  """`row_dot_grad` summed over the rows, a scalar: its transpose is `ct_times_grad` with a
+  scalar cotangent, which the kernels read once (no per-row vector is written for them)."""
+  valid = jnp.broadcast_to(valid, z.shape[:-1])[..., None]
+  return total_dot_grad_p.bind(dz, z, y, alpha, gamma, valid, options=options,
+                               interpret=interpret)
+
+
+def _jnp_total_dot_grad(dz, z, y, alpha, gamma, valid, *, options, interpret):
+  return jnp.sum(_jnp_row_dot_grad(dz, z, y, alpha, gamma, valid, options=options,
+                                   interpret=interpret))
+
+
 def _row_dot_grad_abstract(dz, z, y, alpha, gamma, valid, **_):
   return z.update(shape=z.shape[:-1] + (1,), dtype=alpha.dtype, weak_type=False)
+
+
+def _total_dot_grad_abstract(dz, z, y, alpha, gamma, valid, **_):
+  return z.update(shape=(), dtype=alpha.dtype, weak_type=False)
 
 
 def _ct_times_grad_abstract(ct, z, y, alpha, gamma, valid, **_):
@@ -358,48 +568,43 @@ def _ct_times_grad_abstract(ct, z, y, alpha, gamma, valid, **_):
 
 
 row_dot_grad_p.def_abstract_eval(_row_dot_grad_abstract)
+total_dot_grad_p.def_abstract_eval(_total_dot_grad_abstract)
 ct_times_grad_p.def_abstract_eval(_ct_times_grad_abstract)
 row_dot_grad_p.def_impl(_jnp_row_dot_grad)
-ct_times_grad_p.def_impl(
-    lambda *a, options, interpret: (_kernel_ct_times_grad if interpret else _jnp_ct_times_grad)(
-        *a, options=options, interpret=interpret))
+total_dot_grad_p.def_impl(_jnp_total_dot_grad)
+ct_times_grad_p.def_impl(_any_ct_times_grad)
 
-# Lowerings: jnp everywhere; ct_times_grad the kernel on TPU, and in interpret mode anywhere.
-mlir.register_lowering(row_dot_grad_p, mlir.lower_fun(_jnp_row_dot_grad, multiple_results=False))
-mlir.register_lowering(ct_times_grad_p, mlir.lower_fun(
-    lambda *a, options, interpret: (_kernel_ct_times_grad if interpret else _jnp_ct_times_grad)(
-        *a, options=options, interpret=interpret), multiple_results=False))
+# Lowerings: jnp everywhere; ct_times_grad the kernel on TPU and CUDA, and the kernel that
+# `interpret` names in interpret mode anywhere.
+for _prim, _fn in ((row_dot_grad_p, _jnp_row_dot_grad), (total_dot_grad_p, _jnp_total_dot_grad),
+                   (ct_times_grad_p, _any_ct_times_grad)):
+  mlir.register_lowering(_prim, mlir.lower_fun(_fn, multiple_results=False))
 mlir.register_lowering(ct_times_grad_p, _tpu_ct_times_grad_lowering, platform="tpu")
+mlir.register_lowering(ct_times_grad_p, _cuda_ct_times_grad_lowering, platform="cuda")
 
 
-def _transpose_row_dot_grad(ct, dz, z, y, alpha, gamma, valid, *, options, interpret):
-  assert ad.is_undefined_primal(dz)
+def _dual(prim, lin_aval):
+  """The primitive whose transpose `prim` is, for a linear input like `lin_aval`."""
+  if prim is not ct_times_grad_p:
+    return ct_times_grad_p
+  return total_dot_grad_p if lin_aval.shape == () else row_dot_grad_p
+
+
+def _transpose(prim, ct, lin, z, y, alpha, gamma, valid, *, options, interpret):
+  """The transpose of each primitive (linear in its first input) is its dual (`_dual`) applied
+  to the cotangent, cast to the linear input's dtype."""
+  assert ad.is_undefined_primal(lin)
   assert not any(ad.is_undefined_primal(a) for a in (z, y, alpha, gamma, valid))
   if type(ct) is ad.Zero:
-    out = ad.Zero(dz.aval)
+    out = ad.Zero(lin.aval)
   else:
-    out = ct_times_grad_p.bind(ct, z, y, alpha, gamma, valid, options=options,
-                               interpret=interpret)
+    out = _dual(prim, lin.aval).bind(ct, z, y, alpha, gamma, valid, options=options,
+                                     interpret=interpret).astype(lin.aval.dtype)
   return [out, None, None, None, None, None]
-
-
-def _transpose_ct_times_grad(ct, cot, z, y, alpha, gamma, valid, *, options, interpret):
-  assert ad.is_undefined_primal(cot)
-  assert not any(ad.is_undefined_primal(a) for a in (z, y, alpha, gamma, valid))
-  if type(ct) is ad.Zero:
-    out = ad.Zero(cot.aval)
-  else:
-    out = row_dot_grad_p.bind(ct, z, y, alpha, gamma, valid, options=options,
-                              interpret=interpret).astype(cot.aval.dtype)
-  return [out, None, None, None, None, None]
-
-
-ad.primitive_transposes[row_dot_grad_p] = _transpose_row_dot_grad
-ad.primitive_transposes[ct_times_grad_p] = _transpose_ct_times_grad
 
 
 def _jvp(fn, primals, tangents, *, options, interpret):
-  """The JVP of either primitive: `jax.jvp` of its jnp formula (differentiable to any order:
+  """The JVP of each primitive: `jax.jvp` of its jnp formula (differentiable to any order:
   `_categorical`'s row statistics and elementwise terms have their own rules)."""
   *diff, valid = primals
   tans = [ad.instantiate_zeros(t) for t in tangents[:-1]]
@@ -407,14 +612,12 @@ def _jvp(fn, primals, tangents, *, options, interpret):
   return jax.jvp(f, tuple(diff), tuple(tans))
 
 
-ad.primitive_jvps[row_dot_grad_p] = functools.partial(_jvp, _jnp_row_dot_grad)
-ad.primitive_jvps[ct_times_grad_p] = functools.partial(_jvp, _jnp_ct_times_grad)
-
-
 def _batch(prim, jnp_fn, args, dims, *, options, interpret):
   """vmap: batch dimensions of the linear input, logits, targets and mask moved to the front
   (the others broadcast) and the primitive bound at that rank; batched `alpha` / `gamma`
-  take the jnp formula under `jax.vmap`."""
+  take the jnp formula under `jax.vmap`. The scalar forms take the per-row ones: a batch of
+  totals is the per-row `row_dot_grad` summed over each member's rows, and a batch of scalar
+  cotangents spreads over each member's rows."""
   lin, z, y, alpha, gamma, valid = args
   d_lin, d_z, d_y, d_alpha, d_gamma, d_valid = dims
   none = None  # an input that is not batched
@@ -422,19 +625,27 @@ def _batch(prim, jnp_fn, args, dims, *, options, interpret):
     f = functools.partial(jnp_fn, options=options, interpret=interpret)
     return jax.vmap(f, in_axes=tuple(dims))(*args), 0
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not none)
+  scalar_ct = prim is ct_times_grad_p and lin.ndim == (d_lin is not none)
   moved = []
   for a, d in ((lin, d_lin), (z, d_z), (y, d_y), (valid, d_valid)):
     a = (jnp.broadcast_to(a, (size,) + a.shape) if d is none else jnp.moveaxis(a, d, 0))
     moved.append(a)
   lin, z, y, valid = moved
   rank = z.ndim
+  if scalar_ct:  # (size,) -> each member's rows
+    lin = jnp.broadcast_to(lin.reshape((size,) + (1,) * (rank - 1)), z.shape[:-1] + (1,))
   # alpha, gamma: rank-matched to the unbatched logits; one more leading 1.
   alpha, gamma = (a.reshape((1,) * (rank - a.ndim) + a.shape) if a.ndim else a
                   for a in (alpha, gamma))
+  if prim is total_dot_grad_p:
+    out = row_dot_grad_p.bind(lin, z, y, alpha, gamma, valid, options=options,
+                              interpret=interpret)
+    return jnp.sum(out, axis=tuple(range(1, rank))), 0
   return prim.bind(lin, z, y, alpha, gamma, valid, options=options, interpret=interpret), 0
 
 
-batching.primitive_batchers[row_dot_grad_p] = functools.partial(
-    _batch, row_dot_grad_p, _jnp_row_dot_grad)
-batching.primitive_batchers[ct_times_grad_p] = functools.partial(
-    _batch, ct_times_grad_p, _jnp_ct_times_grad)
+for _prim, _fn in ((row_dot_grad_p, _jnp_row_dot_grad), (total_dot_grad_p, _jnp_total_dot_grad),
+                   (ct_times_grad_p, _jnp_ct_times_grad)):
+  ad.primitive_transposes[_prim] = functools.partial(_transpose, _prim)
+  ad.primitive_jvps[_prim] = functools.partial(_jvp, _fn)
+  batching.primitive_batchers[_prim] = functools.partial(_batch, _prim, _fn)

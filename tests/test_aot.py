@@ -258,6 +258,32 @@ ENTRY %main (z: f32[16,91], t: s32[16]) -> f32[16,91] {
                        "  ROOT %b = f32[3,5] negate(%a)\n}\n") == 2 * 15 * 4
 
 
+def test_custom_call_bytes_counts_each_kernel_operand_and_result_once():
+  # The H100's cost analysis counts none of a custom call's bytes: a Triton kernel reading
+  # the logits and targets and writing the gradient (a GPU program's ENTRY, no layouts
+  # beyond the default) is 3x a (64, 32) float32 array plus its scalars; the fusion beside it
+  # and the kernel in a nested computation are not counted here.
+  hlo = """HloModule m
+
+%inner (a: f32[64,32]) -> f32[64,32] {
+  %a = f32[64,32]{1,0} parameter(0)
+  ROOT %k = f32[64,32]{1,0} custom-call(%a), custom_call_target="__gpu$xla.gpu.triton"
+}
+
+ENTRY %main (z: f32[64,32], y: f32[64,32]) -> f32[64,32] {
+  %z = f32[64,32]{1,0} parameter(0)
+  %y = f32[64,32]{1,0} parameter(1)
+  %h = f32[3]{0} fusion(), kind=kLoop, calls=%inner
+  ROOT %g = f32[64,32]{1,0} custom-call(%h, %z, %y), custom_call_target="__gpu$xla.gpu.triton"
+}
+"""
+  assert aot.custom_call_bytes(hlo) == 3 * 64 * 32 * 4 + 3 * 4
+  # The record's bytes: XLA's figure plus the custom calls' (no hbm_bytes off TPU).
+  rec = {"bytes_accessed": 100.0, "custom_call_bytes": 24}
+  assert aot._traffic(rec) == 124.0
+  assert aot._traffic({**rec, "hbm_bytes": 7}) == 7.0
+
+
 def test_entry_big_buffers_lists_logits_sized_results_of_the_entry_computation():
   hlo = """HloModule m
 

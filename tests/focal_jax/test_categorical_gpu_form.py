@@ -218,17 +218,18 @@ def test_random_shapes_axes_and_large_margins_match_reference(refs, gpu):
 
 def test_cuda_lowering_uses_the_gpu_form_and_cpu_keeps_the_default(monkeypatch):
   """The platform choice: lowered for CUDA no class index (the default form's variadic reduce
-  and its top-class tests use an int32 iota over the classes); lowered for the CPU the
-  default form."""
+  and its top-class tests use an int32 iota over the classes) and no gradient kernel; lowered
+  for the CPU the default form. Where the GPU form does not fit, CUDA takes the kernel."""
   monkeypatch.setattr(_categorical, "_gpu_form_fits", lambda c: True)
   z = jax.ShapeDtypeStruct((8, 1000), jnp.float32)
   lowered = lambda platform: jax.jit(jax.grad(lambda z, y: focal_jax.categorical_focal(
       z, y, reduction="mean"))).trace(z, z).lower(lowering_platforms=(platform,)).as_text()
   cuda, cpu = lowered("cuda"), lowered("cpu")
   iota = "tensor<8x1000xi32>"
-  assert iota in cpu and iota not in cuda
+  triton = "__gpu$xla.gpu.triton"
+  assert iota in cpu and iota not in cuda and triton not in cuda
   monkeypatch.setattr(_categorical, "_gpu_form_fits", lambda c: False)
-  assert iota in lowered("cuda")  # a class count where the GPU form does not fit
+  assert triton in lowered("cuda")  # a class count where the GPU form does not fit
 
 
 @pytest.mark.parametrize("margin", [10.0, 20.0, 60.0])

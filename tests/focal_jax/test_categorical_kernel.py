@@ -1,18 +1,25 @@
-"""categorical_focal's TPU gradient kernel (`focal_jax._categorical_kernel`), run on the CPU in
-Pallas' interpret mode.
+"""categorical_focal's gradient kernels (`focal_jax._categorical_kernel`): the TPU (Mosaic) and
+the GPU (Triton) one, run on the CPU in Pallas' interpret mode.
 
 On TPU the logits' gradient of `_focal_rows` is a Pallas kernel that sits in the transpose
 position of the primitive `row_dot_grad` (its transpose `ct_times_grad` writes
 `ct * dloss/dz` from one read of the logits and targets). Here the kernel path is forced on
-the CPU (`CategoricalOptions(kernel="interpret")`, and `lax.platform_dependent` taking its
+the CPU (`CategoricalOptions(kernel="tpu-interpret")`, and `lax.platform_dependent` taking its
 default branch, the TPU program's form) and checked against float64 references: the
 textbook formula's autodiff at moderate margins, and a NumPy closed form of docs/math.md's
 gradient (log space) up to margins of 1e4. Both kernel orientations (row-major blocks, and
 column-major blocks of the transposed view, which TPU's layout of e.g. (2048, 30522) needs)
 and several chunks per row are exercised.
+
+The GPU kernel (the second half) is forced the same way (`kernel="gpu-interpret"`), with one
+and several chunks per row, one and several rows per program and a partial last program. A
+reduced loss without sample weights takes `total_dot_grad`, whose transpose hands either
+kernel the cotangent as one scalar: those paths are checked for both kernels. The Triton
+program itself is only lowered here (no GPU): `focal-bench aot --target h100` compiles it.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +37,20 @@ SHAPES = {(128, 37): 0, (128, 1100): 0, (24, 300): 1, (20, 4500): 1}
 TOL = {"float64": (1e-10, 1e-14), "float32": (2e-4, 1e-6), "bfloat16": (3e-2, 2e-3)}
 
 
-@pytest.fixture
-def forced(monkeypatch):
-  """categorical_focal with the kernel path (interpret mode) and the TPU program's form."""
+def _force(monkeypatch, kernel: str):
+  """categorical_focal with `kernel` ("tpu-interpret", "gpu-interpret") and the accelerators'
+  program (lax.platform_dependent's default branch)."""
   monkeypatch.setattr(jax.lax, "platform_dependent",
                       lambda *args, default, **branches: default(*args))
   options = _categorical.CategoricalOptions
   monkeypatch.setattr(_categorical, "CategoricalOptions",
-                      lambda **kw: options(**{"kernel": "interpret", **kw}))
+                      lambda **kw: options(**{"kernel": kernel, **kw}))
+
+
+@pytest.fixture
+def forced(monkeypatch):
+  """categorical_focal with the TPU kernel path (interpret mode) and the TPU program's form."""
+  _force(monkeypatch, "tpu-interpret")
 
 
 def _data(n, c, seed, extreme=True):
@@ -276,10 +289,10 @@ def test_environment_variable_keeps_the_kernel_out(monkeypatch):
   # FOCAL_JAX_TPU_KERNEL=0: the TPU program without the kernel (XLA's fusions), read at trace.
   fn = lambda z, y: focal_jax.categorical_focal(z, y, gamma=2.0, reduction="mean")
   a = jax.ShapeDtypeStruct((256, 37), jnp.float32)
-  monkeypatch.setenv(_categorical.KERNEL_ENV, "0")
+  monkeypatch.setenv(_categorical.TPU_KERNEL_ENV, "0")
   traced = jax.jit(jax.grad(fn)).trace(a, a)
   assert "tpu_custom_call" not in traced.lower(lowering_platforms=("tpu",)).as_text()
-  monkeypatch.setenv(_categorical.KERNEL_ENV, "1")
+  monkeypatch.setenv(_categorical.TPU_KERNEL_ENV, "1")
   traced = jax.jit(jax.grad(lambda z, y: fn(z, y) * 1.0)).trace(a, a)
   assert "tpu_custom_call" in traced.lower(lowering_platforms=("tpu",)).as_text()
 
@@ -365,3 +378,209 @@ def test_tpu_compile_under_shard_map(x64):
   for devices, (calls, hbm_x) in got.items():
     assert calls == 1, (devices, calls)
     assert 2.999 <= hbm_x <= 3.0 * 1.03, (devices, hbm_x)
+
+
+# --- the GPU kernel (Pallas Triton), and the scalar cotangent of both kernels ------------
+
+# (rows, classes): 3 chunks of 2048 at one row a program; one chunk at 2 rows a program with
+# a partial last program (1539 rows); one chunk of 128 (91 classes, padding masked).
+GPU_SHAPES = [(20, 4500), (1539, 7), (40, 91)]
+
+
+@pytest.fixture(params=["gpu-interpret", "tpu-interpret"])
+def forced_any(request, monkeypatch):
+  _force(monkeypatch, request.param)
+
+
+@pytest.fixture
+def forced_gpu(monkeypatch):
+  _force(monkeypatch, "gpu-interpret")
+
+
+def _hyper(c, per_class):
+  if not per_class:
+    return 0.25, 2.0
+  rng = np.random.default_rng(c)
+  gamma, alpha = rng.uniform(0.0, 3.0, size=c), rng.uniform(0.1, 1.0, size=c)
+  gamma[:4] = [0.0, 0.5, 1.0, 2.0][:c]
+  return alpha, gamma
+
+
+def test_gpu_plans():
+  f32 = np.float32
+  assert kernel.gpu_plan((2048, 30522), f32) == kernel.GpuPlan(1, 2048, 15, 8)
+  assert kernel.gpu_plan((16384, 91), f32) == kernel.GpuPlan(16, 128, 1, 8)
+  assert kernel.gpu_plan((65536, 2), f32) == kernel.GpuPlan(128, 2, 1, 4)
+  assert kernel.gpu_plan((1539, 7), f32) == kernel.GpuPlan(2, 8, 1, 4)
+  # No kernel: not 2-D, empty, float64 compiled (interpret mode takes it), 2^31 entries.
+  assert kernel.gpu_plan((4, 2048, 1000), f32) is None
+  assert kernel.gpu_plan((0, 10), f32) is None
+  assert kernel.gpu_plan((2048, 1000), np.float64) is None
+  assert kernel.gpu_plan((2048, 1000), np.float64, interpret=True) is not None
+  assert kernel.gpu_plan((2**16, 2**15), f32) is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("per_class", [False, True], ids=["scalar", "per_class"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_values_and_gradients_match_float64(refs, forced_gpu, shape, per_class, dtype):
+  n, c = shape
+  z, y = _data(n, c, seed=n + c, extreme=c > 8)
+  alpha, gamma = _hyper(c, per_class)
+  where = np.arange(n) % 7 != 6
+
+  def fn(z, y):
+    loss = focal_jax.categorical_focal(z, y, alpha=alpha, gamma=gamma, where=where)
+    return jnp.sum(loss), loss
+
+  zq, yq = jnp.asarray(z, dtype), jnp.asarray(y, dtype)
+  step = jax.jit(jax.value_and_grad(fn, has_aux=True))
+  assert "categorical_focal_ct_times_grad" in str(jax.make_jaxpr(step)(zq, yq))
+  (_, value), grad = step(zq, yq)
+  z64, y64 = np.asarray(zq, np.float64), np.asarray(yq, np.float64)
+  rtol, atol = TOL[dtype]
+  rows = np.arange(n) != 5  # row 5's -inf logit: a masked class (test_categorical_kernel)
+  if c <= 8:
+    rows[:] = True
+  want = refs.categorical_focal(z64[rows], y64[rows], alpha=alpha, gamma=gamma,
+                                where=where[rows])
+  np.testing.assert_allclose(np.asarray(value, np.float64)[rows], want, rtol=rtol, atol=atol)
+  want_g = _grad_reference(z64, y64, alpha, gamma, where)
+  assert grad.dtype == jnp.dtype(dtype)
+  scale = np.abs(want_g).max()
+  np.testing.assert_allclose(np.asarray(grad, np.float64), want_g, rtol=rtol,
+                             atol=atol + rtol * scale * 1e-2)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sample_weight"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all_rows", "where"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "mean_positive"])
+def test_reductions_match_float64(refs, forced_any, reduction, masked, weighted):
+  # A reduction without sample weights takes `_kernel_total` (the kernel gets a scalar
+  # cotangent; without `where` no mask either); with them, the per-row cotangent.
+  n, c = 40, 91
+  z, y = _data(n, c, seed=11, extreme=False)
+  y[::3] = np.eye(c)[0]  # background rows (argmax 0) for mean_positive
+  where = np.arange(n) % 5 != 4 if masked else None
+  weight = np.linspace(0.5, 2.0, n) if weighted else None
+  kw = dict(alpha=0.5, gamma=2.0, reduction=reduction, where=where, sample_weight=weight)
+  fn = lambda z: focal_jax.categorical_focal(z, y, **kw)
+  jvp = str(jax.make_jaxpr(lambda z, v: jax.jvp(fn, (z,), (v,)))(z, z))
+  assert ("categorical_focal_total_dot_grad" in jvp) == (not weighted)
+  assert "categorical_focal_ct_times_grad" in str(jax.make_jaxpr(jax.grad(fn))(z))
+  value, grad = jax.jit(jax.value_and_grad(fn))(z)
+  np.testing.assert_allclose(value, refs.categorical_focal(z, y, **kw), rtol=1e-12)
+  valid = np.ones(n, bool) if where is None else where
+  g = _grad_reference(z, y, 0.5, 2.0, valid) * (1.0 if weight is None else weight[:, None])
+  if reduction == "mean":
+    g = g / valid.sum()
+  elif reduction == "mean_positive":
+    g = g / (valid & (np.argmax(y, axis=-1) != 0)).sum()
+  np.testing.assert_allclose(grad, g, rtol=1e-10, atol=1e-16)
+
+
+def test_gpu_hessian_and_forward_mode(refs, forced_gpu):
+  z, y = _data(6, 5, seed=5, extreme=False)
+  z[1] = [1.0, 1.0, 0.0, -1.0, 1.0]  # a three-way tie for the largest logit
+  alpha, gamma = np.linspace(0.1, 0.9, 5), np.array([0.5, 1.0, 2.0, 3.0, 1.5])
+  for reduction in ("sum", "mean"):
+    fn = lambda z: focal_jax.categorical_focal(z, y, alpha=alpha, gamma=gamma,
+                                               reduction=reduction)
+    scale = 1.0 if reduction == "sum" else 1.0 / 6
+    ref = lambda z: scale * refs.jnp_categorical_focal_sum(z, y, jnp.asarray(alpha),
+                                                           jnp.asarray(gamma))
+    np.testing.assert_allclose(jax.jit(jax.grad(fn))(z), jax.jit(jax.grad(ref))(z),
+                               rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(jax.jit(jax.hessian(fn))(z), jax.jit(jax.hessian(ref))(z),
+                               rtol=1e-9, atol=1e-12)
+    v = np.random.default_rng(8).normal(size=z.shape)
+    np.testing.assert_allclose(jax.jvp(fn, (z,), (v,))[1], jax.jvp(ref, (z,), (v,))[1],
+                               rtol=1e-11)
+
+
+def test_vmap_of_a_reduced_gradient(forced_any):
+  # A batch of reduced losses: the scalar cotangents (one per member) spread over each
+  # member's rows; the totals under vmap sum each member's rows.
+  n, c = 24, 300
+  batch = [_data(n, c, seed=s, extreme=False) for s in range(3)]
+  zs, ys = (np.stack(a) for a in zip(*batch))
+  fn = lambda z, y: focal_jax.categorical_focal(z, y, gamma=2.0, reduction="mean")
+  got = jax.jit(jax.vmap(jax.grad(fn)))(zs, ys)
+  for b in range(3):
+    want = _grad_reference(zs[b], ys[b], 1.0, 2.0, np.ones(n, bool)) / n
+    np.testing.assert_allclose(got[b], want, rtol=1e-10, atol=1e-16)
+  v = np.random.default_rng(1).normal(size=zs.shape)
+  tangents = jax.vmap(lambda z, y, v: jax.jvp(lambda z: fn(z, y), (z,), (v,))[1])(zs, ys, v)
+  for b in range(3):
+    want = np.sum(_grad_reference(zs[b], ys[b], 1.0, 2.0, np.ones(n, bool)) / n * v[b])
+    np.testing.assert_allclose(tangents[b], want, rtol=1e-10)
+
+
+def test_gpu_shard_map_over_rows(forced_gpu):
+  # Data parallel over 4 devices: each member's kernel takes a scalar cotangent (its share of
+  # the global mean). check_vma=False as in test_categorical_kernel (interpret mode).
+  mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+  z, y = _data(512, 37, seed=9, extreme=False)
+  loss = lambda z, y: focal_jax.categorical_focal(z, y, gamma=2.0, reduction="mean",
+                                                  axis_name="d")
+  step = jax.jit(jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=(P("d"), P("d")),
+                               out_specs=P("d"), check_vma=False))
+  assert "categorical_focal_ct_times_grad" in str(jax.make_jaxpr(step)(z, y))
+  want = _grad_reference(z, y, 1.0, 2.0, np.ones(512, bool)) * 4 / 512
+  np.testing.assert_allclose(step(z, y), want, rtol=1e-10, atol=1e-16)
+
+
+@pytest.mark.parametrize("scalar_ct", [False, True], ids=["row_ct", "scalar_ct"])
+@pytest.mark.parametrize("shape", [(20, 2100), (1539, 7)], ids=["chunks", "rows"])
+def test_the_gpu_kernel_ignores_rows_and_classes_outside_the_array(shape, scalar_ct):
+  # ct * gradient of the kernel itself: a masked row and a NaN row stay in their rows, the
+  # padding of the last chunk and of the last program's rows adds nothing.
+  n, c = shape
+  z, y = _data(n, c, seed=3, extreme=False)
+  z[7, 5] = np.nan
+  valid = np.arange(n) != 4
+  ct = np.float64(0.75) if scalar_ct else np.linspace(-1.0, 2.0, n)[:, None]
+  got = kernel.gpu_kernel_ct_times_grad(
+      jnp.asarray(ct), jnp.asarray(z), jnp.asarray(y), jnp.asarray(0.5), jnp.asarray(2.0),
+      jnp.asarray(valid)[:, None], interpret=True)
+  want = ct * _grad_reference(z, y, 0.5, 2.0, valid)
+  ok = np.arange(n) != 7
+  np.testing.assert_allclose(np.asarray(got)[ok], want[ok], rtol=1e-10, atol=1e-15)
+  assert np.all(np.isnan(np.asarray(got)[7]))
+  assert np.all(np.asarray(got)[4] == 0.0)
+  # Unmasked (no `where`): the mask is not read, every row counts.
+  got = kernel.gpu_kernel_ct_times_grad(
+      jnp.asarray(ct), jnp.asarray(z), jnp.asarray(y), jnp.asarray(0.5), jnp.asarray(2.0),
+      jnp.asarray(valid)[:, None], interpret=True, masked=False)
+  want = ct * _grad_reference(z, y, 0.5, 2.0, np.ones(n, bool))
+  np.testing.assert_allclose(np.asarray(got)[ok], want[ok], rtol=1e-10, atol=1e-15)
+
+
+def _custom_calls(text: str, target: str) -> list[str]:
+  """The operand and result types of each `target` custom call in a lowered module."""
+  return re.findall(r"custom_call @" + re.escape(target) + r"\(.*?: \((.*?)\) -> ", text)
+
+
+def test_the_cuda_program_takes_the_triton_kernel(monkeypatch):
+  # For CUDA the gradient is the Triton kernel; under a mean without `where` it reads the
+  # logits, the targets and three scalars (alpha, gamma, the cotangent): no per-row vector.
+  a = jax.ShapeDtypeStruct((256, 37), jnp.float32)
+  mean = lambda z, y: focal_jax.categorical_focal(z, y, gamma=2.0, reduction="mean")
+  rows = lambda z, y: jnp.sum(focal_jax.categorical_focal(z, y, gamma=2.0,
+                                                          where=jnp.arange(256) > 3))
+  lower = lambda fn, platform: jax.jit(jax.grad(fn)).trace(a, a).lower(
+      lowering_platforms=(platform,)).as_text()
+  triton = "__gpu$xla.gpu.triton"
+  assert _custom_calls(lower(mean, "cuda"), triton) == [
+      "tensor<3xf32>, tensor<256x37xf32>, tensor<256x37xf32>"]
+  # Per-row losses with a mask: the per-row cotangent and the mask.
+  assert _custom_calls(lower(rows, "cuda"), triton) == [
+      "tensor<2xf32>, tensor<256x37xf32>, tensor<256x37xf32>, tensor<256x1xf32>, "
+      "tensor<256x1xi1>"]
+  # The TPU kernel takes the same scalar cotangent.
+  tpu = _custom_calls(lower(mean, "tpu"), "tpu_custom_call")
+  assert len(tpu) == 1 and tpu[0].startswith("tensor<3xf32>, ") and tpu[0].count(",") == 2
+  for platform in ("cpu", "tpu"):
+    assert triton not in lower(mean, platform)
+  monkeypatch.setenv(_categorical.GPU_KERNEL_ENV, "0")
+  assert triton not in lower(lambda z, y: mean(z, y) * 1.0, "cuda")
