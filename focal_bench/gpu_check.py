@@ -3,13 +3,16 @@
 One command runs the focal-bench harness (``focal_bench.cli``) three times, each in its own
 process, and gathers the records:
 
-1. softmax and sigmoid at the target shapes in float32: focal_jax under ``jit``, focal_torch
-   eager and ``torch.compile``, against optax, ``F.cross_entropy`` (eager and compiled), the
-   DeepSpeed algorithm, Liger-Kernel's cross-entropy (when it imports), torchvision's sigmoid
-   focal loss, and the copy floors;
+1. softmax, sigmoid and categorical at the target shapes in float32: focal_jax under ``jit``,
+   focal_torch eager and ``torch.compile``, against optax, ``F.cross_entropy`` (eager and
+   compiled; with probabilities for categorical), the DeepSpeed algorithm, Liger-Kernel's
+   cross-entropy (when it imports), torchvision's sigmoid focal loss, and the copy floors;
 2. the same in bfloat16;
 3. the fused linear mode at (8192 x 4096) @ (4096 x 128256) bfloat16: linear_softmax_focal
-   (JAX and torch) against the materialized path and Liger's fused linear cross-entropy.
+   (JAX and torch) against the materialized path and Liger's fused linear cross-entropy;
+
+and then ``focal_bench.kernel_check``: categorical_focal's gradient kernel (Triton on CUDA)
+compiled on the device against float64, beside the XLA form.
 
 It writes ``gpu.json`` (every record of the three runs, with the machine and the device's
 name) and ``gpu.md`` (the harness's tables under a heading naming the device) into ``--out``.
@@ -51,9 +54,9 @@ def steps(dry: bool, compile_torch: bool = True) -> list[tuple[str, list[str]]]:
     common += ["--no-compile"]
   out = []
   for dtype in ("float32", "bfloat16"):
-    out.append((f"softmax_sigmoid_{dtype}",
-                ["--modes", "softmax", "sigmoid", "--shapes", *shapes, "--dtype", dtype,
-                 *common]))
+    out.append((f"losses_{dtype}",
+                ["--modes", "softmax", "sigmoid", "categorical", "--shapes", *shapes,
+                 "--dtype", dtype, *common]))
   out.append(("linear_bfloat16", ["--linear", "--linear-shape",
                                   DRY_LINEAR_SHAPE if dry else LINEAR_SHAPE,
                                   "--dtype", "bfloat16", *common]))
@@ -114,6 +117,7 @@ def run(out_dir: str, dry: bool = False, compile_torch: bool = True,
       texts.append(f"## {name}\n\nfailed (exit {proc.returncode}):\n\n```\n"
                    f"{proc.stderr[-1500:]}\n```\n")
     runs.append(rec)
+  runs.append(_kernel_check(out_dir, dry, env, timeout_s, texts))
   first = next((r["doc"] for r in runs if "doc" in r), {})
   device = device_name(first)
   doc = {"schema": "focal-bench-gpu/1", "dry": dry, "device": device,
@@ -123,6 +127,29 @@ def run(out_dir: str, dry: bool = False, compile_torch: bool = True,
   with open(os.path.join(out_dir, "gpu.md"), "w") as f:
     f.write(f"# focal-bench gpu{' --dry' if dry else ''} on {device}\n\n" + "\n".join(texts))
   return doc
+
+
+def _kernel_check(out_dir: str, dry: bool, env: dict[str, str], timeout_s: float,
+                  texts: list[str]) -> dict[str, Any]:
+  """Run ``focal_bench.kernel_check``; its record (``doc``: its rows), its table in ``texts``."""
+  path, md = (os.path.join(out_dir, f"kernel_check.{ext}") for ext in ("json", "md"))
+  cmd = [sys.executable, "-m", "focal_bench.kernel_check", "--json", path, "--md", md]
+  cmd += ["--dry"] if dry else []
+  print(f"focal-bench gpu: kernel_check: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+  t0 = time.time()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+  rec: dict[str, Any] = {"name": "kernel_check", "command": cmd[1:], "exit": proc.returncode,
+                         "elapsed_s": round(time.time() - t0, 1)}
+  if os.path.exists(path):
+    with open(path) as f:
+      rec["doc"] = json.load(f)
+    with open(md) as f:
+      texts.append(f"## kernel_check\n\n{f.read()}")
+  else:
+    rec["stderr_tail"] = proc.stderr[-3000:]
+    texts.append(f"## kernel_check\n\nfailed (exit {proc.returncode}):\n\n```\n"
+                 f"{proc.stderr[-1500:]}\n```\n")
+  return rec
 
 
 def main(argv: list[str] | None = None) -> int:
