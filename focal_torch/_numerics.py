@@ -49,6 +49,18 @@ def lse_shift(m: torch.Tensor) -> torch.Tensor:
   return torch.where(m.abs() == float("inf"), torch.zeros((), dtype=m.dtype, device=m.device), m)
 
 
+def after(go: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+  """``x`` as a function of the cotangent ``go`` too: ``where(isnan(go), go, x)`` (rows where
+  ``go`` is NaN become NaN, as their gradient, a multiple of ``go``, is anyway).
+
+  Under torch.compile the joint graph's partitioner may compute anything of the backward that
+  depends on forward values alone in the forward and save it (an ``(N, C)`` gradient before its
+  multiply by ``go`` costs less to save than the inputs it comes from). A backward whose math
+  starts from this can only have its inputs saved.
+  """
+  return torch.where(torch.isnan(go), go, x)
+
+
 def traced(value: Any, cdt: torch.dtype, logits: torch.Tensor) -> Any:
   """Under torch.compile, a Python-number hyperparameter as a 0-d tensor: a number that
   changes between calls (a gamma schedule) is symbolic there, and dynamo cannot pass a

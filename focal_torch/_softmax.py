@@ -567,6 +567,75 @@ def column_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   return torch.cat(out, 1).to(z3.dtype)
 
 
+# Under torch.compile on the CPU, rows of ``COLUMN_MAX_CLASSES`` + 1 to this many classes save
+# the logits, the labels as given and one number per row (:func:`scaled_terms`), and the
+# backward writes the gradient column by column from them (:func:`scaled_column_grad`). The
+# other compiled path saves int64 safe labels, two masks and two per-row vectors, 0.9x the
+# logits at C = 5 (extra peak 1.90x); the column form of shorter rows recomputes all the
+# per-row scalars in the backward, which at C = 8 inductor no longer vectorizes (too many
+# strided loads and stores: CppKernel's tiling heuristics) and ran 1.4x slower.
+SCALED_MAX_CLASSES = 9
+
+
+def scaled_terms(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                 in_range: torch.Tensor | None, alpha: Any, gamma: Any,
+                 options: SoftmaxOptions
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+  """``(loss, scale, b_over_c)`` of short rows under torch.compile, from their columns
+  (:func:`column_terms`: inductor vectorizes the loop across rows; as row reductions over 8
+  or 9 classes it took one row at a time, and ran 2x slower): ``scale`` is the gradient's
+  per-row ``a``, -1 on rows not ``valid`` (``a >= 0`` elsewhere, or NaN), so that the
+  backward needs no mask of its own."""
+  loss, a, b_over_c, _ = column_terms(z3, labels, valid, in_range, alpha, gamma, options)[3]
+  return loss, torch.where(valid, a, -1.0), b_over_c
+
+
+def scaled_column_grad(z3: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                       b_over_c: torch.Tensor | None, options: SoftmaxOptions,
+                       go: torch.Tensor) -> torch.Tensor:
+  """The gradient from :func:`scaled_terms`' ``scale`` (and ``b_over_c``), column by column.
+
+  Off the target ``a exp(z_c - lse_rest) = a e_c / s_rest`` with ``e_c = exp(z_c - m)`` (``m``
+  the largest other logit) and ``s_rest = sum_{c != t} e_c``, as the eager chunks compute it;
+  at the target ``grad_t = (C - 1) b_over_c - a``: a softmax loss's gradient sums to 0 over
+  the classes. The columns are made to depend on ``go`` (:func:`_numerics.after`), so that
+  the compiled step's partitioner cannot compute any of this in the forward and save it.
+  """
+  cdt = options.compute_dtype
+  num_classes = z3.shape[1]
+  zero = torch.zeros((), dtype=cdt, device=z3.device)
+  cols = [_numerics.after(go, z3[:, c:c + 1].to(cdt)) for c in range(num_classes)]
+  values = (labels.view(torch.int64) if labels.dtype == torch.uint64 else labels)
+  # Masked rows and labels out of range match no column: their rows are 0 (scale -1) or NaN.
+  target = [values == c for c in range(num_classes)]
+  masked = [torch.where(k, float("-inf"), w) for k, w in zip(target, cols)]
+  m = masked[0]
+  for w in masked[1:]:
+    m = torch.maximum(m, w)
+  m = _numerics.lse_shift(m)
+  e = [torch.exp(w - m) for w in masked]
+  s_rest = e[0]
+  for x in e[1:]:
+    s_rest = s_rest + x
+  # s_rest >= 1 where the largest other logit is finite; 0 where no other class is (a = 0
+  # there, and so is every e_c): 1 keeps 0 / 0 out.
+  a_go = scale * go
+  rate = a_go / s_rest.clamp_min(1.0)
+  if b_over_c is None:
+    grad_t = -a_go
+  else:
+    b_go = b_over_c * go
+    grad_t = (num_classes - 1) * b_go - a_go
+  out = []
+  for k, x in zip(target, e):
+    g = rate * x
+    if b_over_c is not None:
+      g = g - b_go
+    g = torch.where(k, grad_t, g)
+    out.append(torch.where(scale < 0, zero, g))
+  return torch.cat(out, 1).to(z3.dtype)
+
+
 def recomputed_grad(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                     in_range: torch.Tensor | None, alpha: Any, gamma: Any,
                     options: SoftmaxOptions, go: torch.Tensor) -> torch.Tensor:
@@ -607,12 +676,17 @@ class SoftmaxOptions:
       ``COLUMN_MAX_CLASSES``; no ``split``): the labels are passed as given (not made safe),
       only the inputs are saved, and the backward recomputes the per-row scalars (chunk by
       chunk in eager mode, column by column when compiled).
+    scaled: rows of ``COLUMN_MAX_CLASSES`` + 1 to ``SCALED_MAX_CLASSES`` under torch.compile on
+      the CPU (no ``split``): the labels are passed as given, the logits, the labels and the
+      gradient's per-row scale are saved (:func:`scaled_terms`), and the backward writes the
+      gradient column by column (:func:`scaled_column_grad`).
   """
   label_smoothing: float
   chunk_elements: int | None
   split: _class_split.ClassSplit | None
   compute_dtype: torch.dtype
   recompute: bool = False
+  scaled: bool = False
 
 
 class SoftmaxFocalFunction(torch.autograd.Function):
@@ -622,10 +696,12 @@ class SoftmaxFocalFunction(torch.autograd.Function):
   saves the logits and five per-row scalars, and writes the gradient chunk by chunk. With
   ``options.recompute`` (short rows, where per-row tensors are as large as the logits) it
   saves only its inputs (``t3`` then holds the labels as given) and recomputes the per-row
-  scalars chunk by chunk in backward. ``alpha``/``gamma``: None, a number, or a 0-d or
-  ``(C,)`` tensor (gathered at each row's label here). With ``create_graph=True`` the
-  backward is built from differentiable ops instead, so double backward (Hessian-vector
-  products) works.
+  scalars chunk by chunk in backward; with ``options.scaled`` (torch.compile on the CPU, 5 to
+  ``SCALED_MAX_CLASSES`` classes) it saves the logits, the labels as given and the gradient's
+  per-row scale, and the backward writes the gradient column by column. ``alpha``/``gamma``:
+  None, a number, or a 0-d or ``(C,)`` tensor (gathered at each row's label here). With
+  ``create_graph=True`` the backward is built from differentiable ops instead, so double
+  backward (Hessian-vector products) works.
 
   With ``options.split`` ``z3`` holds this rank's slice of the classes (``t3``: global
   labels): the forward all-reduces per-row statistics (:func:`split_row_stats`) and returns
@@ -636,6 +712,12 @@ class SoftmaxFocalFunction(torch.autograd.Function):
   @staticmethod
   def forward(ctx, z3, t3, valid, in_range, alpha, gamma, options):  # pylint: disable=W0221
     ctx.options = options
+    if options.scaled:
+      # The inputs for the double backward; under torch.compile the partitioner keeps only
+      # what the traced backward reads: z3, t3 (the labels as given) and the per-row terms.
+      loss, scale, b_over_c = scaled_terms(z3, t3, valid, in_range, alpha, gamma, options)
+      _numerics.save_hypers(ctx, (z3, t3, valid, in_range, scale, b_over_c), alpha, gamma)
+      return loss
     if options.recompute:
       _numerics.save_hypers(ctx, (z3, t3, valid, in_range), alpha, gamma)
       if torch.compiler.is_compiling():
@@ -664,6 +746,16 @@ class SoftmaxFocalFunction(torch.autograd.Function):
     if torch.is_grad_enabled() and options.split is not None:
       raise _class_split.no_double_backward(options.split.fn)
     go = go.to(options.compute_dtype)
+    if options.scaled:
+      (z3, labels, valid, in_range, scale, b_over_c), alpha, gamma = _numerics.saved_hypers(ctx)
+      if torch.is_grad_enabled():
+        t3 = safe_labels(labels, valid, in_range)
+        cdt = options.compute_dtype
+        grad = grad_autodiff(z3, t3, valid, in_range, _numerics.per_row(alpha, t3, cdt),
+                             _numerics.per_row(gamma, t3, cdt), options.label_smoothing, go)
+      else:
+        grad = scaled_column_grad(z3, labels, scale, b_over_c, options, go)
+      return grad, None, None, None, None, None, None
     if options.recompute:
       (z3, labels, valid, in_range), alpha, gamma = _numerics.saved_hypers(ctx)
       if torch.is_grad_enabled():
@@ -714,9 +806,9 @@ def softmax_focal(
   ``gamma=0`` and ``alpha=None`` this is ``F.cross_entropy``. The backward is analytic
   (a ``torch.autograd.Function``): it keeps the logits and a few numbers per row (for
   ``C <= 32`` in eager mode and ``C <= 4`` under torch.compile, only its inputs: the per-row
-  numbers are recomputed), and writes the gradient chunk by chunk without other temporaries
-  of the logits' size. Log space throughout: finite losses and gradients at any margin and
-  any ``gamma >= 0``.
+  numbers are recomputed; for ``C <= 9`` compiled on the CPU, its inputs and one number per
+  row), and writes the gradient chunk by chunk without other temporaries of the logits' size.
+  Log space throughout: finite losses and gradients at any margin and any ``gamma >= 0``.
 
   Args:
     logits: floating-point scores, class axis at ``dim``.
@@ -864,15 +956,18 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
     raise ValueError(f"{fn}: logits must have at least one class, got C = 0 (shape "
                      f"{_checks.shape_str(logits.shape)}, class dim {dim})")
   expected = logits.shape[:dim] + logits.shape[dim + 1:]
-  recompute = (num_classes <= (COLUMN_MAX_CLASSES if torch.compiler.is_compiling()
-                               else RECOMPUTE_MAX_CLASSES) and class_process_group is None)
+  compiling = torch.compiler.is_compiling()
+  recompute = (num_classes <= (COLUMN_MAX_CLASSES if compiling else RECOMPUTE_MAX_CLASSES)
+               and class_process_group is None)
+  scaled = (compiling and not recompute and num_classes <= SCALED_MAX_CLASSES
+            and class_process_group is None and logits.device.type == "cpu")
   pre = prepare_labels(
       fn, labels, num_classes, expected, logits,
       lambda: f"the shape of logits {_checks.shape_str(logits.shape)} without dim {dim}",
       alpha=alpha, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction,
       where=where, ignore_index=ignore_index, background_class=background_class,
       process_group=process_group, sample_weight=sample_weight,
-      class_process_group=class_process_group, safe_labels=not recompute)
+      class_process_group=class_process_group, safe_labels=not (recompute or scaled))
   cdt = pre.cdt
 
   z3 = _chunking.as_rows(logits, dim)
@@ -881,7 +976,7 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   if recompute and elements is not None:
     elements = min(elements, num_classes * RECOMPUTE_CHUNK_ROWS)
   options = SoftmaxOptions(label_smoothing=pre.eps, chunk_elements=elements, split=pre.split,
-                           compute_dtype=cdt, recompute=recompute)
+                           compute_dtype=cdt, recompute=recompute, scaled=scaled)
   args = (z3, pre.t.reshape(rows), pre.valid.reshape(rows),
           None if pre.in_range is None else pre.in_range.reshape(rows),
           _numerics.traced(pre.alpha, cdt, logits), _numerics.traced(pre.gamma, cdt, logits),
