@@ -190,19 +190,6 @@ def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tens
 COLUMN_MAX_CLASSES = 4
 
 
-def _after(go: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-  """``x`` (logits or targets) as a function of the cotangent ``go`` too (rows where ``go``
-  is NaN become NaN, as their gradient ``part * go`` is anyway).
-
-  Under torch.compile the joint graph's partitioner may compute anything that depends on
-  forward inputs alone in the forward and save it: the gradient before its multiply by
-  ``go``, one ``(N, C)`` buffer, costs less to save than the logits and targets it comes
-  from, which the caller keeps alive regardless. Once the backward's math starts from this,
-  only the inputs can be saved.
-  """
-  return torch.where(torch.isnan(go), go, x)
-
-
 # Under torch.compile on the CPU, inductor computes the two passes over a row (W = sum w_j,
 # then s_j W - w_j) in one loop over the rows, ``w`` in a row-sized buffer per thread, unless a
 # row is more than this many times as long as there are rows (torch 2.13,
@@ -256,7 +243,7 @@ def _column_terms(z3: torch.Tensor, y3: torch.Tensor, alpha: Any, gamma: Any,
   """
   cols = [z3[:, c:c + 1].to(cdt) for c in range(z3.shape[1])]
   if go is not None:
-    cols = [_after(go, w) for w in cols]
+    cols = [_numerics.after(go, w) for w in cols]
   m = cols[0]
   for w in cols[1:]:
     m = torch.maximum(m, w)
@@ -309,7 +296,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
   ``_chunking.class_shape``.
 
   Under torch.compile (one chunk) the backward starts from inputs made to depend on its
-  cotangent (:func:`_after`: the targets, or the logits' columns), so that the compiled step
+  cotangent (:func:`_numerics.after`: the targets, or the logits' columns), so that the compiled step
   keeps only the inputs and, for rows longer than ``COLUMN_MAX_CLASSES``, two numbers per row
   (:func:`_row_stats`); shorter rows are computed column by column (:func:`_column_terms`).
   On the CPU, rows more than ``CPU_LONG_ROWS`` times as long as there are rows, and rows of
@@ -371,7 +358,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
                       differentiable=True, with_loss=False)
       return _mask(grad * go, valid).to(z3.dtype), None, None, None, None, None
     if options.split is None and options.chunk_elements is None:
-      # torch.compile: one chunk, from inputs made to depend on go (see _after).
+      # torch.compile: one chunk, from inputs made to depend on go (see _numerics.after).
       if stats is None:
         # Each column finished before the cat, so that the cat writes the gradient itself.
         _, cols = _column_terms(z3, y3, alpha, gamma, cdt, go)
@@ -383,7 +370,7 @@ class CategoricalFocalFunction(torch.autograd.Function):
       # inductor's realize_reads_threshold (4), and was written whole: an (N, C) buffer, 2x
       # the logits. The raw go (masked rows are zeroed below whatever it holds): one read fewer.
       log_s = (z3.to(cdt) - stats[0]) - stats[1]
-      y_go = _after(go_raw, y3)
+      y_go = _numerics.after(go_raw, y3)
       if _w_stored_whole(z3):
         _, s, w = loss_and_w(log_s, y_go, alpha, gamma, with_grad=True, with_loss=False)
         part = s * _row_sum_unfused(w) - w
