@@ -341,6 +341,41 @@ def kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool = Fal
   return out.T if p.ax == 0 else out
 
 
+# --- the labels form of the targets (softmax_focal's integer labels) ---------------------
+# `softmax_focal` with integer labels (no label smoothing) is `categorical_focal` with one-hot
+# targets: -alpha_t (1 - s_t)**gamma_t log s_t. Its CUDA form (`_softmax`) binds the primitives
+# with `y` the labels themselves, an integer (N, 1) array, and the GPU kernel builds the
+# one-hot targets in registers from them (no (N, C) targets in memory). Where softmax_focal
+# has no defined loss the targets are NaN, so the whole gradient row is NaN (softmax's XLA
+# forms give such a row NaN at the target and at non-finite logits): an out-of-range label, or
+# a row whose max is not finite (a NaN, an inf, or no finite logit). Masked rows stay exactly
+# 0 (`valid`). Only the GPU kernel and the jnp formula read labels (the TPU one: jnp).
+
+
+def labels_form(y) -> bool:
+  """Whether `y` are integer labels ((N, 1)), not (N, C) targets."""
+  return jnp.issubdtype(y.dtype, jnp.integer)
+
+
+def _labels_y(label, cls, num_classes: int, bad, cdt):
+  """One-hot targets of `label` ((.., 1)) at classes `cls`; NaN where the label is out of
+  range or the row is `bad`."""
+  ok = (label >= 0) & (label < num_classes)
+  if bad is not None:
+    ok = ok & ~bad
+  return jnp.where(ok, jnp.where(cls == label, 1.0, 0.0), jnp.nan).astype(cdt)
+
+
+def _jnp_labels_y(z, y, cdt):
+  """`_labels_y` for (.., C) logits `z` in jnp (the primitives' formula)."""
+  zc = z.astype(cdt)
+  nan = jnp.any(jnp.isnan(zc), axis=-1, keepdims=True)
+  top = jnp.max(jnp.where(jnp.isnan(zc), -jnp.inf, zc), axis=-1, keepdims=True)
+  bad = nan | jnp.isinf(top)
+  cls = lax.broadcasted_iota(y.dtype, z.shape, z.ndim - 1)
+  return lax.stop_gradient(_labels_y(y, cls, z.shape[-1], bad, cdt))
+
+
 # --- the GPU kernel (Pallas Triton) ------------------------------------------------------
 
 # Entries of a block (rows x classes of a chunk) that one Triton program holds in registers.
@@ -379,7 +414,7 @@ def gpu_plan(shape: tuple[int, ...], compute_dtype: Any,
 
 
 def _gpu_kernel(hyper_ref, z_ref, y_ref, *refs, p: GpuPlan, n: int, num_classes: int,
-                row_ct: bool, masked: bool, per_class: bool, cdt):
+                row_ct: bool, masked: bool, per_class: bool, cdt, labels: bool = False):
   """`p.rows` whole rows in chunks of `p.chunk` classes (Triton): `out = ct * where(valid,
   dloss/dz, 0)`. The refs are the whole arrays; loads and stores past their ends are masked."""
   ct_ref, valid_ref, alpha_ref, gamma_ref, out_ref = _unpack(refs, row_ct, masked, per_class)
@@ -397,7 +432,11 @@ def _gpu_kernel(hyper_ref, z_ref, y_ref, *refs, p: GpuPlan, n: int, num_classes:
     return plgpu.load(z_ref.at[rows, cols(k)], mask=in_rows & in_cls(k), other=0.0)
 
   def read_terms(k):
-    y = plgpu.load(y_ref.at[rows, cols(k)], mask=in_rows & in_cls(k), other=0.0)
+    if labels:  # one-hot targets from the labels (see `labels_form`)
+      y = _labels_y(plgpu.load(y_ref.at[rows, one], mask=in_rows, other=0), k * p.chunk
+                    + lax.broadcasted_iota(jnp.int32, (1, p.chunk), 1), num_classes, bad, cdt)
+    else:
+      y = plgpu.load(y_ref.at[rows, cols(k)], mask=in_rows & in_cls(k), other=0.0)
     if per_class:
       return y, *(plgpu.load(r.at[one, cols(k)], mask=in_cls(k), other=0.0)
                   for r in (alpha_ref, gamma_ref))
@@ -408,6 +447,22 @@ def _gpu_kernel(hyper_ref, z_ref, y_ref, *refs, p: GpuPlan, n: int, num_classes:
 
   keep = plgpu.load(valid_ref.at[rows, one], mask=in_rows, other=False) if masked else True
   ct = plgpu.load(ct_ref.at[rows, one], mask=in_rows, other=0.0) if row_ct else hyper_ref[2]
+  bad = None
+  if labels:  # rows without a finite max (a NaN, an inf, no finite logit): NaN targets
+    z0 = read_z(0) if p.chunks == 1 else None
+
+    def bad_pass(k, carry):
+      top, nan = carry
+      z = (z0 if z0 is not None else read_z(k)).astype(cdt)
+      inside = in_cls(k)
+      zm = jnp.where(inside & (z == z), z, -jnp.inf)
+      cn = jnp.where(inside & (z != z), 1.0, 0.0).astype(cdt)
+      return (jnp.maximum(top, jnp.max(zm, axis=1, keepdims=True)),
+              jnp.maximum(nan, jnp.max(cn, axis=1, keepdims=True)))
+
+    init = (jnp.full((p.rows, 1), -jnp.inf, cdt), jnp.zeros((p.rows, 1), cdt))
+    top, nan = lax.fori_loop(jnp.int32(0), jnp.int32(p.chunks), bad_pass, init)
+    bad = (nan > 0.0) | (top == jnp.inf) | (top == -jnp.inf)
   if p.chunks == 1:  # whole rows in one chunk: read once, kept in registers by every loop
     z0, terms0 = read_z(0), read_terms(0)
     read_z, read_terms = lambda k: z0, lambda k: terms0
@@ -433,7 +488,8 @@ def gpu_kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, *, interpret: bool =
   with contextlib.nullcontext() if interpret else jax.enable_x64(False):
     return pl.pallas_call(
         functools.partial(_gpu_kernel, p=p, n=n, num_classes=c, row_ct=row_ct,
-                          masked=masked, per_class=per_class, cdt=cdt),
+                          masked=masked, per_class=per_class, cdt=cdt,
+                          labels=labels_form(y)),
         grid=(pl.cdiv(n, p.rows),),
         out_shape=jax.ShapeDtypeStruct(z.shape, z.dtype,
                                        manual_axis_type=jax.typeof(z).manual_axis_type),
@@ -457,6 +513,8 @@ def use_jnp_grad(fn) -> None:
 
 def _jnp_grad(z, y, alpha, gamma, valid, options):
   """where(valid, dloss/dz, 0), (.., C) in the compute dtype: `_categorical`'s jnp form."""
+  if labels_form(y):
+    y = _jnp_labels_y(z, y, alpha.dtype)
   return _JNP_GRAD[0](z, y, alpha, gamma, valid[..., 0], options)
 
 
@@ -476,8 +534,8 @@ def _tpu_ct_times_grad(ct, z, y, alpha, gamma, valid, *, options, interpret,
                        device_kind=None):
   """The TPU kernel where its plan fits the chip, else the jnp formula (a chip with less VMEM
   than assumed at trace time: the same HBM passes as the XLA form's backward)."""
-  if plan(z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1, bool(interpret),
-          device_kind) is None:
+  if labels_form(y) or plan(z.shape, z.dtype, alpha.dtype, alpha.size > 1 or gamma.size > 1,
+                            bool(interpret), device_kind) is None:
     return _jnp_ct_times_grad(ct, z, y, alpha, gamma, valid, options=options,
                               interpret=interpret)
   return kernel_ct_times_grad(ct, z, y, alpha, gamma, valid, interpret=bool(interpret),

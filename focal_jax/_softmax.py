@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +25,8 @@ from jax.interpreters import batching
 from jax.interpreters import mlir
 import jax.extend.core
 
+from focal_jax import _categorical
+from focal_jax import _categorical_kernel
 from focal_jax import _checks
 from focal_jax import _numerics
 from focal_jax import _reduce
@@ -576,8 +579,95 @@ def _platform_rows(z: jax.Array, t: jax.Array, alpha: jax.Array, gamma: jax.Arra
 # --- end of engine -------------------------------------------------------------------------
 
 
+# --- engine (CUDA-specific): the gradient as categorical_focal's Triton kernel ---------------
+# The column form still leaves XLA:GPU's priority fusion three per-row float32 vectors at
+# C = 16 (the max, the non-target mass, the gradient coefficient: compiled for the H100,
+# `jit(grad(mean loss))` at (131072, 16) 0.19x / 0.38x the float32 / bfloat16 logits in
+# temporaries). Without label smoothing the softmax focal loss of integer labels is the
+# categorical focal loss of one-hot targets, -alpha_t (1 - s_t)**gamma_t log s_t, so on CUDA the
+# logits' tangent term is `_categorical_kernel`'s primitive with the labels as targets
+# (`labels_form`: the Triton kernel builds the one-hot targets in registers), whose transpose
+# writes `ct * dloss/dz` from one read of the logits and labels. The loss itself stays the
+# column form's (a reduction XLA fuses whole); reduced without sample weights, the tangent is
+# `total_dot_grad` (the kernel reads the cotangent as one scalar). Where it applies
+# (`_kernel_fits`): 2-D logits, class axis last, int32 labels, float32 compute, no label
+# smoothing, classes whole, at the column form's class counts; elsewhere the forms above.
+# Set "gpu" to take it on every platform in Pallas' interpret mode (the tests).
+_KERNEL_INTERPRET: list[str | None] = [None]
+
+
+def _kernel_fits(z: jax.Array, prep: Prepared, options: SoftmaxOptions, last_axis: bool) -> bool:
+  """Whether the kernel form takes these logits (see above)."""
+  interpret = _KERNEL_INTERPRET[0] is not None
+  if (not last_axis or z.ndim != 2 or options.split is not None or prep.eps > 0.0
+      or prep.labels is None or prep.labels.dtype != jnp.int32
+      or not _column_form_fits(z.shape[-1])):
+    return False
+  if not interpret and os.environ.get(_categorical.GPU_KERNEL_ENV, "1") == "0":
+    return False
+  return _categorical_kernel.gpu_plan(z.shape, prep.compute_dtype, interpret) is not None
+
+
+def _kernel_hypers(prep: Prepared):
+  """Class (or scalar) alpha and gamma for the kernel, in the compute dtype: a class vector as
+  (1, C), rank-matched to the logits (as `_categorical` hands them to the primitives)."""
+  alpha = prep.class_alpha
+  if alpha is None:
+    alpha = jnp.ones((), prep.compute_dtype)
+  return tuple(v.reshape(1, -1) if v.ndim else v for v in (alpha, prep.class_gamma))
+
+
+def _kernel_dot(dz, z, labels, alpha, gamma, valid, masked, total):
+  cat = _categorical.CategoricalOptions(kernel="auto", masked=masked)
+  dot = _categorical_kernel.total_dot_grad if total else _categorical_kernel.row_dot_grad
+  return dot(dz, z, labels[:, None], alpha, gamma, valid, options=cat,
+             interpret=_KERNEL_INTERPRET[0])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(9, 10, 11))
+def _kernel_rows(z, labels, t, alpha_row, gamma_row, valid, in_range, alpha, gamma,
+                 eps: float, masked: bool, total: bool):
+  """The per-row losses (or, `total`, their sum) of the column form; the logits' tangent the
+  kernel primitive's (`labels`: the checked int32 labels; `alpha`, `gamma`: scalars or class
+  vectors, the same values as `alpha_row`, `gamma_row`)."""
+  loss = _column_stats(z, t, alpha_row, gamma_row, valid, in_range, eps).loss
+  return jnp.sum(loss) if total else loss
+
+
+def _kernel_rows_jvp(eps, masked, total, primals, tangents):
+  z, labels, t, alpha_row, gamma_row, valid, in_range, alpha, gamma = primals
+  dz, _, _, dalpha_row, dgamma_row, _, _, dalpha, dgamma = tangents
+  st = _column_stats(z, t, alpha_row, gamma_row, valid, in_range, eps)
+  out = jnp.sum(st.loss) if total else st.loss
+  fold = jnp.sum if total else (lambda x: x)
+  # alpha / gamma reach the loss through the per-row values (their terms below); the class
+  # vectors only feed the kernel's dz term (their tangents: its derivatives, for Hessians).
+  del dalpha, dgamma
+  return out, _numerics.tangent_sum(
+      out, (dz, lambda dz: _kernel_dot(dz, z, labels, alpha, gamma, valid, masked, total)),
+      (dalpha_row, lambda d: fold(st.dloss_dalpha * d)),
+      (dgamma_row, lambda d: fold(st.dloss_dgamma * d)))
+
+
+_kernel_rows.defjvp(_kernel_rows_jvp, symbolic_zeros=True)
+
+
+def _kernel_focal(z: jax.Array, prep: Prepared, total: bool) -> jax.Array:
+  """`platform_focal` by the kernel form (`_kernel_fits`)."""
+  alpha, gamma = _kernel_hypers(prep)
+  masked = prep.where is not None or prep.ignore_index is not None
+  sum_here = total and prep.weight is None
+  out = _kernel_rows(z, prep.labels, prep.t, prep.alpha, prep.gamma, prep.valid,
+                     prep.in_range, alpha, gamma, prep.eps, masked, sum_here)
+  if sum_here:
+    return out
+  loss = _checks.apply_sample_weight(out, prep.weight, prep.valid)
+  return jnp.sum(loss) if total else loss
+# --- end of engine -------------------------------------------------------------------------
+
+
 def platform_focal(z: jax.Array, prep: Prepared, options: SoftmaxOptions,
-                   total: bool) -> jax.Array:
+                   total: bool, *, last_axis: bool = False) -> jax.Array:
   """The weighted per-row losses of `z` (class axis last), or their sum when `total`.
 
   On CPU, for more than one block of rows, the blocked form above (`lax.platform_dependent`);
@@ -590,12 +680,16 @@ def platform_focal(z: jax.Array, prep: Prepared, options: SoftmaxOptions,
     loss = _checks.apply_sample_weight(loss, prep.weight, prep.valid)
     return jnp.sum(loss) if total else loss
 
+  kernel = _kernel_fits(z, prep, options, last_axis)
+  if kernel and _KERNEL_INTERPRET[0] is not None:
+    return _kernel_focal(z, prep, total)
+  branches = {"cuda": lambda: _kernel_focal(z, prep, total)} if kernel else {}
   num_classes = z.shape[-1]
   rows = math.prod(z.shape[:-1])
   size = (None if options.split is not None else
           _block_rows(rows, num_classes, jnp.dtype(z.dtype).itemsize))
   if size is None:
-    return fused()
+    return lax.platform_dependent(default=fused, **branches) if branches else fused()
   spec = _BlockSpec(label_smoothing=prep.eps, ignore_index=prep.ignore_index,
                     background_class=prep.background_class, block_rows=size, total=total)
   flat = lambda a: None if a is None else jnp.broadcast_to(a, z.shape[:-1]).reshape(rows)
@@ -608,7 +702,7 @@ def platform_focal(z: jax.Array, prep: Prepared, options: SoftmaxOptions,
                          flat(prep.where), flat(prep.weight), alpha, prep.class_gamma, spec)
     return out if total else out.reshape(z.shape[:-1])
 
-  return lax.platform_dependent(cpu=blocked, default=fused)
+  return lax.platform_dependent(cpu=blocked, default=fused, **branches)
 
 
 # --- end of engine: the custom_jvp (docs/math.md, "Why a `custom_jvp` in JAX ...") ----------
@@ -853,7 +947,8 @@ def softmax_focal(
   z = jnp.moveaxis(logits, ax, -1)  # cast to the compute dtype inside, see row_stats
   options = SoftmaxOptions(label_smoothing=prep.eps, split=split)
   total = prep.reduction != "none"
-  out = platform_focal(z, prep, options, total)  # per-row losses, or their sum
+  out = platform_focal(z, prep, options, total,  # per-row losses, or their sum
+                       last_axis=ax == logits.ndim - 1)
   # The per-row losses, or (a reduction) only their shape: the sum is out.
   loss = jax.ShapeDtypeStruct(row_shape, prep.compute_dtype) if total else out
   return _reduce.reduce_loss(loss, valid=prep.valid, positive=prep.positive,
