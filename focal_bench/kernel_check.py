@@ -1,9 +1,10 @@
-"""``python -m focal_bench.kernel_check``: categorical_focal's gradient kernel on the device at
-hand, against float64.
+"""``python -m focal_bench.kernel_check``: the gradient kernels on the device at hand, against
+float64.
 
-The Pallas kernels of `focal_jax._categorical_kernel` (Triton on CUDA, Mosaic on TPU) are
-tested on the CPU in interpret mode only; their compiled numerics need the device. For each
-shape and dtype this compiles one `jit(grad(mean loss))` step (gamma 2) on the default device,
+The Pallas kernels of `focal_jax._categorical_kernel` (Triton on CUDA, Mosaic on TPU; on CUDA
+softmax_focal at C <= 32 takes the Triton one too) are tested on the CPU in interpret mode
+only; their compiled numerics need the device. For each loss, shape and dtype this compiles
+one `jit(grad(mean loss))` step (gamma 2) on the default device,
 says whether the kernel is in the compiled program, and compares its gradient, and the XLA
 form's (the same step traced with `FOCAL_JAX_GPU_KERNEL=0` and `FOCAL_JAX_TPU_KERNEL=0`), with
 the gradient of the float64 reference formula (`focal_reference`, autodiff on the CPU): the
@@ -20,8 +21,9 @@ import os
 import sys
 from typing import Any
 
-SHAPES = ((2048, 30522), (16384, 91), (65536, 2), (1539, 7))
-DRY_SHAPES = ((64, 1000), (40, 7))
+SHAPES = (("categorical", 2048, 30522), ("categorical", 16384, 91), ("categorical", 65536, 2),
+          ("categorical", 1539, 7), ("softmax", 131072, 16), ("softmax", 1539, 7))
+DRY_SHAPES = (("categorical", 64, 1000), ("categorical", 40, 7), ("softmax", 40, 7))
 DTYPES = ("float32", "bfloat16")
 # The largest error relative to the gradient's largest entry that passes: float32 steps
 # agree with float64 to ~1e-6; bfloat16 inputs are rounded first, so the reference is
@@ -31,22 +33,26 @@ _KERNEL_ENVS = ("FOCAL_JAX_GPU_KERNEL", "FOCAL_JAX_TPU_KERNEL")
 _KERNEL_CALLS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 
-def _data(n: int, c: int, seed: int):
+def _data(loss: str, n: int, c: int, seed: int):
+  """Logits and targets (probabilities for categorical, int32 labels for softmax)."""
   import numpy as np
   rng = np.random.default_rng(seed)
   z = (rng.normal(size=(n, c)) * 3).astype(np.float32)
-  y = rng.dirichlet(np.ones(c) * 0.5, size=n).astype(np.float32)
+  if loss == "softmax":
+    y = rng.integers(0, c, size=n).astype(np.int32)
+  else:
+    y = rng.dirichlet(np.ones(c) * 0.5, size=n).astype(np.float32)
   z[0, : min(3, c)] = 1.5  # a tie at the max
   z[1, 1 % c] = 40.0  # s -> 1 at the top class
   return z, y
 
 
-def _step(kernel: bool):
+def _step(loss: str, kernel: bool):
   """A fresh jit(grad(mean loss)), traced with or without the kernels (the variables are read
   when the loss is traced)."""
   import jax
   import focal_jax
-  fn = lambda z, y: focal_jax.categorical_focal(z, y, gamma=2.0, reduction="mean")
+  fn = lambda z, y: getattr(focal_jax, f"{loss}_focal")(z, y, gamma=2.0, reduction="mean")
   step = jax.jit(jax.grad(fn))
   old = {k: os.environ.get(k) for k in _KERNEL_ENVS}
 
@@ -69,15 +75,16 @@ def _step(kernel: bool):
   return run
 
 
-def _reference(z, y):
+def _reference(loss: str, z, y):
   """d mean(loss) / dz in float64 on the CPU: autodiff of the textbook formula."""
   import jax
   import numpy as np
   import focal_reference
   cpu = jax.devices("cpu")[0]
+  y = y if loss == "softmax" else y.astype(np.float64)
   with jax.enable_x64(True), jax.default_device(cpu):
-    fn = lambda z: focal_reference.categorical_focal(z, y.astype(np.float64), gamma=2.0,
-                                                     reduction="mean", compute="float64")
+    fn = lambda z: getattr(focal_reference, f"{loss}_focal")(z, y, gamma=2.0, reduction="mean",
+                                                              compute="float64")
     return np.asarray(jax.jit(jax.grad(fn))(z.astype(np.float64)))
 
 
@@ -87,15 +94,17 @@ def check(shapes=SHAPES, dtypes=DTYPES) -> dict[str, Any]:
   import numpy as np
   device = jax.devices()[0]
   rows = []
-  for i, (n, c) in enumerate(shapes):
-    z32, y32 = _data(n, c, seed=i)
+  for i, (loss, n, c) in enumerate(shapes):
+    z32, y0 = _data(loss, n, c, seed=i)
     for dtype in dtypes:
-      z, y = jnp.asarray(z32, dtype), jnp.asarray(y32, dtype)
-      ref = _reference(np.asarray(z, np.float64), np.asarray(y, np.float64))
+      z = jnp.asarray(z32, dtype)
+      y = jnp.asarray(y0) if loss == "softmax" else jnp.asarray(y0, dtype)
+      ref = _reference(loss, np.asarray(z, np.float64), np.asarray(y))
       scale = float(np.abs(ref).max())
-      row: dict[str, Any] = {"n": n, "c": c, "dtype": dtype, "limit": LIMITS[dtype]}
+      row: dict[str, Any] = {"loss": loss, "n": n, "c": c, "dtype": dtype,
+                             "limit": LIMITS[dtype]}
       for name, kernel in (("kernel", True), ("xla", False)):
-        grad, hlo = _step(kernel)(z, y)
+        grad, hlo = _step(loss, kernel)(z, y)
         err = float(np.abs(np.asarray(grad, np.float64) - ref).max()) / scale
         row[f"{name}_rel_err"] = err
         if kernel:
@@ -108,12 +117,12 @@ def check(shapes=SHAPES, dtypes=DTYPES) -> dict[str, Any]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-  lines = [f"categorical_focal's gradient kernel on {doc['device_kind'] or doc['device']} "
+  lines = [f"The gradient kernels on {doc['device_kind'] or doc['device']} "
            f"(jax {doc['jax']}): largest error / largest entry of the float64 gradient", "",
-           "| shape | dtype | kernel in program | kernel | XLA form | limit | ok |",
-           "|---|---|---|---|---|---|---|"]
+           "| loss | shape | dtype | kernel in program | kernel | XLA form | limit | ok |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in doc["rows"]:
-    lines.append(f"| {r['n']}x{r['c']} | {r['dtype']} | {r['kernel_in_program']} | "
+    lines.append(f"| {r['loss']} | {r['n']}x{r['c']} | {r['dtype']} | {r['kernel_in_program']} | "
                  f"{r['kernel_rel_err']:.2e} | {r['xla_rel_err']:.2e} | {r['limit']:.0e} | "
                  f"{'yes' if r['ok'] else 'NO'} |")
   return "\n".join(lines) + "\n"

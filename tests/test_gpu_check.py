@@ -71,8 +71,9 @@ def test_dry_run_checks_the_categorical_kernel_against_float64(dry_run):
   check = json.loads((out / "gpu.json").read_text())["runs"][-1]
   assert check["name"] == "kernel_check" and check["exit"] == 0, check.get("stderr_tail")
   rows = check["doc"]["rows"]
-  assert {(r["n"], r["c"], r["dtype"]) for r in rows} == {
-      (n, c, d) for n, c in ((64, 1000), (40, 7)) for d in ("float32", "bfloat16")}
+  assert {(r["loss"], r["n"], r["c"], r["dtype"]) for r in rows} == {
+      (loss, n, c, d) for loss, n, c in (("categorical", 64, 1000), ("categorical", 40, 7),
+                                         ("softmax", 40, 7)) for d in ("float32", "bfloat16")}
   for r in rows:
     assert r["ok"] and not r["kernel_in_program"] and r["kernel_rel_err"] <= r["limit"], r
   assert "## kernel_check" in (out / "gpu.md").read_text()
