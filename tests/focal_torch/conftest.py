@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import focal_reference
+import focal_torch
 
 F64 = np.float64
 
@@ -157,15 +158,50 @@ def grad(loss: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> tor
   return torch.autograd.grad(out, x, create_graph=create_graph)[0]
 
 
+def compiled_softmax_rows(cases) -> list[tuple]:
+  """softmax_focal (reduction "none") of every case in one ``torch.compile(fullgraph=True)``
+  graph, float32, and its gradient of the NaN-zeroed sum, beside the NumPy reference.
+
+  ``cases``: (logits, labels, where, alpha, gamma, label_smoothing) with the class axis 1
+  (alpha / gamma: None, a number or a NumPy class vector). Returns per case (values, reference
+  values), both flat, and (gradient, reference gradient) as rows of C classes.
+  """
+  def losses(*args):
+    return [focal_torch.softmax_focal(z, t, where=w, alpha=a, gamma=g, label_smoothing=eps,
+                                      reduction="none")
+            for z, t, w, a, g, eps in zip(*[iter(args)] * 5, [x[5] for x in cases])]
+
+  def tensor(x):
+    return torch.tensor(x, dtype=torch.float32) if isinstance(x, np.ndarray) else x
+
+  inputs = [torch.tensor(logits, dtype=torch.float32, requires_grad=True)
+            for logits, *_ in cases]
+  args = []
+  for z, (_, labels, where, alpha, gamma, _) in zip(inputs, cases):
+    args += [z, torch.tensor(labels), torch.tensor(where), tensor(alpha), tensor(gamma)]
+  out = torch.compile(losses, fullgraph=True, dynamic=False)(*args)
+  grads = torch.autograd.grad(sum(x.nan_to_num(0.0).sum() for x in out), inputs)
+  results = []
+  for value, grad_, (logits, labels, where, alpha, gamma, eps) in zip(out, grads, cases):
+    c = logits.shape[1]
+    want, want_grad = softmax_focal(logits, labels, where=where, alpha=alpha, gamma=gamma,
+                                    label_smoothing=eps, reduction="none")
+    rows = lambda x: np.moveaxis(x, 1, -1).reshape(-1, c) if x.ndim == 3 else x
+    results.append((value.detach().numpy().reshape(-1), want.reshape(-1),
+                    rows(grad_.numpy()), rows(want_grad)))
+  return results
+
+
 @pytest.fixture(scope="session")
 def ref():
   """The NumPy references: ``ref.softmax_focal``, ``ref.sigmoid_focal``,
   ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``; and three test helpers,
   ``ref.TOL`` (tolerances per dtype), ``ref.grad``, ``ref.spawn_ranks`` (the gloo tests'
-  worker processes) and ``ref.memory_probe`` (a fresh process's extra peak memory).
+  worker processes), ``ref.memory_probe`` (a fresh process's extra peak memory) and
+  ``ref.compiled_softmax_rows`` (compiled softmax values and gradients beside the reference).
   """
   return types.SimpleNamespace(
       softmax_focal=softmax_focal, sigmoid_focal=sigmoid_focal,
       categorical_focal=categorical_focal, log_softmax=log_softmax,
       free_port=free_port, TOL=TOL, grad=grad, spawn_ranks=spawn_ranks,
-      memory_probe=memory_probe)
+      memory_probe=memory_probe, compiled_softmax_rows=compiled_softmax_rows)

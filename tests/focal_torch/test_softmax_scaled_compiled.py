@@ -84,30 +84,7 @@ def test_compiled_5_to_9_classes_match_numpy_reference(ref):
       labels, where = labels.reshape(4, 6), where.reshape(4, 6)
     cases.append((logits, labels, where, alpha, gamma, eps))
 
-  def losses(*args):
-    return [focal_torch.softmax_focal(z, t, where=w, alpha=a, gamma=g, label_smoothing=eps,
-                                      reduction="none")
-            for z, t, w, a, g, eps in zip(*[iter(args)] * 5, [x[5] for x in cases])]
-
-  def tensor(x):
-    return torch.tensor(x, dtype=torch.float32) if isinstance(x, np.ndarray) else x
-
-  inputs = [torch.tensor(logits, dtype=torch.float32, requires_grad=True)
-            for logits, *_ in cases]
-  args = []
-  for z, (_, labels, where, alpha, gamma, _) in zip(inputs, cases):
-    args += [z, torch.tensor(labels), torch.tensor(where), tensor(alpha), tensor(gamma)]
-  out = torch.compile(losses, fullgraph=True, dynamic=False)(*args)
-  grads = torch.autograd.grad(sum(x.nan_to_num(0.0).sum() for x in out), inputs)
-  for value, grad, (logits, labels, where, alpha, gamma, eps) in zip(out, grads, cases):
-    c = logits.shape[1]
-    want, want_grad = ref.softmax_focal(logits, labels, where=where, alpha=alpha, gamma=gamma,
-                                        label_smoothing=eps, reduction="none")
-    got = value.detach().numpy()
-    rows = lambda x: np.moveaxis(x, 1, -1).reshape(-1, c) if x.ndim == 3 else x
-    flat = lambda x: x.reshape(-1)
-    got, want = flat(got), flat(want)
-    g, wg = rows(grad.numpy()), rows(want_grad)
+  for got, want, g, wg in ref.compiled_softmax_rows(cases):
     assert np.isnan(got[[7, 8]]).all(), got[[7, 8]]
     assert np.isnan(g[[7, 8]]).all(), g[[7, 8]]
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
