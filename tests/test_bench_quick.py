@@ -214,3 +214,23 @@ def test_only_keys_of_one_mode_run_that_mode_alone(tmp_path):
   assert {r["impl"] for r in doc["results"]} == {"jax_copy"}
   from focal_bench import timing
   assert timing.time_interleaved({}, {}, min_reps=3, max_reps=5, budget_s=1.0) == ({}, {})
+
+
+def test_each_framework_is_timed_in_rounds_of_its_own(monkeypatch):
+  """No JAX call is timed between two torch calls (or the reverse): the frameworks' idle
+  worker threads would slow each other's calls on a machine with few cores."""
+  from focal_bench import cli, problems
+  from focal_bench.implementation import PROJECT, Impl, Runner
+  calls: list[str] = []
+
+  def impl(key: str, framework: str) -> Impl:
+    return Impl(key, key, framework, "softmax", PROJECT,
+                lambda problem, x: Runner(run=lambda: calls.append(framework)))
+  monkeypatch.setattr(cli, "_prepare", lambda framework: lambda problem, data: data)
+  impls = [impl("a", "jax"), impl("b", "torch"), impl("c", "jax"), impl("d", "torch")]
+  s = {"warmup": 1, "min_reps": 5, "max_reps": 5, "time_budget": 0.1}
+  records = cli._time_problem(problems.Problem("softmax", 8, 3), impls, s, None)
+  assert [r["time"]["reps"] for r in records] == [5, 5, 5, 5]
+  timed = calls[len(impls):]  # after the one warm-up call of each
+  switches = sum(a != b for a, b in zip(timed, timed[1:]))
+  assert len(timed) == 20 and switches == 1, timed
