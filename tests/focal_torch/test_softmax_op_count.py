@@ -24,10 +24,11 @@ from focal_torch import _softmax
 # Operators whose work scales with the logits in one eager forward + backward at (16384, 91),
 # float32, gamma 2, mean. At f2f449a (before the fused row statistics and gradient) there were
 # 20: per chunk (two: 11522 and 4862 rows) copy_, amax, sub_, mul_, exp2_, sum and sub,
-# mul_, exp2_, mul_. Now 4: _softmax and sum (one chunk), add and exp2_. F.cross_entropy
+# mul_, exp2_, mul_. At 3b54b1b 4: _softmax and sum (one chunk), add and exp2_. Now 3: the
+# forward's softmax is kept and becomes the gradient (_softmax, sum, mul_). F.cross_entropy
 # has 2 by this count (_log_softmax and its backward) plus the zero fill inside
 # nll_loss_backward.
-MAX_LOGITS_SIZED_OPS = 4
+MAX_LOGITS_SIZED_OPS = 3
 # Tensor operations that touch no element (views, allocations) are not counted.
 _NOT_COUNTED = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh"}
 
@@ -261,3 +262,89 @@ def test_long_row_path_single_class_gives_zero(long_rows):
   loss = focal_torch.softmax_focal(z, torch.zeros(4, dtype=torch.int64), gamma=2.0)
   (grad,) = torch.autograd.grad(loss, z)
   assert loss.item() == 0.0 and (grad == 0).all()
+
+
+def test_long_rows_second_backward_of_a_retained_graph_matches_the_first(ref):
+  # The forward's softmax becomes the first backward's gradient in place; a second backward
+  # of the same graph (retain_graph=True) recomputes it.
+  g = torch.Generator().manual_seed(6)
+  z64 = 3 * torch.randn(37, 40, generator=g, dtype=torch.float64)
+  labels = torch.randint(0, 40, (37,), generator=g)
+  for kw in (dict(gamma=2.0), dict(gamma=0.5, label_smoothing=0.1, alpha=0.25)):
+    z = z64.float().requires_grad_()
+    loss = focal_torch.softmax_focal(z, labels, **kw)
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    _, grad_ref = ref.softmax_focal(z64.numpy(), labels.numpy(), **kw)
+    np.testing.assert_allclose(first.double().numpy(), grad_ref, rtol=1e-5,
+                               atol=1e-6 * np.abs(grad_ref).max())
+
+
+def _mp_loss_and_grad(z: np.ndarray, labels: np.ndarray, gamma: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-row ``-(1 - p)^gamma log p`` and its gradient in 150-digit arithmetic (log p = z_t - lse
+  cancels to about 1e-52 at margin 120), the gradient by
+  the chain rule through ``p`` (``dp/dz_c = p (1[c = t] - s_c)``)."""
+  mpmath = pytest.importorskip("mpmath")
+  loss, grad = [], []
+  with mpmath.workdps(150):
+    for row, t in zip(z.tolist(), labels.tolist()):
+      row = [mpmath.mpf(v) for v in row]
+      lse = mpmath.log(mpmath.fsum(mpmath.exp(v) for v in row))
+      s = [mpmath.exp(v - lse) for v in row]
+      q = mpmath.fsum(x for i, x in enumerate(s) if i != t)  # 1 - p without cancellation
+      p, log_p = s[t], row[t] - lse
+      loss.append(float(-(q ** gamma) * log_p))
+      dl_dp = -(q ** gamma) / p + (gamma * q ** (gamma - 1) * log_p if gamma else 0)
+      grad.append([float(dl_dp * p * ((1 if c == t else 0) - s[c])) for c in range(len(row))])
+  return np.array(loss), np.array(grad)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["f64", "f32"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_long_rows_probability_near_one_keeps_relative_precision(dtype, rtol, gamma):
+  # Margins 5 to 120 on 40 classes: 1 - p from about 1e-2 down to far below float32's
+  # smallest normal number. The loss (about (1 - p)^(gamma + 1)) and the gradient hold their
+  # relative precision per entry where log p itself rounds to 0, on both sides of the
+  # exact-math threshold (margins beyond about 80 in float32).
+  margins = torch.tensor([5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 85.0, 90.0, 120.0],
+                         dtype=torch.float64)
+  n, c = margins.numel(), 40
+  z64 = torch.linspace(-1.0, 1.0, c, dtype=torch.float64).repeat(n, 1)
+  labels = torch.arange(n) % c
+  z64[torch.arange(n), labels] = margins
+  z = z64.to(dtype, copy=True).requires_grad_()
+  loss = focal_torch.softmax_focal(z, labels, gamma=gamma, reduction="none")
+  (grad,) = torch.autograd.grad(loss.sum(), z)
+  value, grad_ref = _mp_loss_and_grad(z64.numpy(), labels.numpy(), gamma)
+  # Values below the dtype's normal range are compared in absolute terms.
+  tiny = torch.finfo(dtype).tiny
+  np.testing.assert_allclose(loss.detach().double().numpy(), value, rtol=rtol, atol=tiny)
+  np.testing.assert_allclose(grad.double().numpy(), grad_ref, rtol=rtol, atol=tiny)
+
+
+def test_long_rows_masked_and_out_of_range_rows(ref):
+  # The softmax form's masks: masked rows (ignore_index, where) are 0 whatever their
+  # logits, a counted row whose label is out of range (value checks off) is NaN, the others
+  # match the reference.
+  nan = float("nan")
+  g = torch.Generator().manual_seed(7)
+  z64 = 2 * torch.randn(8, 40, generator=g, dtype=torch.float64)
+  z64[1, 3] = nan   # ignored
+  z64[2, 5] = nan   # where False
+  labels = torch.tensor([1, -100, 4, 45, 7, 0, 39, 2])
+  where = torch.tensor([True, True, False, True, True, True, True, True])
+  z = z64.float().requires_grad_()
+  with focal_torch.value_checks(False):
+    loss = focal_torch.softmax_focal(z, labels, where=where, gamma=2.0, reduction="none")
+  counted = [0, 4, 5, 6, 7]
+  assert torch.isnan(loss[3]) and (loss[[1, 2]] == 0).all()
+  (grad,) = torch.autograd.grad(loss[counted].sum() + loss[[1, 2]].sum(), z)
+  assert (grad[[1, 2]] == 0).all()
+  value, grad_ref = ref.softmax_focal(z64[counted].numpy(), labels[counted].numpy(),
+                                      gamma=2.0, reduction="none")
+  np.testing.assert_allclose(loss[counted].detach().double().numpy(), value, rtol=1e-5)
+  np.testing.assert_allclose(grad[counted].double().numpy(), grad_ref, rtol=1e-5,
+                             atol=1e-6 * np.abs(grad_ref).max())
