@@ -648,6 +648,20 @@ def recomputed_loss(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   return loss
 
 
+def masked_column_exps(cols: list, target: list) -> tuple[list, torch.Tensor, list]:
+  """``(masked, m, exps)`` of very short rows given as columns (torch.compile: elementwise,
+  so that inductor fuses them): ``masked[c]`` the column ``cols[c]`` with -inf where
+  ``target[c]`` (the label's), ``m`` the largest other logit as a log-sum-exp's shift (as
+  torch.logsumexp takes it: 0 where infinite) and ``exps[c] = exp(masked[c] - m)`` (0 at
+  the target). Shared by :func:`column_terms` and :func:`scaled_column_grad`."""
+  masked = [torch.where(k, float("-inf"), w) for k, w in zip(target, cols)]
+  m = masked[0]
+  for w in masked[1:]:
+    m = torch.maximum(m, w)
+  m = _numerics.lse_shift(m)
+  return masked, m, [torch.exp(w - m) for w in masked]
+
+
 def column_terms(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                  in_range: torch.Tensor | None, alpha: Any, gamma: Any,
                  options: SoftmaxOptions) -> tuple[list, list, torch.Tensor, tuple]:
@@ -670,15 +684,11 @@ def column_terms(z3: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
   zt = torch.where(target[0], cols[0], zero)
   for k, w in zip(target[1:], cols[1:]):
     zt = zt + torch.where(k, w, zero)
-  masked = [torch.where(k, float("-inf"), w) for k, w in zip(target, cols)]
-  m = masked[0]
-  for w in masked[1:]:
-    m = torch.maximum(m, w)
-  # As torch.logsumexp: shifted by the largest other logit unless that is infinite.
-  m = _numerics.lse_shift(m)
-  s_rest = torch.exp(masked[0] - m)
-  for w in masked[1:]:
-    s_rest = s_rest + torch.exp(w - m)
+  masked, m, exps = masked_column_exps(cols, target)
+  s_rest = exps[0]
+  for x in exps[1:]:
+    s_rest = s_rest + x
+  del exps
   lse_rest = (torch.log(s_rest) + m).clamp_min(torch.finfo(cdt).min)
   sum_z = None
   if eps:
@@ -752,12 +762,7 @@ def scaled_column_grad(z3: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
   values = (labels.view(torch.int64) if labels.dtype == torch.uint64 else labels)
   # Masked rows and labels out of range match no column: their rows are 0 (scale -1) or NaN.
   target = [values == c for c in range(num_classes)]
-  masked = [torch.where(k, float("-inf"), w) for k, w in zip(target, cols)]
-  m = masked[0]
-  for w in masked[1:]:
-    m = torch.maximum(m, w)
-  m = _numerics.lse_shift(m)
-  e = [torch.exp(w - m) for w in masked]
+  _, _, e = masked_column_exps(cols, target)
   s_rest = e[0]
   for x in e[1:]:
     s_rest = s_rest + x
