@@ -109,3 +109,15 @@ def test_recompute_path_matches_numpy_reference_chunk_by_chunk(ref, label_dtype,
     return
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(ref.grad(loss, z).numpy(), want_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("n,c", [(16384, 91), (512, 30522)])
+def test_extra_peak_of_kept_softmax_long_rows_is_at_most_1_5x_the_logits(ref, n, c):
+  # Eager long rows on the CPU keep the forward's softmax (a logits-sized tensor) until the
+  # backward, which writes the gradient into it: the peak stays the gradient's (about 1.0x to
+  # 1.1x). A backward that wrote a new tensor beside it reaches about 2.0x (checked by
+  # mutation). The first call's peak holds one-time allocations (about 2.7x at (16384, 91)):
+  # the second is the step's, as in the test above.
+  peaks = ref.memory_probe(_PROBE, n, c, timeout_s=300)
+  assert peaks[1] <= 1.5, peaks
