@@ -430,8 +430,9 @@ def kept_softmax_applies(z3: torch.Tensor, options: Any) -> bool:
   """Whether :class:`SoftmaxFocalFunction` takes the kept-softmax form (:func:`kept_forward`):
   eager, on the CPU, 2-D rows, logits in their compute dtype (half logits would keep a float32
   softmax, 2x their size), no class split."""
-  return (not torch.compiler.is_compiling() and z3.ndim == 2 and z3.device.type == "cpu"
-          and z3.dtype == options.compute_dtype and options.split is None)
+  return (options.kept and not torch.compiler.is_compiling() and z3.ndim == 2
+          and z3.device.type == "cpu" and z3.dtype == options.compute_dtype
+          and options.split is None)
 
 
 def _rows(x: Any, rows: torch.Tensor) -> Any:
@@ -842,6 +843,9 @@ class SoftmaxOptions:
       the CPU (no ``split``): the labels are passed as given, the logits, the labels and the
       gradient's per-row scale are saved (:func:`scaled_terms`), and the backward writes the
       gradient column by column (:func:`scaled_column_grad`).
+    kept: the kept-softmax form may be taken (:func:`kept_softmax_applies`): a gradient is
+      wanted (grad mode on and the logits require it). Without one, the forward's softmax would
+      be a logits-sized temporary for nothing; the chunked forward has none.
   """
   label_smoothing: float
   chunk_elements: int | None
@@ -849,6 +853,7 @@ class SoftmaxOptions:
   compute_dtype: torch.dtype
   recompute: bool = False
   scaled: bool = False
+  kept: bool = False
 
 
 class SoftmaxFocalFunction(torch.autograd.Function):
@@ -1162,7 +1167,8 @@ def softmax_focal_with_options(fn: str, logits: torch.Tensor, labels: torch.Tens
   if recompute and elements is not None:
     elements = min(elements, num_classes * RECOMPUTE_CHUNK_ROWS)
   options = SoftmaxOptions(label_smoothing=pre.eps, chunk_elements=elements, split=pre.split,
-                           compute_dtype=cdt, recompute=recompute, scaled=scaled)
+                           compute_dtype=cdt, recompute=recompute, scaled=scaled,
+                           kept=torch.is_grad_enabled() and logits.requires_grad)
   args = (z3, pre.t.reshape(rows), pre.valid.reshape(rows),
           None if pre.in_range is None else pre.in_range.reshape(rows),
           _numerics.traced(pre.alpha, cdt, logits), _numerics.traced(pre.gamma, cdt, logits),

@@ -121,3 +121,30 @@ def test_extra_peak_of_kept_softmax_long_rows_is_at_most_1_5x_the_logits(ref, n,
   # the second is the step's, as in the test above.
   peaks = ref.memory_probe(_PROBE, n, c, timeout_s=300)
   assert peaks[1] <= 1.5, peaks
+
+
+def test_kept_softmax_only_when_a_gradient_is_wanted(ref, monkeypatch):
+  # The kept-softmax form holds a logits-sized softmax for the backward: a forward without a
+  # gradient (torch.no_grad, inference_mode, logits that do not require grad; evaluation)
+  # takes the chunked forward, which has no logits-sized temporary.
+  taken = []
+  real = _softmax.kept_forward
+
+  def spy(*args, **kwargs):
+    taken.append(True)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(_softmax, "kept_forward", spy)
+  z = torch.randn(64, 40, dtype=torch.float32)
+  t = torch.randint(0, 40, (64,))
+  want, _ = ref.softmax_focal(z.double().numpy(), t.numpy(), reduction="none")
+  d = focal_torch.softmax_focal(z, t, reduction="none")
+  with torch.no_grad():
+    a = focal_torch.softmax_focal(z.clone().requires_grad_(), t, reduction="none")
+  with torch.inference_mode():
+    b = focal_torch.softmax_focal(z.clone().requires_grad_(), t, reduction="none")
+  assert not taken
+  zg = z.clone().requires_grad_()
+  c = focal_torch.softmax_focal(zg, t, reduction="none")
+  assert taken == [True]  # the eager CPU path at C = 40 with a gradient wanted
+  for got in (a, b, c, d):
+    np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=2e-6, atol=1e-7)
