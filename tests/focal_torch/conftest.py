@@ -192,16 +192,69 @@ def compiled_softmax_rows(cases) -> list[tuple]:
   return results
 
 
+def edge_rows(rng, n: int, c: int, margin: float, no_other_class: bool = False):
+  """``(logits, labels, where)``: ``n`` rows of ``c`` logits with labels, an ignored label
+  (row 1), a where mask, rows right and wrong by ``margin`` (2, 3), masked rows of NaN and inf
+  logits (4, 5), a -inf logit off the target in a counted row (6) and a counted row with a
+  NaN (7); with ``no_other_class``, row 9 has no finite logit but its target's (p = 1)."""
+  logits = rng.normal(0, 3, (n, c))
+  labels = rng.integers(0, c, n)
+  where = rng.random(n) < 0.9
+  labels[1] = -100
+  logits[2] = -margin / 2
+  logits[2, labels[2]] = margin / 2      # right by margin: p rounds to 1
+  logits[3] = margin / 2
+  logits[3, labels[3]] = -margin / 2     # wrong by margin
+  logits[4, 0], logits[5, -1] = np.nan, np.inf
+  labels[4], where[5] = -100, False      # masked rows of non-finite logits: 0, 0 gradient
+  logits[6, -1], labels[6] = -np.inf, 0  # a -inf logit off the target in a counted row
+  where[[2, 3, 6]] = True
+  if no_other_class:
+    logits[9], labels[9] = -np.inf, 1
+    logits[9, 1] = 0.5
+    where[9] = True
+  logits[7, 0], where[7] = np.nan, True  # counted NaN row: NaN for that row only
+  return logits, labels, where
+
+
+def check_compiled_smoothed_mean(cases) -> None:
+  """softmax_focal (mean, gamma 2, alpha 0.25, label smoothing 0.05) of every case in one
+  ``torch.compile(fullgraph=True)`` graph in the logits' dtype: value and gradient of the sum
+  of the losses against the float64 reference at ``TOL[dtype]``, the gradient finite.
+  ``cases``: (logits as float64 NumPy, labels, where, the logits as a tensor of the dtype)."""
+  def losses(*args):
+    return [focal_torch.softmax_focal(z, t, where=w, gamma=2.0, alpha=0.25,
+                                      label_smoothing=0.05)
+            for z, t, w in zip(*[iter(args)] * 3)]
+
+  inputs = [z.clone().requires_grad_() for *_, z in cases]
+  args = []
+  for z, (_, labels, where, _) in zip(inputs, cases):
+    args += [z, torch.tensor(labels), torch.tensor(where)]
+  out = torch.compile(losses, fullgraph=True, dynamic=False)(*args)
+  grads = torch.autograd.grad(sum(x.double() for x in out), inputs)
+  for value, grad_, (logits, labels, where, z) in zip(out, grads, cases):
+    want, want_grad = softmax_focal(logits, labels, where=where, gamma=2.0, alpha=0.25,
+                                    label_smoothing=0.05)
+    assert value.dtype == z.dtype and grad_.dtype == z.dtype
+    tol = TOL[z.dtype]
+    np.testing.assert_allclose(value.double().item(), want, **tol)
+    assert torch.isfinite(grad_).all()
+    np.testing.assert_allclose(grad_.double().numpy(), want_grad, **tol)
+
+
 @pytest.fixture(scope="session")
 def ref():
   """The NumPy references: ``ref.softmax_focal``, ``ref.sigmoid_focal``,
   ``ref.categorical_focal``, ``ref.log_softmax``, ``ref.free_port``; and three test helpers,
   ``ref.TOL`` (tolerances per dtype), ``ref.grad``, ``ref.spawn_ranks`` (the gloo tests'
   worker processes), ``ref.memory_probe`` (a fresh process's extra peak memory) and
-  ``ref.compiled_softmax_rows`` (compiled softmax values and gradients beside the reference).
+  ``ref.compiled_softmax_rows`` (compiled softmax values and gradients beside the reference),
+  ``ref.edge_rows`` (rows of edge cases) and ``ref.check_compiled_smoothed_mean``.
   """
   return types.SimpleNamespace(
       softmax_focal=softmax_focal, sigmoid_focal=sigmoid_focal,
       categorical_focal=categorical_focal, log_softmax=log_softmax,
       free_port=free_port, TOL=TOL, grad=grad, spawn_ranks=spawn_ranks,
-      memory_probe=memory_probe, compiled_softmax_rows=compiled_softmax_rows)
+      memory_probe=memory_probe, compiled_softmax_rows=compiled_softmax_rows,
+      edge_rows=edge_rows, check_compiled_smoothed_mean=check_compiled_smoothed_mean)

@@ -40,28 +40,6 @@ def test_compiled_extra_peak_at_5_and_8_classes_is_at_most_1_5x_the_logits(ref, 
   assert max(peaks) <= 1.5, peaks
 
 
-def _rows(rng, n, c, margin):
-  """``n`` rows of ``c`` logits with labels, ignored labels, a where mask, rows right and
-  wrong by ``margin``, masked rows of NaN and inf logits, a -inf logit off the target and a
-  row whose other logits are all -inf, and a counted row with a NaN."""
-  logits = rng.normal(0, 3, (n, c))
-  labels = rng.integers(0, c, n)
-  where = rng.random(n) < 0.9
-  labels[1] = -100
-  logits[2] = -margin / 2
-  logits[2, labels[2]] = margin / 2      # right by margin: p rounds to 1
-  logits[3] = margin / 2
-  logits[3, labels[3]] = -margin / 2     # wrong by margin
-  logits[4, 0], logits[5, -1] = np.nan, np.inf
-  labels[4], where[5] = -100, False      # masked rows of non-finite logits: 0, 0 gradient
-  logits[6, -1], labels[6] = -np.inf, 0  # a -inf logit off the target in a counted row
-  logits[9], labels[9] = -np.inf, 1      # no finite other class (p = 1)
-  logits[9, 1] = 0.5
-  where[[2, 3, 6, 9]] = True
-  logits[7, 0], where[7] = np.nan, True  # counted NaN row: NaN for that row only
-  return logits, labels, where
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from torch internals
 def test_compiled_5_to_9_classes_match_numpy_reference(ref):
   # One graph: C = 5 to 9 (6 as an (N, C, d) view), per-class or scalar alpha and gamma
@@ -75,7 +53,7 @@ def test_compiled_5_to_9_classes_match_numpy_reference(ref):
                                (7, 0.0, 0.25, 0.5), (8, 0.2, None, 0.0),
                                (9, 0.0, "per_class", 2.0)):
     assert _softmax.COLUMN_MAX_CLASSES < c <= _softmax.SCALED_MAX_CLASSES
-    logits, labels, where = _rows(rng, 24, c, 1e4)
+    logits, labels, where = ref.edge_rows(rng, 24, c, 1e4, no_other_class=True)
     labels[8], where[8] = c, True  # out of range
     alpha = rng.uniform(0.2, 1.5, c) if alpha == "per_class" else alpha
     gamma = rng.uniform(0, 3, c) if gamma == "per_class" else gamma
@@ -109,27 +87,10 @@ def test_compiled_5_to_9_classes_in_16_bit_and_float64_match_numpy_reference(ref
   rng = np.random.default_rng(14)
   cases = []
   for dtype, c in ((torch.bfloat16, 5), (torch.float16, 9), (torch.float64, 7)):
-    logits, labels, where = _rows(rng, 20, c, min(1e4, torch.finfo(dtype).max / 4))
+    logits, labels, where = ref.edge_rows(rng, 20, c, min(1e4, torch.finfo(dtype).max / 4),
+                                          no_other_class=True)
     logits[6, -1] = logits[7, 0] = logits[9] = 0.0  # no NaN or inf row: the mean would be one
     z = torch.tensor(logits).to(dtype)
     cases.append((z.double().numpy(), labels, where, z))
 
-  def losses(*args):
-    return [focal_torch.softmax_focal(z, t, where=w, gamma=2.0, alpha=0.25,
-                                      label_smoothing=0.05)
-            for z, t, w in zip(*[iter(args)] * 3)]
-
-  inputs = [z.clone().requires_grad_() for *_, z in cases]
-  args = []
-  for z, (_, labels, where, _) in zip(inputs, cases):
-    args += [z, torch.tensor(labels), torch.tensor(where)]
-  out = torch.compile(losses, fullgraph=True, dynamic=False)(*args)
-  grads = torch.autograd.grad(sum(x.double() for x in out), inputs)
-  for value, grad, (logits, labels, where, z) in zip(out, grads, cases):
-    want, want_grad = ref.softmax_focal(logits, labels, where=where, gamma=2.0, alpha=0.25,
-                                        label_smoothing=0.05)
-    assert value.dtype == z.dtype and grad.dtype == z.dtype
-    tol = ref.TOL[z.dtype]
-    np.testing.assert_allclose(value.double().item(), want, **tol)
-    assert torch.isfinite(grad).all()
-    np.testing.assert_allclose(grad.double().numpy(), want_grad, **tol)
+  ref.check_compiled_smoothed_mean(cases)
