@@ -186,8 +186,11 @@ def _split_lse(z3: torch.Tensor, elements: int | None, split: Any) -> torch.Tens
   return big_m + s.log()
 
 
-# Under torch.compile rows of at most this many classes are computed column by column.
-COLUMN_MAX_CLASSES = 4
+# Under torch.compile rows of at most this many classes are computed column by column. Up to
+# 6: with the two row statistics kept and W, three float32 per row are 3/C of the logits (extra
+# peak 1.59x at C = 5, 1.50x at C = 6; by columns 0.99x, for about 1.35x / 1.5x the step time
+# of the statistics form on a 2-core CPU).
+COLUMN_MAX_CLASSES = 6
 
 
 # Under torch.compile on the CPU, inductor computes the two passes over a row (W = sum w_j,
