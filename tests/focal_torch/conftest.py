@@ -217,6 +217,23 @@ def edge_rows(rng, n: int, c: int, margin: float, no_other_class: bool = False):
   return logits, labels, where
 
 
+def check_edge_rows(got, want, g, wg) -> None:
+  """The checks every :func:`edge_rows` case takes (reduction "none"; ``got``/``want`` flat
+  values, ``g``/``wg`` gradients as rows of C): NaN for the counted NaN row (7) and the label
+  out of range (8, which the tests set), values within float32's rounding elsewhere, finite
+  gradients where the reference value is finite, matching the reference (rows 2 and 3, right
+  and wrong by 1e4: within float32's rounding of a log-sum-exp of about 5000, 2.4e-4), and 0
+  for the ignored and masked rows (1, 4, 5)."""
+  assert np.isnan(got[[7, 8]]).all(), got[[7, 8]]
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  finite = np.isfinite(want)
+  assert np.isfinite(g[finite]).all()
+  near = finite.copy()
+  near[[2, 3]] = False
+  np.testing.assert_allclose(g[near], wg[near], rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(g[[2, 3]], wg[[2, 3]], rtol=5e-4, atol=2e-6)
+  assert (g[[1, 4, 5]] == 0).all()
+
 def check_compiled_smoothed_mean(cases) -> None:
   """softmax_focal (mean, gamma 2, alpha 0.25, label smoothing 0.05) of every case in one
   ``torch.compile(fullgraph=True)`` graph in the logits' dtype: value and gradient of the sum
@@ -250,11 +267,13 @@ def ref():
   ``ref.TOL`` (tolerances per dtype), ``ref.grad``, ``ref.spawn_ranks`` (the gloo tests'
   worker processes), ``ref.memory_probe`` (a fresh process's extra peak memory) and
   ``ref.compiled_softmax_rows`` (compiled softmax values and gradients beside the reference),
-  ``ref.edge_rows`` (rows of edge cases) and ``ref.check_compiled_smoothed_mean``.
+  ``ref.edge_rows`` (rows of edge cases), ``ref.check_edge_rows`` and
+  ``ref.check_compiled_smoothed_mean``.
   """
   return types.SimpleNamespace(
       softmax_focal=softmax_focal, sigmoid_focal=sigmoid_focal,
       categorical_focal=categorical_focal, log_softmax=log_softmax,
       free_port=free_port, TOL=TOL, grad=grad, spawn_ranks=spawn_ranks,
       memory_probe=memory_probe, compiled_softmax_rows=compiled_softmax_rows,
-      edge_rows=edge_rows, check_compiled_smoothed_mean=check_compiled_smoothed_mean)
+      edge_rows=edge_rows, check_edge_rows=check_edge_rows,
+      check_compiled_smoothed_mean=check_compiled_smoothed_mean)

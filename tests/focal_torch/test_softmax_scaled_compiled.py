@@ -63,19 +63,13 @@ def test_compiled_5_to_9_classes_match_numpy_reference(ref):
     cases.append((logits, labels, where, alpha, gamma, eps))
 
   for got, want, g, wg in ref.compiled_softmax_rows(cases):
-    assert np.isnan(got[[7, 8]]).all(), got[[7, 8]]
-    assert np.isnan(g[[7, 8]]).all(), g[[7, 8]]
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
-    finite = np.isfinite(want)
-    assert np.isfinite(g[finite]).all()
-    near = finite.copy()
-    near[[2, 3]] = False
-    np.testing.assert_allclose(g[near], wg[near], rtol=2e-5, atol=2e-6)
     # At margin 1e4 the row terms come from u = z_t - lse_rest, where lse_rest (about 5000)
     # is rounded to float32 (2.4e-4 relative), as in eager mode.
-    np.testing.assert_allclose(g[[2, 3]], wg[[2, 3]], rtol=5e-4, atol=2e-6)
-    assert (g[[1, 4, 5]] == 0).all()
-    # The gradient of a softmax loss sums to 0 over the classes.
+    ref.check_edge_rows(got, want, g, wg)
+    assert np.isnan(g[[7, 8]]).all(), g[[7, 8]]
+    # The gradient of a softmax loss sums to 0 over the classes (rows 2 and 3 aside).
+    near = np.isfinite(want)
+    near[[2, 3]] = False
     np.testing.assert_allclose(g[near].sum(1), 0.0, atol=1e-6)
 
 
